@@ -1,0 +1,229 @@
+"""Findings: a named diagnosis with its cause and its fix.
+
+A :class:`Finding` is plain data. Rules (in :mod:`tlwidgets.diagnostics`) and
+the runner's own safety checks create them; the UI only displays them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import html
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tlwidgets.core.stages import Stage
+
+__all__ = ["Code", "Finding", "Severity", "FindingLog"]
+
+
+class Severity(str, enum.Enum):
+    """How bad a finding is. ``error`` stops :meth:`Runner.run`."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rank(self) -> int:
+        """0 for error, 1 for warning, 2 for info (sort key, worst first)."""
+        return {"error": 0, "warning": 1, "info": 2}[self.value]
+
+
+class Code(str, enum.Enum):
+    """The closed set of finding codes (DESIGN.md section 4, a contract)."""
+
+    PARAM_NOT_IN_OPTIMIZER = "param-not-in-optimizer"
+    FROZEN_PARAM_CHANGED = "frozen-param-changed"
+    NOTHING_TRAINABLE = "nothing-trainable"
+    DISCONNECTED_PARAM = "disconnected-param"
+    PARAM_NOT_UPDATING = "param-not-updating"
+    OPTIMIZER_NOT_STEPPING = "optimizer-not-stepping"
+    GRADS_NOT_ZEROED = "grads-not-zeroed"
+    GRAD_CLIPPING_TOO_STRONG = "grad-clipping-too-strong"
+    EVAL_MODE_TRAINING = "eval-mode-training"
+    FROZEN_BN_STATS_DRIFT = "frozen-bn-stats-drift"
+    NON_FINITE_INPUT = "non-finite-input"
+    NON_FINITE_LOSS = "non-finite-loss"
+    NON_FINITE_GRAD = "non-finite-grad"
+    INPUT_NOT_NORMALIZED = "input-not-normalized"
+    SOFTMAX_BEFORE_LOSS = "softmax-before-loss"
+    SHAPE_BROADCAST = "shape-broadcast"
+    LOSS_SUM_REDUCTION = "loss-sum-reduction"
+    LR_TOO_HIGH = "lr-too-high"
+    LR_TOO_LOW = "lr-too-low"
+    SCHEDULER_TOO_FAST = "scheduler-too-fast"
+    EXPLODING_GRADIENTS = "exploding-gradients"
+    VANISHING_GRADIENTS = "vanishing-gradients"
+    DEAD_RELU = "dead-relu"
+    ZERO_INIT = "zero-init"
+    OVER_REGULARIZATION = "over-regularization"
+    LOSS_PLATEAU = "loss-plateau"
+    BN_SMALL_BATCH = "bn-small-batch"
+    CLASS_IMBALANCE = "class-imbalance"
+    UNSHUFFLED_DATA = "unshuffled-data"
+    BATCH_MIXING = "batch-mixing"
+    CHANNEL_ORDER = "channel-order"
+    LABELS_DECOUPLED = "labels-decoupled"
+    DATA_LEAKAGE = "data-leakage"
+    TRAIN_VAL_SHIFT = "train-val-shift"
+    MISSING_ACTIVATION = "missing-activation"
+    DROPOUT_TOO_HIGH = "dropout-too-high"
+    OVERFITTING = "overfitting"
+    SHAPE_MISMATCH = "shape-mismatch"
+    DEVICE_MISMATCH = "device-mismatch"
+    DTYPE_MISMATCH = "dtype-mismatch"
+    INPLACE_MODIFICATION = "inplace-modification"
+    OUT_OF_MEMORY = "out-of-memory"
+    TARGET_OUT_OF_RANGE = "target-out-of-range"
+    STAGE_ERROR = "stage-error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass
+class Finding:
+    """A diagnosis: what is wrong, why, and what to change.
+
+    Parameters
+    ----------
+    code
+        One of :class:`Code` (stored as its string value).
+    severity
+        ``"error"``, ``"warning"`` or ``"info"``.
+    message
+        One line saying what was observed, with the numbers.
+    cause
+        One sentence: what most likely went wrong.
+    fix
+        One sentence: what to do about it.
+    step
+        Global step (optimizer steps completed) when it was last seen.
+    stage
+        Stage it was seen at, or ``None`` for trend and setup findings.
+    params
+        Names of the parameters (or modules) involved.
+    evidence
+        The numbers behind the finding (plain Python/numpy values).
+    first_step
+        Global step when it was first seen.
+    count
+        How many times it has been reported (a finding is updated, not repeated).
+    """
+
+    code: str
+    severity: str
+    message: str
+    cause: str = ""
+    fix: str = ""
+    step: int | None = None
+    stage: Stage | None = None
+    params: tuple[str, ...] = ()
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+    first_step: int | None = None
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        self.code = Code(self.code).value
+        self.severity = Severity(self.severity).value
+        if self.stage is not None:
+            self.stage = Stage(self.stage)
+        self.params = tuple(self.params)
+        if self.first_step is None:
+            self.first_step = self.step
+
+    @property
+    def key(self) -> tuple[str, tuple[str, ...]]:
+        """Identity used to merge repeated reports: code and parameters."""
+        return (self.code, self.params)
+
+    def __str__(self) -> str:
+        where = f"step {self.step}" if self.step is not None else "setup"
+        if self.stage is not None:
+            where += f", {self.stage.value}"
+        text = f"[{self.severity}] {self.code} ({where}): {self.message}"
+        if self.params:
+            shown = ", ".join(self.params[:5])
+            more = f" (+{len(self.params) - 5} more)" if len(self.params) > 5 else ""
+            text += f"\n  params: {shown}{more}"
+        if self.cause:
+            text += f"\n  cause: {self.cause}"
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        return text
+
+    def _repr_html_(self) -> str:
+        colour = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}[self.severity]
+        esc = html.escape
+        where = f"step {self.step}" if self.step is not None else "setup"
+        if self.stage is not None:
+            where += f" &middot; {esc(self.stage.value)}"
+        params = ""
+        if self.params:
+            params = "<div><b>params:</b> " + esc(", ".join(self.params[:8]))
+            params += f" (+{len(self.params) - 8})" if len(self.params) > 8 else ""
+            params += "</div>"
+        return (
+            f'<div class="tlw-finding" style="border-left:4px solid {colour};padding:4px 8px;margin:4px 0">'
+            f'<div><b style="color:{colour}">{esc(self.severity)}</b> '
+            f"<code>{esc(self.code)}</code> <small>({where})</small></div>"
+            f"<div>{esc(self.message)}</div>{params}"
+            f"<div><b>cause:</b> {esc(self.cause)}</div>"
+            f"<div><b>fix:</b> {esc(self.fix)}</div></div>"
+        )
+
+
+class FindingLog:
+    """Findings merged by (code, params): one entry per problem, kept current.
+
+    A repeated report updates the entry's step, message and evidence and bumps
+    its count instead of appending, so a bug seen for 1,000 steps is one line.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, tuple[str, ...]], Finding] = {}
+        self._order: list[tuple[str, tuple[str, ...]]] = []
+
+    def add(self, finding: Finding) -> tuple[Finding, bool]:
+        """Merge ``finding`` in; return the stored entry and whether it is new."""
+        old = self._by_key.get(finding.key)
+        if old is None:
+            self._by_key[finding.key] = finding
+            self._order.append(finding.key)
+            return finding, True
+        old.count += 1
+        old.step = finding.step
+        old.stage = finding.stage
+        old.message = finding.message
+        old.evidence = finding.evidence
+        if Severity(finding.severity).rank < Severity(old.severity).rank:
+            old.severity = finding.severity
+        return old, False
+
+    def extend(self, findings: Iterable[Finding]) -> list[Finding]:
+        """Add several; return those that were new."""
+        return [f for f in findings if self.add(f)[1]]
+
+    def discard(self, code: str, params: Sequence[str] | None = None) -> None:
+        """Forget findings of ``code`` (only those naming ``params`` if given)."""
+        for key in [k for k in self._order if k[0] == code and (params is None or k[1] == tuple(params))]:
+            self._order.remove(key)
+            del self._by_key[key]
+
+    def clear(self) -> None:
+        self._by_key.clear()
+        self._order.clear()
+
+    def __iter__(self):
+        return (self._by_key[k] for k in self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def snapshot(self) -> list[Finding]:
+        """A shallow copy of the entries (in insertion order)."""
+        return [dataclasses.replace(f) for f in self]

@@ -1,0 +1,101 @@
+"""Which parameters a loss's autograd graph reaches, and where NaN/Inf first appears."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlwidgets.core.activations import first_tensor
+
+__all__ = ["reached_params", "locate_non_finite"]
+
+
+def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the parameters that ``loss.backward()`` would give a gradient.
+
+    Walks ``loss.grad_fn`` through ``next_functions`` to the ``AccumulateGrad``
+    leaves. Returns an empty list when the loss has no graph (detached).
+    """
+    if loss.grad_fn is None:
+        return []
+    by_id = {id(p): n for n, p in named_params}
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in by_id:
+            found.add(by_id[id(var)])
+        stack.extend(f for f, _ in fn.next_functions)
+    order = [n for n, _ in named_params]
+    return [n for n in order if n in found]
+
+
+def locate_non_finite(
+    model: nn.Module, forward: Callable[[], Any], rng_state: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Re-run ``forward`` with checks on every module to find where NaN/Inf starts.
+
+    Runs under ``torch.no_grad()`` and restores the model's buffers (batch-norm
+    running statistics) and the RNG state afterwards, so it changes nothing.
+    ``rng_state`` (the CPU RNG state at the original forward's start) makes
+    dropout masks identical to the original pass.
+
+    Returns
+    -------
+    dict
+        ``module``: the first module (execution order) whose output holds a
+        non-finite value while its inputs are finite (None if none does);
+        ``inputs_non_finite``: name of the first module that *received*
+        non-finite input; ``output_non_finite``: whether the model's output
+        holds one.
+    """
+    result: dict[str, Any] = {"module": None, "inputs_non_finite": None, "output_non_finite": False}
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if result["module"] is not None:
+                return
+            tin = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            bad_in = any(not bool(torch.isfinite(a).all()) for a in tin)
+            t = first_tensor(output)
+            bad_out = t is not None and not bool(torch.isfinite(t).all())
+            if bad_in and result["inputs_non_finite"] is None:
+                result["inputs_non_finite"] = name
+            if bad_out and not bad_in:
+                result["module"] = name
+
+        return hook
+
+    for name, m in model.named_modules():
+        if not any(True for _ in m.children()):
+            handles.append(m.register_forward_hook(make(name)))
+    buffers = [b.detach().clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    if rng_state is not None:
+        torch.set_rng_state(rng_state)
+    try:
+        with torch.no_grad():
+            out = first_tensor(forward())
+        result["output_non_finite"] = out is not None and not bool(torch.isfinite(out).all())
+    except Exception as exc:  # the replay is best effort; never mask the real finding
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return result

@@ -1,0 +1,267 @@
+"""Bounded per-step history: ring buffers with numpy accessors.
+
+Memory is fixed at construction (``capacity`` rows); once full, the oldest row
+is overwritten, so a long run never grows. Values are float32 (NaN = not
+measured): 4 statistics x 60 parameters x 4 bytes = 960 bytes per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tlwidgets.core.records import ControlChange, EpochRecord
+
+__all__ = ["RingBuffer", "History"]
+
+
+class RingBuffer:
+    """A fixed-capacity 2-D ring of float32 rows (or 1-D when ``width`` is None)."""
+
+    def __init__(self, capacity: int, width: int | None = None, dtype: Any = np.float32) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        shape = (capacity,) if width is None else (capacity, width)
+        fill = np.nan if np.issubdtype(np.dtype(dtype), np.floating) else 0
+        self._data = np.full(shape, fill, dtype=dtype)
+        self._fill = fill
+        self._start = 0
+        self._len = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._data.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self._data.nbytes
+
+    @property
+    def width(self) -> int:
+        """Values per row (1 for a 1-D ring)."""
+        return 1 if self._data.ndim == 1 else self._data.shape[1]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, row: Any) -> None:
+        i = (self._start + self._len) % self.capacity
+        self._data[i] = row
+        if self._len < self.capacity:
+            self._len += 1
+        else:
+            self._start = (self._start + 1) % self.capacity
+
+    def widen(self, width: int) -> None:
+        """Add columns (filled with NaN) so rows can hold ``width`` values."""
+        if self._data.ndim != 2 or width <= self._data.shape[1]:
+            return
+        extra = np.full((self.capacity, width - self._data.shape[1]), self._fill, dtype=self._data.dtype)
+        self._data = np.concatenate([self._data, extra], axis=1)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the oldest ``length`` rows (used by rewind)."""
+        self._len = max(0, min(self._len, length))
+
+    def values(self) -> np.ndarray:
+        """A copy of the rows, oldest first."""
+        idx = (self._start + np.arange(self._len)) % self.capacity
+        return self._data[idx].copy()
+
+    def last(self) -> np.ndarray | None:
+        if not self._len:
+            return None
+        return self._data[(self._start + self._len - 1) % self.capacity].copy()
+
+
+class History:
+    """Per-step numbers of a run (DESIGN section 3).
+
+    Attributes are numpy arrays, oldest step first: ``loss`` (steps,),
+    ``lr`` (steps x groups), and ``grad_norm``, ``weight_norm``,
+    ``update_norm``, ``update_ratio`` (steps x parameters, columns are
+    ``param_names``). ``step`` holds the global step of each row and
+    ``exact`` whether its statistics are exact or sampled estimates.
+
+    Parameters
+    ----------
+    param_names
+        Column names of the per-parameter arrays.
+    capacity
+        Rows kept; older rows are overwritten.
+    """
+
+    _PER_PARAM = ("grad_norm", "weight_norm", "update_norm")
+
+    def __init__(self, param_names: Sequence[str], capacity: int = 10_000) -> None:
+        self.param_names: list[str] = list(param_names)
+        self.capacity = capacity
+        n = len(self.param_names)
+        self._loss = RingBuffer(capacity)
+        self._step = RingBuffer(capacity, dtype=np.int64)
+        self._epoch = RingBuffer(capacity, dtype=np.int32)
+        self._exact = RingBuffer(capacity, dtype=np.bool_)
+        self._lr = RingBuffer(capacity, width=1)
+        self._stats = {k: RingBuffer(capacity, width=max(n, 1)) for k in self._PER_PARAM}
+        #: validation loss per epoch, as (global step, value); bounded like the rest.
+        self._val = RingBuffer(capacity, width=2, dtype=np.float64)
+        #: control markers (freeze, set_lr, rewind ...), newest last, bounded.
+        self.controls: list[ControlChange] = []
+        #: epoch-end records, newest last, bounded.
+        self.epochs: list[EpochRecord] = []
+        #: per-module activation statistics: name -> ring of (step, mean, std, frac_zero, dead_frac).
+        self.activations: dict[str, RingBuffer] = {}
+        self._act_capacity = max(1, capacity // 10)
+
+    # -- writing -----------------------------------------------------------
+    def append(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: Sequence[float],
+        grad_norm: np.ndarray,
+        weight_norm: np.ndarray,
+        update_norm: np.ndarray,
+        exact: bool,
+    ) -> None:
+        """Add one optimizer step."""
+        self._loss.append(loss)
+        self._step.append(step)
+        self._epoch.append(epoch)
+        self._exact.append(exact)
+        self._lr.widen(len(lr))
+        row = np.full(self._lr.width, np.nan)
+        row[: len(lr)] = lr
+        self._lr.append(row)
+        for key, values in (("grad_norm", grad_norm), ("weight_norm", weight_norm), ("update_norm", update_norm)):
+            self._stats[key].append(values if len(values) else np.nan)
+
+    def add_activations(self, step: int, stats: dict[str, tuple[float, float, float, float]]) -> None:
+        """Record per-module activation statistics measured at ``step``."""
+        for name, (mean, std, frac_zero, dead) in stats.items():
+            ring = self.activations.get(name)
+            if ring is None:
+                ring = self.activations[name] = RingBuffer(self._act_capacity, width=5, dtype=np.float64)
+            ring.append((step, mean, std, frac_zero, dead))
+
+    def add_epoch(self, record: EpochRecord) -> None:
+        self.epochs.append(record)
+        del self.epochs[: -self.capacity]
+        if record.val_loss is not None:
+            self._val.append((record.step, record.val_loss))
+
+    def add_control(self, change: ControlChange) -> None:
+        self.controls.append(change)
+        del self.controls[: -self.capacity]
+
+    def truncate_to_step(self, step: int) -> None:
+        """Drop rows after global step ``step`` (rewind keeps the older past)."""
+        steps = self._step.values()
+        keep = int(np.searchsorted(steps, step, side="right")) if len(steps) else 0
+        for ring in (self._loss, self._step, self._epoch, self._exact, self._lr, *self._stats.values()):
+            ring.truncate(keep)
+        val = self._val.values()
+        self._val.truncate(int(np.sum(val[:, 0] <= step)) if len(val) else 0)
+        self.epochs = [e for e in self.epochs if e.step <= step]
+        for ring in self.activations.values():
+            vals = ring.values()
+            ring.truncate(int(np.sum(vals[:, 0] <= step)) if len(vals) else 0)
+
+    # -- reading -----------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._loss)
+
+    @property
+    def loss(self) -> np.ndarray:
+        return self._loss.values().astype(np.float64)
+
+    @property
+    def step(self) -> np.ndarray:
+        return self._step.values()
+
+    @property
+    def epoch(self) -> np.ndarray:
+        return self._epoch.values()
+
+    @property
+    def exact(self) -> np.ndarray:
+        return self._exact.values()
+
+    @property
+    def lr(self) -> np.ndarray:
+        return self._lr.values().astype(np.float64)
+
+    @property
+    def grad_norm(self) -> np.ndarray:
+        return self._per_param("grad_norm")
+
+    @property
+    def weight_norm(self) -> np.ndarray:
+        return self._per_param("weight_norm")
+
+    @property
+    def update_norm(self) -> np.ndarray:
+        return self._per_param("update_norm")
+
+    @property
+    def update_ratio(self) -> np.ndarray:
+        from tlwidgets.core.stats import update_ratio
+
+        return update_ratio(self.update_norm, self.weight_norm)
+
+    @property
+    def val_loss(self) -> np.ndarray:
+        """Validation loss per epoch end, as rows of (global step, loss)."""
+        return self._val.values()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the buffers (fixed once constructed, apart from activation rings)."""
+        rings = [self._loss, self._step, self._epoch, self._exact, self._lr, self._val, *self._stats.values()]
+        return sum(r.nbytes for r in rings) + sum(r.nbytes for r in self.activations.values())
+
+    def _per_param(self, key: str) -> np.ndarray:
+        values = self._stats[key].values().astype(np.float64)
+        return values[:, : len(self.param_names)]
+
+    def column(self, key: str, name: str) -> np.ndarray:
+        """One parameter's series for ``key`` (e.g. ``"update_ratio"``)."""
+        return getattr(self, key)[:, self.param_names.index(name)]
+
+    def last(self) -> dict[str, Any] | None:
+        """The newest row as a dict, or None when empty."""
+        if not len(self):
+            return None
+        return {
+            "step": int(self._step.last()),
+            "loss": float(self._loss.last()),
+            "lr": self._lr.last().astype(np.float64),
+            "grad_norm": self._stats["grad_norm"].last()[: len(self.param_names)].astype(np.float64),
+            "weight_norm": self._stats["weight_norm"].last()[: len(self.param_names)].astype(np.float64),
+            "update_norm": self._stats["update_norm"].last()[: len(self.param_names)].astype(np.float64),
+        }
+
+    # -- export --------------------------------------------------------------
+    def to_dataframe(self, wide: bool = True):
+        """Per-step history as a pandas DataFrame (pandas is an optional dependency).
+
+        ``wide=True`` gives one row per step with ``loss``, ``lr/<group>`` and
+        ``<stat>/<param>`` columns; ``wide=False`` gives a long table with
+        columns step, param, grad_norm, weight_norm, update_norm, update_ratio.
+        """
+        from tlwidgets.core.export import history_to_dataframe
+
+        return history_to_dataframe(self, wide=wide)
+
+    def to_tensorboard(self, log_dir: Any = None, *, writer: Any = None, histograms: Any = None) -> str:
+        """Write scalars (loss, lr, per-parameter statistics) to TensorBoard.
+
+        See :func:`tlwidgets.core.export.history_to_tensorboard`.
+        """
+        from tlwidgets.core.export import history_to_tensorboard
+
+        return history_to_tensorboard(self, log_dir, writer=writer)

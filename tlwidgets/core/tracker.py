@@ -1,0 +1,87 @@
+"""The tracking core shared by :class:`Runner` and :func:`watch`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlwidgets.core.activations import ActivationProbe, as_table
+from tlwidgets.core.controls import effective_lrs
+from tlwidgets.core.history import History
+from tlwidgets.core.stats import ParamStats
+
+__all__ = ["Tracker"]
+
+
+class Tracker:
+    """Parameter statistics, activation probes and history for one model.
+
+    Parameters
+    ----------
+    model, optimizer
+        What is trained.
+    sample_size
+        Elements per tensor for sampled (non-exact) statistics.
+    history_size
+        Steps kept in the ring buffers.
+    grad_budget
+        Fraction of step time the exact grad-norm pass may use.
+    activation_every
+        Measure activations every this many steps (and in the first 3); 0 = never
+        (except exact stages).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        sample_size: int = 1024,
+        history_size: int = 10_000,
+        grad_budget: float = 0.02,
+        activation_every: int = 10,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.named_params: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+        self.param_names = [n for n, _ in self.named_params]
+        self.params = [p for _, p in self.named_params]
+        self.stats = ParamStats(self.params, sample_size=sample_size, grad_budget=grad_budget)
+        self.history = History(self.param_names, capacity=history_size)
+        self.probe = ActivationProbe(model)
+        self.activation_every = activation_every
+        self.last_activations: dict[str, dict[str, float]] = {}
+        self._grad: np.ndarray = np.full(len(self.params), np.nan)
+        self._grad_exact = False
+
+    def activations_due(self, step: int) -> bool:
+        every = self.activation_every
+        return step < 3 or (every > 0 and step % every == 0)
+
+    def measure_grads(self, exact: bool | None = None) -> tuple[np.ndarray, bool]:
+        """Grad norms now (NaN where grad is None); kept for the step's history row."""
+        self._grad, self._grad_exact = self.stats.grad_norms(exact)
+        return self._grad, self._grad_exact
+
+    def finish_activations(self, step: int) -> dict[str, dict[str, float]]:
+        stats = self.probe.collect()
+        if stats:
+            self.last_activations = stats
+            self.history.add_activations(step, as_table(stats))
+        return stats
+
+    def record_step(self, *, step: int, epoch: int, loss: float, exact: bool) -> dict[str, Any]:
+        """After ``optimizer.step()``: update norms, append the history row, return the numbers."""
+        weight, update, update_exact = self.stats.after_step()
+        lrs = effective_lrs(self.optimizer)
+        self.history.append(
+            step=step, epoch=epoch, loss=loss, lr=lrs, grad_norm=self._grad,
+            weight_norm=weight, update_norm=update, exact=exact and update_exact and self._grad_exact,
+        )
+        return {"grad_norm": self._grad, "weight_norm": weight, "update_norm": update, "lr": lrs}
+
+    def close(self) -> None:
+        self.probe.close()
