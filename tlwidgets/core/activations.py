@@ -15,7 +15,7 @@ from torch import nn
 
 from tlwidgets.core.stats import to_host
 
-__all__ = ["ActivationProbe", "leaf_modules", "first_tensor"]
+__all__ = ["ActivationProbe", "first_tensor", "leaf_modules"]
 
 #: Statistics per module, in this order.
 FIELDS = ("mean", "std", "frac_zero", "dead_frac", "non_finite")
@@ -131,4 +131,6 @@ def as_table(stats: dict[str, dict[str, float]]) -> dict[str, tuple[float, float
 
 def non_finite_origin(stats: dict[str, dict[str, float]]) -> str | None:
     """The first module (execution order) whose output held NaN/Inf."""
-    return next((name for name, v in stats.items() if v["non_finite"] > 0 and np.isfinite(v["non_finite"])), None)
+    return next(
+        (name for name, v in stats.items() if v["non_finite"] > 0 and np.isfinite(v["non_finite"])), None
+    )

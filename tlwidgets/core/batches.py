@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["default_unpack", "call_model", "to_device", "describe", "tensors_in", "TARGET_KEYS"]
+__all__ = ["TARGET_KEYS", "call_model", "default_unpack", "describe", "tensors_in", "to_device"]
 
 #: Dict keys taken as the target when a batch is a mapping.
 TARGET_KEYS = ("target", "targets", "label", "labels", "y")
@@ -40,7 +40,11 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
         return inputs, batch[key]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    kind = (
+        f"{type(batch).__name__} of length {len(batch)}"
+        if isinstance(batch, (tuple, list))
+        else type(batch).__name__
+    )
     raise ValueError(
         f"a batch must be (inputs, targets) by default, got a {kind}; "
         "pass unpack=lambda b: (inputs, targets) to the Runner"
@@ -63,9 +67,11 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, Mapping):
-        return type(obj)({k: to_device(v, device) for k, v in obj.items()}) if isinstance(obj, dict) else {
-            k: to_device(v, device) for k, v in obj.items()
-        }
+        return (
+            type(obj)({k: to_device(v, device) for k, v in obj.items()})
+            if isinstance(obj, dict)
+            else {k: to_device(v, device) for k, v in obj.items()}
+        )
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(to_device(v, device) for v in obj))
     if isinstance(obj, (tuple, list)):
@@ -125,13 +131,17 @@ def describe(inputs: Any, targets: Any, *, max_classes: int = 1000) -> dict[str,
             finite = torch.isfinite(f)
             n_bad = (~finite).sum()
             clean = torch.where(finite, f, torch.zeros((), dtype=f.dtype, device=f.device))
-            stat_tensors.append(torch.stack([
-                torch.where(finite, f, torch.full((), float("inf"), device=f.device)).min(),
-                torch.where(finite, f, torch.full((), float("-inf"), device=f.device)).max(),
-                clean.mean(),
-                clean.std() if clean.numel() > 1 else torch.zeros((), device=f.device),
-                n_bad.float(),
-            ]).cpu())
+            stat_tensors.append(
+                torch.stack(
+                    [
+                        torch.where(finite, f, torch.full((), float("inf"), device=f.device)).min(),
+                        torch.where(finite, f, torch.full((), float("-inf"), device=f.device)).max(),
+                        clean.mean(),
+                        clean.std() if clean.numel() > 1 else torch.zeros((), device=f.device),
+                        n_bad.float(),
+                    ]
+                ).cpu()
+            )
             stat_keys.append(path)
     for path, row in zip(stat_keys, stat_tensors):
         lo, hi, mean, std, bad = (float(v) for v in row)
@@ -142,7 +152,12 @@ def describe(inputs: Any, targets: Any, *, max_classes: int = 1000) -> dict[str,
             batch_size = int(t.shape[0])
             break
     label_counts = None
-    if isinstance(targets, torch.Tensor) and not targets.is_floating_point() and targets.dim() == 1 and targets.numel():
+    if (
+        isinstance(targets, torch.Tensor)
+        and not targets.is_floating_point()
+        and targets.dim() == 1
+        and targets.numel()
+    ):
         t = targets.detach()
         if int(t.min()) >= 0 and int(t.max()) < max_classes:
             label_counts = torch.bincount(t.long()).cpu().numpy()
@@ -154,7 +169,11 @@ def describe(inputs: Any, targets: Any, *, max_classes: int = 1000) -> dict[str,
         "non_finite": int(sum(v.get("non_finite", 0) for v in info.values())),
         "input_std": _overall(info, "inputs", "std"),
         "input_absmax": max(
-            (max(abs(v.get("min", 0.0)), abs(v.get("max", 0.0))) for k, v in info.items() if k.startswith("inputs")),
+            (
+                max(abs(v.get("min", 0.0)), abs(v.get("max", 0.0)))
+                for k, v in info.items()
+                if k.startswith("inputs")
+            ),
             default=None,
         ),
     }

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "RngState", "capture_rng", "restore_rng", "capture_optimizer", "restore_optimizer"]
+__all__ = ["Checkpoint", "RngState", "capture_optimizer", "capture_rng", "restore_optimizer", "restore_rng"]
 
 _ids = itertools.count(1)
 
@@ -30,7 +30,9 @@ class RngState:
 def capture_rng() -> RngState:
     return RngState(
         torch_cpu=torch.get_rng_state(),
-        torch_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        torch_cuda=torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None,
         numpy=np.random.get_state(),
         python=random.getstate(),
     )
@@ -47,14 +49,18 @@ def restore_rng(state: RngState) -> None:
 def capture_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state plus its group structure (groups can be added by ``unfreeze``)."""
     return {
-        "groups": [(list(g["params"]), {k: copy.deepcopy(v) for k, v in g.items() if k != "params"})
-                   for g in optimizer.param_groups],
+        "groups": [
+            (list(g["params"]), {k: copy.deepcopy(v) for k, v in g.items() if k != "params"})
+            for g in optimizer.param_groups
+        ],
         "state": copy.deepcopy(optimizer.state_dict()),
     }
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    optimizer.param_groups = [{"params": list(params), **copy.deepcopy(rest)} for params, rest in saved["groups"]]
+    optimizer.param_groups = [
+        {"params": list(params), **copy.deepcopy(rest)} for params, rest in saved["groups"]
+    ]
     optimizer.load_state_dict(copy.deepcopy(saved["state"]))
 
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from tlwidgets.core.events import Event
+from tlwidgets.core.naming import resolve_names
+from tlwidgets.core.records import ControlChange
+
 __all__ = [
-    "optimizer_param_ids",
-    "params_missing_from_optimizer",
-    "iter_schedulers",
-    "rescale_scheduler_group",
+    "ControlsMixin",
+    "effective_lrs",
     "extend_scheduler",
     "is_norm_layer",
-    "effective_lrs",
+    "iter_schedulers",
+    "optimizer_param_ids",
+    "params_missing_from_optimizer",
+    "rescale_scheduler_group",
 ]
 
 _NORM_TYPES = (
@@ -64,7 +69,9 @@ def iter_schedulers(scheduler: Any) -> Iterable[Any]:
 _GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr")
 
 
-def rescale_scheduler_group(scheduler: Any, optimizer: torch.optim.Optimizer, group: int, factor: float) -> None:
+def rescale_scheduler_group(
+    scheduler: Any, optimizer: torch.optim.Optimizer, group: int, factor: float
+) -> None:
     """Multiply every base value of ``group``'s schedule by ``factor``.
 
     Schedules that compute the LR from stored bases (LambdaLR, OneCycleLR,
@@ -125,3 +132,152 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
         if key in first:
             g[key] = first[key]
     g["lr"] = base_lr * factor
+
+
+class ControlsMixin:
+    """``freeze`` / ``unfreeze`` / ``set_lr`` for a Runner or a Watcher.
+
+    The host provides ``model``, ``optimizer``, ``scheduler``, ``named_params``,
+    ``param_names``, ``history``, ``events``, ``global_step``,
+    ``freeze_bn_stats``, ``_bn_eval`` (dict), ``_in_stage``, ``_pending``
+    (deque), ``_check_open()`` and ``_refresh_audit()``.
+    """
+
+    def freeze(self, *names: str, bn_eval: bool | None = None) -> list[str]:
+        """Stop training the named modules/parameters (a name matches its dotted subtree).
+
+        Sets ``requires_grad=False`` and clears their gradients so no optimizer
+        (momentum, weight decay) moves them. With ``bn_eval`` (default: the
+        runner's ``freeze_bn_stats``) batch-norm layers whose parameters are all
+        frozen go to eval mode so their running statistics stay put too.
+        Returns the parameter names frozen.
+        """
+        if not names:
+            raise ValueError(
+                "freeze() needs at least one module or parameter name ('' means the whole model)"
+            )
+        chosen = resolve_names(names, self.param_names)
+        return self._control(lambda: self._apply_freeze(chosen, names, bn_eval), chosen)
+
+    def unfreeze(self, *names: str, lr: float | None = None) -> list[str]:
+        """Train the named modules/parameters again.
+
+        Parameters the optimizer does not hold are added as a new param group
+        with base LR ``lr`` (default: the first group's base LR), and the
+        scheduler is extended so the new group follows the same schedule.
+        Returns the parameter names unfrozen.
+        """
+        if not names:
+            raise ValueError(
+                "unfreeze() needs at least one module or parameter name ('' means the whole model)"
+            )
+        if lr is not None:
+            _check_lr(lr)
+        chosen = resolve_names(names, self.param_names)
+        return self._control(lambda: self._apply_unfreeze(chosen, names, lr), chosen)
+
+    def set_lr(self, lr: float, group: int = 0) -> None:
+        """Set the effective LR of ``group``; the scheduler's bases are rescaled so the schedule keeps its shape."""
+        _check_lr(lr)
+        n = len(self.optimizer.param_groups)
+        if not isinstance(group, int) or not -n <= group < n:
+            raise IndexError(
+                f"group must be an index below {n} (the optimizer has {n} param groups), got {group!r}"
+            )
+        group = group % n
+        self._control(lambda: self._apply_set_lr(float(lr), group), None)
+
+    def _control(self, apply: Callable[[], Any], result: Any) -> Any:
+        self._check_open()
+        if self._in_stage:  # called from a callback/thread during a stage: act at the boundary
+            self._pending.append(apply)
+        else:
+            apply()
+        return result
+
+    def _drain_pending(self) -> None:
+        while self._pending:
+            self._pending.popleft()()
+
+    def _apply_freeze(self, chosen: Sequence[str], names: Sequence[str], bn_eval: bool | None) -> None:
+        params = dict(self.named_params)
+        for n in chosen:
+            params[n].requires_grad_(False)
+            params[n].grad = None
+        if self.freeze_bn_stats if bn_eval is None else bn_eval:
+            for mname, m in self.model.named_modules():
+                own = [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
+                if (
+                    is_norm_layer(m)
+                    and isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and own
+                    and all(not params[o].requires_grad for o in own if o in params)
+                ):
+                    self._bn_eval[mname] = m
+                    m.eval()
+        self._after_control(
+            ControlChange("freeze", self.global_step, {"names": list(names), "params": list(chosen)})
+        )
+
+    def _apply_unfreeze(self, chosen: Sequence[str], names: Sequence[str], lr: float | None) -> None:
+        params = dict(self.named_params)
+        held = optimizer_param_ids(self.optimizer)
+        new = []
+        for n in chosen:
+            params[n].requires_grad_(True)
+            if id(params[n]) not in held:
+                new.append(params[n])
+        for mname in list(self._bn_eval):
+            m = self._bn_eval[mname]
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.train(self.model.training)
+                del self._bn_eval[mname]
+        detail: dict[str, Any] = {"names": list(names), "params": list(chosen)}
+        if new:
+            base = lr if lr is not None else _base_lr(self.optimizer, self.scheduler, 0)
+            self.optimizer.add_param_group({"params": new, "lr": base})
+            extend_scheduler(self.scheduler, self.optimizer, base)
+            detail.update(
+                new_group=len(self.optimizer.param_groups) - 1,
+                lr=float(self.optimizer.param_groups[-1]["lr"]),
+            )
+        self._after_control(ControlChange("unfreeze", self.global_step, detail))
+
+    def _apply_set_lr(self, lr: float, group: int) -> None:
+        g = self.optimizer.param_groups[group]
+        old = float(g["lr"])
+        if self.scheduler is not None:
+            if old > 0:
+                rescale_scheduler_group(self.scheduler, self.optimizer, group, lr / old)
+            else:
+                _reset_scheduler_base(self.scheduler, self.optimizer, group, lr)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+        self._after_control(ControlChange("set_lr", self.global_step, {"group": group, "lr": lr, "old": old}))
+
+    def _after_control(self, change: ControlChange) -> None:
+        self.history.add_control(change)
+        self._refresh_audit()
+        self.events.emit(Event.CONTROL, change)
+
+
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+
+
+def _base_lr(optimizer: torch.optim.Optimizer, scheduler: Any, group: int) -> float:
+    bases = getattr(scheduler, "base_lrs", None)
+    if isinstance(bases, list) and len(bases) > group:
+        return float(bases[group])
+    return float(optimizer.param_groups[group].get("initial_lr", optimizer.param_groups[group]["lr"]))
+
+
+def _reset_scheduler_base(scheduler: Any, optimizer: torch.optim.Optimizer, group: int, lr: float) -> None:
+    for s in iter_schedulers(scheduler):
+        bases = getattr(s, "base_lrs", None)
+        if isinstance(bases, list) and group < len(bases):
+            bases[group] = lr
+    optimizer.param_groups[group]["initial_lr"] = lr

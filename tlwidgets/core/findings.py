@@ -14,7 +14,7 @@ from typing import Any
 
 from tlwidgets.core.stages import Stage
 
-__all__ = ["Code", "Finding", "Severity", "FindingLog"]
+__all__ = ["Code", "Finding", "FindingLog", "Severity"]
 
 
 class Severity(str, enum.Enum):

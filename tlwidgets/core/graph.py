@@ -10,7 +10,7 @@ from torch import nn
 
 from tlwidgets.core.activations import first_tensor
 
-__all__ = ["reached_params", "locate_non_finite"]
+__all__ = ["locate_non_finite", "reached_params"]
 
 
 def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from tlwidgets.core.records import ControlChange, EpochRecord
 
-__all__ = ["RingBuffer", "History"]
+__all__ = ["History", "RingBuffer"]
 
 
 class RingBuffer:
@@ -137,7 +137,11 @@ class History:
         row = np.full(self._lr.width, np.nan)
         row[: len(lr)] = lr
         self._lr.append(row)
-        for key, values in (("grad_norm", grad_norm), ("weight_norm", weight_norm), ("update_norm", update_norm)):
+        for key, values in (
+            ("grad_norm", grad_norm),
+            ("weight_norm", weight_norm),
+            ("update_norm", update_norm),
+        ):
             self._stats[key].append(values if len(values) else np.nan)
 
     def add_activations(self, step: int, stats: dict[str, tuple[float, float, float, float]]) -> None:

@@ -29,7 +29,9 @@ def resolve_names(patterns: Iterable[str], param_names: Sequence[str]) -> list[s
     chosen: list[str] = []
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TypeError(f"names must be strings (module or parameter names), got {type(pattern).__name__}")
+            raise TypeError(
+                f"names must be strings (module or parameter names), got {type(pattern).__name__}"
+            )
         hits = [n for n in param_names if matches(n, pattern)]
         if not hits:
             roots = sorted({n.split(".")[0] for n in param_names})

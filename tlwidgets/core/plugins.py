@@ -15,7 +15,7 @@ from tlwidgets.core.findings import Finding, Severity
 from tlwidgets.core.records import EpochRecord, StageRecord
 from tlwidgets.core.stages import Stage
 
-__all__ = ["Diagnoser", "NullDiagnoser", "register_default_diagnoser", "default_diagnoser"]
+__all__ = ["Diagnoser", "NullDiagnoser", "default_diagnoser", "register_default_diagnoser"]
 
 
 @runtime_checkable
@@ -66,7 +66,10 @@ class NullDiagnoser:
         from tlwidgets.core.catalog import make_finding
 
         return make_finding(
-            "stage-error", f"{type(exc).__name__}: {str(exc)[:300]}", step=step, stage=stage,
+            "stage-error",
+            f"{type(exc).__name__}: {str(exc)[:300]}",
+            step=step,
+            stage=stage,
             evidence={"exception": type(exc).__name__, "message": str(exc)},
         )
 

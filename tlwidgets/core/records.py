@@ -9,7 +9,7 @@ from typing import Any
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
-__all__ = ["ErrorInfo", "StageRecord", "StepSummary", "EpochRecord", "ControlChange"]
+__all__ = ["ControlChange", "EpochRecord", "ErrorInfo", "StageRecord", "StepSummary"]
 
 
 @dataclasses.dataclass

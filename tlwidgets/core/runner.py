@@ -19,26 +19,29 @@ from torch import nn
 from tlwidgets.core.activations import non_finite_origin
 from tlwidgets.core.batches import call_model, default_unpack, describe, tensors_in, to_device
 from tlwidgets.core.catalog import make_finding
-from tlwidgets.core.checkpoint import Checkpoint, capture_rng, restore_optimizer, restore_rng, restore_scheduler
+from tlwidgets.core.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    restore_optimizer,
+    restore_rng,
+    restore_scheduler,
+)
 from tlwidgets.core.controls import (
+    ControlsMixin,
     effective_lrs,
-    extend_scheduler,
-    is_norm_layer,
     optimizer_param_ids,
     params_missing_from_optimizer,
-    rescale_scheduler_group,
 )
 from tlwidgets.core.events import Event, EventBus
 from tlwidgets.core.findings import Finding, FindingLog
 from tlwidgets.core.graph import locate_non_finite, reached_params
-from tlwidgets.core.naming import resolve_names
 from tlwidgets.core.plugins import Diagnoser, default_diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StepSummary
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
 from tlwidgets.core.tracker import Tracker
 
-__all__ = ["Runner", "RunResult"]
+__all__ = ["RunResult", "Runner"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class RunResult:
         return text + (f": {self.finding.code}" if self.finding is not None else "")
 
 
-class Runner:
+class Runner(ControlsMixin):
     """Step through training one stage or one batch at a time.
 
     Parameters
@@ -147,14 +150,20 @@ class Runner:
         self.scheduler = scheduler
         self.scheduler_interval = scheduler_interval
         first = next(iter(model.parameters()), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else None)
+        self.device = (
+            torch.device(device) if device is not None else (first.device if first is not None else None)
+        )
         self.unpack = unpack or default_unpack
         self.forward = forward or call_model
         self.safe_step = safe_step
         self.freeze_bn_stats = freeze_bn_stats
         self.tracker = Tracker(
-            model, optimizer, sample_size=sample_size, history_size=history_size,
-            grad_budget=grad_budget, activation_every=activation_every,
+            model,
+            optimizer,
+            sample_size=sample_size,
+            history_size=history_size,
+            grad_budget=grad_budget,
+            activation_every=activation_every,
         )
         self.named_params = self.tracker.named_params
         self.param_names = self.tracker.param_names
@@ -194,7 +203,8 @@ class Runner:
         self._epoch_loss_n = 0
         self._bn_eval: dict[str, nn.Module] = {}
         self._mode_modules = [
-            (n, m) for n, m in model.named_modules()
+            (n, m)
+            for n, m in model.named_modules()
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)) or n == ""
         ]
         self._in_stage = False
@@ -328,7 +338,9 @@ class Runner:
                 elif self._new_errors > errors_before:
                     result = RunResult(done, epochs_done, "finding", self._latest_error_finding(), rec)
                 elif rec.stage is Stage.BACKWARD and rec.data.get("non_finite_grad"):
-                    result = RunResult(done, epochs_done, "non-finite-grad", self._latest_error_finding(), rec)
+                    result = RunResult(
+                        done, epochs_done, "non-finite-grad", self._latest_error_finding(), rec
+                    )
         finally:
             self._running = False
         return result
@@ -346,7 +358,9 @@ class Runner:
             self._step_t0 = time.perf_counter()
         else:
             self._step_exact = self._step_exact or exact
-        rec = StageRecord(stage=stage, step=self.global_step, epoch=self.epoch, batch=self.batch_index, exact=exact)
+        rec = StageRecord(
+            stage=stage, step=self.global_step, epoch=self.epoch, batch=self.batch_index, exact=exact
+        )
         t0 = time.perf_counter()
         self._in_stage = True
         try:
@@ -386,11 +400,16 @@ class Runner:
         rec.data.update(describe(inputs, targets))
         if rec.data["non_finite"]:
             bad = [k for k, v in rec.data["tensors"].items() if v.get("non_finite")]
-            rec.findings.append(make_finding(
-                "non-finite-input", f"the batch holds {rec.data['non_finite']} NaN/Inf values in {', '.join(bad)}",
-                step=self.global_step, stage=Stage.FETCH, params=tuple(bad),
-                evidence={"non_finite": rec.data["non_finite"], "tensors": bad},
-            ))
+            rec.findings.append(
+                make_finding(
+                    "non-finite-input",
+                    f"the batch holds {rec.data['non_finite']} NaN/Inf values in {', '.join(bad)}",
+                    step=self.global_step,
+                    stage=Stage.FETCH,
+                    params=tuple(bad),
+                    evidence={"non_finite": rec.data["non_finite"], "tensors": bad},
+                )
+            )
 
     def _stage_zero_grad(self, rec: StageRecord, exact: bool) -> None:
         had = sum(p.grad is not None for p in self.tracker.params)
@@ -400,8 +419,11 @@ class Runner:
         if kept:  # zero_grad(set_to_none=False) or params outside the optimizer: one transfer
             norms = to_host(torch._foreach_norm([g for _, g in kept]))
             left = [n for (n, _), v in zip(kept, norms) if v != 0]
-        rec.data.update(grads_before=had, grads_after=sum(p.grad is not None for p in self.tracker.params),
-                        not_cleared=left)
+        rec.data.update(
+            grads_before=had,
+            grads_after=sum(p.grad is not None for p in self.tracker.params),
+            not_cleared=left,
+        )
 
     def _stage_to_device(self, rec: StageRecord, exact: bool) -> None:
         before = sorted({str(t.device) for _, t in tensors_in((self._inputs, self._targets))})
@@ -456,12 +478,14 @@ class Runner:
             loss=value,
             finite=math.isfinite(value),
             requires_grad=loss.requires_grad,
-            loss_fn=type(self.loss_fn).__name__ if isinstance(self.loss_fn, nn.Module) else getattr(
-                self.loss_fn, "__name__", type(self.loss_fn).__name__),
+            loss_fn=type(self.loss_fn).__name__
+            if isinstance(self.loss_fn, nn.Module)
+            else getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
             reduction=getattr(self.loss_fn, "reduction", None),
             output_shape=tuple(out.shape) if out is not None else None,
             target_shape=tuple(self._targets.shape) if isinstance(self._targets, torch.Tensor) else None,
-            target_dtype=str(self._targets.dtype).replace("torch.", "") if isinstance(self._targets, torch.Tensor)
+            target_dtype=str(self._targets.dtype).replace("torch.", "")
+            if isinstance(self._targets, torch.Tensor)
             else None,
             batch_size=rec_batch_size(out),
         )
@@ -507,13 +531,19 @@ class Runner:
         )
         if rec.data["non_finite_grad"]:
             bad_names = tuple(rec.data["non_finite_grad"])
-            rec.findings.append(make_finding(
-                "non-finite-grad",
-                f"{len(bad_names)} parameter(s) got NaN/Inf gradients; the step was held back before STEP",
-                step=self.global_step, stage=Stage.BACKWARD, params=bad_names,
-                evidence={"grad_norm": {n: float(grad[names.index(n)]) for n in bad_names[:20]},
-                          "loss": self._loss_value},
-            ))
+            rec.findings.append(
+                make_finding(
+                    "non-finite-grad",
+                    f"{len(bad_names)} parameter(s) got NaN/Inf gradients; the step was held back before STEP",
+                    step=self.global_step,
+                    stage=Stage.BACKWARD,
+                    params=bad_names,
+                    evidence={
+                        "grad_norm": {n: float(grad[names.index(n)]) for n in bad_names[:20]},
+                        "loss": self._loss_value,
+                    },
+                )
+            )
 
     def _stage_step(self, rec: StageRecord, exact: bool) -> None:
         snapshot = exact or self.safe_step
@@ -539,7 +569,10 @@ class Runner:
         names = self.param_names
         frozen = [not p.requires_grad for p in self.tracker.params]
         rec.data.update(
-            update_norm=update, weight_norm=weight, update_ratio=ratio, lr=numbers["lr"],
+            update_norm=update,
+            weight_norm=weight,
+            update_ratio=ratio,
+            lr=numbers["lr"],
             update_exact=snapshot,
             changed=[n for n, u in zip(names, update) if u > 0],
             frozen_changed=[n for n, u, f in zip(names, update, frozen) if f and u > 0],
@@ -555,10 +588,18 @@ class Runner:
         if not self._step_exact:
             self.tracker.stats.schedule.record_step(duration)
         self._publish(self._diagnose("on_step"))
-        self.events.emit(Event.STEP, StepSummary(
-            step=self.global_step, epoch=self.epoch, batch=self.batch_index, loss=self._loss_value,
-            lr=list(rec.data["lr"]), exact=self._step_exact, duration_s=duration,
-        ))
+        self.events.emit(
+            Event.STEP,
+            StepSummary(
+                step=self.global_step,
+                epoch=self.epoch,
+                batch=self.batch_index,
+                loss=self._loss_value,
+                lr=list(rec.data["lr"]),
+                exact=self._step_exact,
+                duration_s=duration,
+            ),
+        )
 
     def _on_stage_failure(self, stage: Stage) -> None:
         if stage is Stage.FORWARD:
@@ -586,10 +627,12 @@ class Runner:
             self._raw_batch = next(self._iter)
         except StopIteration:
             if self.batch_index == 0:
-                return self._fail_fetch(ValueError(
-                    "train_data produced no batches this epoch; check the dataset is not empty "
-                    "(and that drop_last=True with a batch size above the dataset size is not the cause)"
-                ))
+                return self._fail_fetch(
+                    ValueError(
+                        "train_data produced no batches this epoch; check the dataset is not empty "
+                        "(and that drop_last=True with a batch size above the dataset size is not the cause)"
+                    )
+                )
             return self._end_epoch()
         except Exception as exc:  # the data pipeline raised
             return self._fail_fetch(exc)
@@ -598,8 +641,14 @@ class Runner:
         return None
 
     def _fail_fetch(self, exc: Exception) -> Any:
-        rec = StageRecord(stage=Stage.FETCH, step=self.global_step, epoch=self.epoch, batch=self.batch_index,
-                          ok=False, error=ErrorInfo.from_exception(exc))
+        rec = StageRecord(
+            stage=Stage.FETCH,
+            step=self.global_step,
+            epoch=self.epoch,
+            batch=self.batch_index,
+            ok=False,
+            error=ErrorInfo.from_exception(exc),
+        )
         rec.findings.append(self._explain(exc, Stage.FETCH))
         self.records[Stage.FETCH] = rec
         self.last_record = rec
@@ -610,8 +659,9 @@ class Runner:
 
     def _end_epoch(self) -> EpochRecord:
         train_loss = self._epoch_loss_sum / self._epoch_loss_n if self._epoch_loss_n else math.nan
-        record = EpochRecord(epoch=self.epoch, step=self.global_step, train_loss=train_loss,
-                             batches=self.batch_index)
+        record = EpochRecord(
+            epoch=self.epoch, step=self.global_step, train_loss=train_loss, batches=self.batch_index
+        )
         try:
             if self.val_data is not None:
                 metrics = self.evaluate(self.val_data)
@@ -659,8 +709,13 @@ class Runner:
                     total += float(self.loss_fn(out, targets)) * n
                     count += n
                     o = _first_tensor(out)
-                    if (o is not None and isinstance(targets, torch.Tensor) and o.dim() == 2
-                            and targets.dim() == 1 and not targets.is_floating_point()):
+                    if (
+                        o is not None
+                        and isinstance(targets, torch.Tensor)
+                        and o.dim() == 2
+                        and targets.dim() == 1
+                        and not targets.is_floating_point()
+                    ):
                         correct += int((o.argmax(1) == targets).sum())
                         n_cls += targets.numel()
         finally:
@@ -670,111 +725,6 @@ class Runner:
         if n_cls:
             out["accuracy"] = correct / n_cls
         return out
-
-    # ------------------------------------------------------------------ controls
-    def freeze(self, *names: str, bn_eval: bool | None = None) -> list[str]:
-        """Stop training the named modules/parameters (a name matches its dotted subtree).
-
-        Sets ``requires_grad=False`` and clears their gradients so no optimizer
-        (momentum, weight decay) moves them. With ``bn_eval`` (default: the
-        runner's ``freeze_bn_stats``) batch-norm layers whose parameters are all
-        frozen go to eval mode so their running statistics stay put too.
-        Returns the parameter names frozen.
-        """
-        if not names:
-            raise ValueError("freeze() needs at least one module or parameter name ('' means the whole model)")
-        chosen = resolve_names(names, self.param_names)
-        return self._control(lambda: self._apply_freeze(chosen, names, bn_eval), chosen)
-
-    def unfreeze(self, *names: str, lr: float | None = None) -> list[str]:
-        """Train the named modules/parameters again.
-
-        Parameters the optimizer does not hold are added as a new param group
-        with base LR ``lr`` (default: the first group's base LR), and the
-        scheduler is extended so the new group follows the same schedule.
-        Returns the parameter names unfrozen.
-        """
-        if not names:
-            raise ValueError("unfreeze() needs at least one module or parameter name ('' means the whole model)")
-        if lr is not None:
-            _check_lr(lr)
-        chosen = resolve_names(names, self.param_names)
-        return self._control(lambda: self._apply_unfreeze(chosen, names, lr), chosen)
-
-    def set_lr(self, lr: float, group: int = 0) -> None:
-        """Set the effective LR of ``group``; the scheduler's bases are rescaled so the schedule keeps its shape."""
-        _check_lr(lr)
-        n = len(self.optimizer.param_groups)
-        if not isinstance(group, int) or not -n <= group < n:
-            raise IndexError(f"group must be an index below {n} (the optimizer has {n} param groups), got {group!r}")
-        group = group % n
-        self._control(lambda: self._apply_set_lr(float(lr), group), None)
-
-    def _control(self, apply: Callable[[], Any], result: Any) -> Any:
-        self._check_open()
-        if self._in_stage:  # called from a callback/thread during a stage: act at the boundary
-            self._pending.append(apply)
-        else:
-            apply()
-        return result
-
-    def _drain_pending(self) -> None:
-        while self._pending:
-            self._pending.popleft()()
-
-    def _apply_freeze(self, chosen: Sequence[str], names: Sequence[str], bn_eval: bool | None) -> None:
-        params = dict(self.named_params)
-        for n in chosen:
-            params[n].requires_grad_(False)
-            params[n].grad = None
-        if self.freeze_bn_stats if bn_eval is None else bn_eval:
-            for mname, m in self.model.named_modules():
-                own = [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
-                if is_norm_layer(m) and isinstance(m, nn.modules.batchnorm._BatchNorm) and own \
-                        and all(not params[o].requires_grad for o in own if o in params):
-                    self._bn_eval[mname] = m
-                    m.eval()
-        self._after_control(ControlChange("freeze", self.global_step, {"names": list(names), "params": list(chosen)}))
-
-    def _apply_unfreeze(self, chosen: Sequence[str], names: Sequence[str], lr: float | None) -> None:
-        params = dict(self.named_params)
-        held = optimizer_param_ids(self.optimizer)
-        new = []
-        for n in chosen:
-            params[n].requires_grad_(True)
-            if id(params[n]) not in held:
-                new.append(params[n])
-        for mname in list(self._bn_eval):
-            m = self._bn_eval[mname]
-            if any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.train(self.model.training)
-                del self._bn_eval[mname]
-        detail: dict[str, Any] = {"names": list(names), "params": list(chosen)}
-        if new:
-            base = lr if lr is not None else _base_lr(self.optimizer, self.scheduler, 0)
-            self.optimizer.add_param_group({"params": new, "lr": base})
-            extend_scheduler(self.scheduler, self.optimizer, base)
-            detail.update(new_group=len(self.optimizer.param_groups) - 1, lr=float(self.optimizer.param_groups[-1]["lr"]))
-        self._after_control(ControlChange("unfreeze", self.global_step, detail))
-
-    def _apply_set_lr(self, lr: float, group: int) -> None:
-        g = self.optimizer.param_groups[group]
-        old = float(g["lr"])
-        if self.scheduler is not None:
-            if old > 0:
-                rescale_scheduler_group(self.scheduler, self.optimizer, group, lr / old)
-            else:
-                _reset_scheduler_base(self.scheduler, self.optimizer, group, lr)
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = lr
-        self._after_control(ControlChange("set_lr", self.global_step, {"group": group, "lr": lr, "old": old}))
-
-    def _after_control(self, change: ControlChange) -> None:
-        self.history.add_control(change)
-        self._refresh_audit()
-        self.events.emit(Event.CONTROL, change)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, label: str = "") -> Checkpoint:
@@ -874,12 +824,15 @@ class Runner:
         found: list[Finding] = []
         missing = params_missing_from_optimizer(self.named_params, self.optimizer)
         if missing:
-            found.append(make_finding(
-                "param-not-in-optimizer",
-                f"{len(missing)} trainable parameter(s) are in no optimizer group: {_short(missing)}",
-                step=self.global_step, params=tuple(missing),
-                evidence={"missing": missing, "groups": len(self.optimizer.param_groups)},
-            ))
+            found.append(
+                make_finding(
+                    "param-not-in-optimizer",
+                    f"{len(missing)} trainable parameter(s) are in no optimizer group: {_short(missing)}",
+                    step=self.global_step,
+                    params=tuple(missing),
+                    evidence={"missing": missing, "groups": len(self.optimizer.param_groups)},
+                )
+            )
         found.extend(self._diagnose("audit"))
         keys = {f.key for f in found}
         for code, params in self._audit_keys - keys:
@@ -912,18 +865,24 @@ class Runner:
             return NullDiagnoser().explain(exc, stage, context, self.global_step)
 
     def _non_finite_loss_finding(self, value: float) -> Finding:
-        origin = self.records.get(Stage.FORWARD, StageRecord(Stage.FORWARD, 0, 0, 0)).data.get("non_finite_origin")
+        origin = self.records.get(Stage.FORWARD, StageRecord(Stage.FORWARD, 0, 0, 0)).data.get(
+            "non_finite_origin"
+        )
         if origin is None:
             inputs = self._inputs
             where = locate_non_finite(self.model, lambda: self.forward(self.model, inputs), self._fwd_rng)
             origin = where.get("module") or (
-                "the model's input" if where.get("inputs_non_finite") and not where.get("module") else None)
+                "the model's input" if where.get("inputs_non_finite") and not where.get("module") else None
+            )
             if origin is None and not where.get("output_non_finite"):
                 origin = "the loss function"
         where_text = f"; it first appears in {origin}" if origin else ""
         return make_finding(
-            "non-finite-loss", f"the loss is {value}{where_text}",
-            step=self.global_step, stage=Stage.LOSS, params=(origin,) if origin else (),
+            "non-finite-loss",
+            f"the loss is {value}{where_text}",
+            step=self.global_step,
+            stage=Stage.LOSS,
+            params=(origin,) if origin else (),
             evidence={"loss": value, "origin": origin},
         )
 
@@ -947,8 +906,10 @@ class Runner:
             raise RuntimeError("this runner is closed")
 
     def __repr__(self) -> str:
-        return (f"Runner(step={self.global_step}, epoch={self.epoch}, next stage={self.stage.value}, "
-                f"findings={len(self._log)})")
+        return (
+            f"Runner(step={self.global_step}, epoch={self.epoch}, next stage={self.stage.value}, "
+            f"findings={len(self._log)})"
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -973,8 +934,9 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
         try:
             iter(data)
         except TypeError:
-            raise TypeError(f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}") \
-                from None
+            raise TypeError(
+                f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}"
+            ) from None
         try:
             size = len(data)
         except TypeError:
@@ -989,31 +951,11 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
         raise ValueError("the scheduler was built for a different optimizer than the one given")
 
 
-def _check_lr(lr: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-
-
-def _base_lr(optimizer: torch.optim.Optimizer, scheduler: Any, group: int) -> float:
-    bases = getattr(scheduler, "base_lrs", None)
-    if isinstance(bases, list) and len(bases) > group:
-        return float(bases[group])
-    return float(optimizer.param_groups[group].get("initial_lr", optimizer.param_groups[group]["lr"]))
-
-
-def _reset_scheduler_base(scheduler: Any, optimizer: torch.optim.Optimizer, group: int, lr: float) -> None:
-    from tlwidgets.core.controls import iter_schedulers
-
-    for s in iter_schedulers(scheduler):
-        bases = getattr(s, "base_lrs", None)
-        if isinstance(bases, list) and group < len(bases):
-            bases[group] = lr
-    optimizer.param_groups[group]["initial_lr"] = lr
-
-
 def _capture_opt_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
-    return {id(p): {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-            for p, s in optimizer.state.items()}
+    return {
+        id(p): {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for p, s in optimizer.state.items()
+    }
 
 
 def _restore_opt_state(optimizer: torch.optim.Optimizer, saved: dict[int, dict[str, Any]]) -> None:
@@ -1027,8 +969,11 @@ def _restore_opt_state(optimizer: torch.optim.Optimizer, saved: dict[int, dict[s
             continue
         current = optimizer.state[p]
         for k, v in state.items():
-            if isinstance(v, torch.Tensor) and isinstance(current.get(k), torch.Tensor) \
-                    and current[k].shape == v.shape:
+            if (
+                isinstance(v, torch.Tensor)
+                and isinstance(current.get(k), torch.Tensor)
+                and current[k].shape == v.shape
+            ):
                 current[k].copy_(v)
             else:
                 current[k] = v
@@ -1048,15 +993,26 @@ def _tensor_summary(t: torch.Tensor, prefix: str) -> dict[str, Any]:
     x = t.detach().float()
     finite = torch.isfinite(x)
     clean = torch.where(finite, x, torch.zeros((), device=x.device))
-    vals = torch.stack([
-        torch.where(finite, x, torch.full((), float("inf"), device=x.device)).min(),
-        torch.where(finite, x, torch.full((), float("-inf"), device=x.device)).max(),
-        clean.mean(), clean.std() if x.numel() > 1 else torch.zeros((), device=x.device),
-        (~finite).sum().float(),
-    ]).cpu().tolist()
+    vals = (
+        torch.stack(
+            [
+                torch.where(finite, x, torch.full((), float("inf"), device=x.device)).min(),
+                torch.where(finite, x, torch.full((), float("-inf"), device=x.device)).max(),
+                clean.mean(),
+                clean.std() if x.numel() > 1 else torch.zeros((), device=x.device),
+                (~finite).sum().float(),
+            ]
+        )
+        .cpu()
+        .tolist()
+    )
     return {
-        f"{prefix}_shape": tuple(t.shape), f"{prefix}_dtype": str(t.dtype).replace("torch.", ""),
-        f"{prefix}_min": vals[0], f"{prefix}_max": vals[1], f"{prefix}_mean": vals[2], f"{prefix}_std": vals[3],
+        f"{prefix}_shape": tuple(t.shape),
+        f"{prefix}_dtype": str(t.dtype).replace("torch.", ""),
+        f"{prefix}_min": vals[0],
+        f"{prefix}_max": vals[1],
+        f"{prefix}_mean": vals[2],
+        f"{prefix}_std": vals[3],
         f"{prefix}_non_finite": int(vals[4]),
     }
 
@@ -1064,9 +1020,18 @@ def _tensor_summary(t: torch.Tensor, prefix: str) -> dict[str, Any]:
 def _probability_facts(out: torch.Tensor) -> dict[str, Any]:
     """Does a 2-D output look like probabilities or log-probabilities rather than logits?"""
     x = out.detach().float()
-    vals = torch.stack([
-        x.min(), x.max(), (x.sum(1) - 1).abs().mean(), torch.logsumexp(x, 1).abs().mean(),
-    ]).cpu().tolist()
+    vals = (
+        torch.stack(
+            [
+                x.min(),
+                x.max(),
+                (x.sum(1) - 1).abs().mean(),
+                torch.logsumexp(x, 1).abs().mean(),
+            ]
+        )
+        .cpu()
+        .tolist()
+    )
     lo, hi, sum_dev, lse_dev = vals
     return {
         "output_is_probability": bool(lo >= 0 and hi <= 1 and sum_dev < 1e-3),

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ParamSampler", "ParamStats", "GradNormSchedule", "update_ratio", "to_host"]
+__all__ = ["GradNormSchedule", "ParamSampler", "ParamStats", "to_host", "update_ratio"]
 
 
 def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
@@ -174,7 +174,11 @@ class ParamStats:
     """
 
     def __init__(
-        self, params: Sequence[torch.Tensor], sample_size: int = 1024, grad_budget: float = 0.02, seed: int = 0
+        self,
+        params: Sequence[torch.Tensor],
+        sample_size: int = 1024,
+        grad_budget: float = 0.02,
+        seed: int = 0,
     ) -> None:
         self.params = list(params)
         self.sampler = ParamSampler(self.params, sample_size=sample_size, seed=seed)
@@ -265,5 +269,7 @@ def _foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     try:
         return list(torch._foreach_norm(list(tensors)))
     except (RuntimeError, TypeError):
-        return [torch.linalg.vector_norm(t.float()) if not t.is_sparse else t.coalesce().values().norm()
-                for t in tensors]
+        return [
+            torch.linalg.vector_norm(t.float()) if not t.is_sparse else t.coalesce().values().norm()
+            for t in tensors
+        ]

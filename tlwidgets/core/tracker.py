@@ -78,8 +78,14 @@ class Tracker:
         weight, update, update_exact = self.stats.after_step()
         lrs = effective_lrs(self.optimizer)
         self.history.append(
-            step=step, epoch=epoch, loss=loss, lr=lrs, grad_norm=self._grad,
-            weight_norm=weight, update_norm=update, exact=exact and update_exact and self._grad_exact,
+            step=step,
+            epoch=epoch,
+            loss=loss,
+            lr=lrs,
+            grad_norm=self._grad,
+            weight_norm=weight,
+            update_norm=update,
+            exact=exact and update_exact and self._grad_exact,
         )
         return {"grad_norm": self._grad, "weight_norm": weight, "update_norm": update, "lr": lrs}
 

@@ -24,7 +24,7 @@ from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
 from tlwidgets.core.tracker import Tracker
 
-__all__ = ["Watcher", "watch", "LoopFacts"]
+__all__ = ["LoopFacts", "Watcher", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,14 @@ class Watcher:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.tracker = Tracker(model, optimizer, sample_size=sample_size, history_size=history_size,
-                               grad_budget=grad_budget, activation_every=activation_every)
+        self.tracker = Tracker(
+            model,
+            optimizer,
+            sample_size=sample_size,
+            history_size=history_size,
+            grad_budget=grad_budget,
+            activation_every=activation_every,
+        )
         self.named_params = self.tracker.named_params
         self.param_names = self.tracker.param_names
         self.history = self.tracker.history
@@ -147,8 +153,11 @@ class Watcher:
         if self.loss_fn is not None:
             self._handles.append(self.loss_fn.register_forward_hook(self._on_loss))
         trainable = [(i, p) for i, (_, p) in enumerate(self.named_params) if p.requires_grad]
-        pick = np.unique(np.linspace(0, len(trainable) - 1, min(_HOOKED_PARAMS, len(trainable))).astype(int)) \
-            if trainable else []
+        pick = (
+            np.unique(np.linspace(0, len(trainable) - 1, min(_HOOKED_PARAMS, len(trainable))).astype(int))
+            if trainable
+            else []
+        )
         for j in pick:
             i, p = trainable[j]
             self._handles.append(p.register_hook(self._grad_pre_hook(i, p)))
@@ -220,9 +229,12 @@ class Watcher:
         rec.data.update(
             training=module.training,
             grad_enabled=True,
-            eval_modules=[n or "<model>" for n, m in module.named_modules()
-                          if not m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm,
-                                                                  nn.modules.dropout._DropoutNd))]
+            eval_modules=[
+                n or "<model>"
+                for n, m in module.named_modules()
+                if not m.training
+                and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+            ]
             + ([] if module.training else ["<model>"]),
             activations=acts,
         )
@@ -260,7 +272,9 @@ class Watcher:
         out = args[0] if len(args) > 0 and isinstance(args[0], torch.Tensor) else None
         target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
         rec.data.update(
-            loss=value, finite=math.isfinite(value), requires_grad=True,
+            loss=value,
+            finite=math.isfinite(value),
+            requires_grad=True,
             loss_fn=type(self.loss_fn).__name__ if self.loss_fn is not None else None,
             reduction=getattr(self.loss_fn, "reduction", None),
             output_shape=tuple(out.shape) if out is not None else None,
@@ -278,16 +292,24 @@ class Watcher:
             rec.data["reached"] = reached_params(loss, self.named_params)
             trainable = [n for n, p in self.named_params if p.requires_grad]
             rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
-        inputs = self._last_inputs[0] if self._last_inputs and len(self._last_inputs) == 1 else self._last_inputs
+        inputs = (
+            self._last_inputs[0] if self._last_inputs and len(self._last_inputs) == 1 else self._last_inputs
+        )
         fetch = StageRecord(stage=Stage.FETCH, step=step, epoch=self.epoch, batch=0, exact=False)
         fetch.data.update(describe(inputs, target))
         self.records[Stage.FETCH] = fetch
         self.records[Stage.LOSS] = rec
         findings = []
         if fetch.data["non_finite"]:
-            findings.append(make_finding(
-                "non-finite-input", f"the batch holds {fetch.data['non_finite']} NaN/Inf values",
-                step=step, stage=Stage.FETCH, evidence={"non_finite": fetch.data["non_finite"]}))
+            findings.append(
+                make_finding(
+                    "non-finite-input",
+                    f"the batch holds {fetch.data['non_finite']} NaN/Inf values",
+                    step=step,
+                    stage=Stage.FETCH,
+                    evidence={"non_finite": fetch.data["non_finite"]},
+                )
+            )
         if not math.isfinite(value):
             findings.append(self._non_finite_loss_finding(value))
         self._measure_clip = step < 5 or step % 10 == 0
@@ -307,8 +329,11 @@ class Watcher:
             if origin is None and not where.get("output_non_finite") and "error" not in where:
                 origin = "the loss function"
         return make_finding(
-            "non-finite-loss", f"the loss is {value}" + (f"; it first appears in {origin}" if origin else ""),
-            step=self.global_step, stage=Stage.LOSS, params=(origin,) if origin else (),
+            "non-finite-loss",
+            f"the loss is {value}" + (f"; it first appears in {origin}" if origin else ""),
+            step=self.global_step,
+            stage=Stage.LOSS,
+            params=(origin,) if origin else (),
             evidence={"loss": value, "origin": origin},
         )
 
@@ -318,9 +343,12 @@ class Watcher:
             names = self.param_names
             trainable = np.array([p.requires_grad for p in self.tracker.params], dtype=bool)
             has = np.array([p.grad is not None for p in self.tracker.params], dtype=bool)
-            rec = StageRecord(stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=exact)
+            rec = StageRecord(
+                stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=exact
+            )
             rec.data.update(
-                grad_norm=grad, grad_exact=exact,
+                grad_norm=grad,
+                grad_exact=exact,
                 total_grad_norm=float(np.sqrt(np.nansum(np.where(has, grad, 0.0) ** 2))),
                 missing_grad=[n for n, t, h in zip(names, trainable, has) if t and not h],
                 non_finite_grad=[n for n, h, g in zip(names, has, grad) if h and not np.isfinite(g)],
@@ -342,11 +370,18 @@ class Watcher:
                 self._measure_clip = False
             self.records[Stage.BACKWARD] = rec
             if rec.data["non_finite_grad"]:
-                self._publish([make_finding(
-                    "non-finite-grad",
-                    f"{len(rec.data['non_finite_grad'])} parameter(s) have NaN/Inf gradients at optimizer.step()",
-                    step=self.global_step, stage=Stage.BACKWARD, params=tuple(rec.data["non_finite_grad"]),
-                    evidence={"loss": self._loss_value})])
+                self._publish(
+                    [
+                        make_finding(
+                            "non-finite-grad",
+                            f"{len(rec.data['non_finite_grad'])} parameter(s) have NaN/Inf gradients at optimizer.step()",
+                            step=self.global_step,
+                            stage=Stage.BACKWARD,
+                            params=tuple(rec.data["non_finite_grad"]),
+                            evidence={"loss": self._loss_value},
+                        )
+                    ]
+                )
             self._publish(self._diagnose("on_stage", rec))
             self.events.emit(Event.STAGE, rec)
             self.tracker.stats.before_step(exact=False)
@@ -360,17 +395,23 @@ class Watcher:
             for i, (_, p) in enumerate(self.named_params):
                 if i in self._fingerprint and p.grad is not None:
                     self._after_step_fp[i] = (id(p.grad), p.grad._version)
-            numbers = self.tracker.record_step(step=self.global_step + 1, epoch=self.epoch,
-                                               loss=self._loss_value, exact=False)
+            numbers = self.tracker.record_step(
+                step=self.global_step + 1, epoch=self.epoch, loss=self._loss_value, exact=False
+            )
             self.global_step += 1
             if self.loop.val_losses:
                 self.loop.val_losses.clear()
             update, weight = numbers["update_norm"], numbers["weight_norm"]
             frozen = [not p.requires_grad for p in self.tracker.params]
-            rec = StageRecord(stage=Stage.STEP, step=self.global_step - 1, epoch=self.epoch, batch=0, exact=False)
+            rec = StageRecord(
+                stage=Stage.STEP, step=self.global_step - 1, epoch=self.epoch, batch=0, exact=False
+            )
             rec.data.update(
-                update_norm=update, weight_norm=weight, update_ratio=update_ratio(update, weight),
-                lr=numbers["lr"], update_exact=False,
+                update_norm=update,
+                weight_norm=weight,
+                update_ratio=update_ratio(update, weight),
+                lr=numbers["lr"],
+                update_exact=False,
                 changed=[n for n, u in zip(self.param_names, update) if u > 0],
                 frozen_changed=[n for n, u, f in zip(self.param_names, update, frozen) if f and u > 0],
             )
@@ -378,9 +419,18 @@ class Watcher:
             self._publish(self._diagnose("on_stage", rec))
             self.events.emit(Event.STAGE, rec)
             self._publish(self._diagnose("on_step"))
-            self.events.emit(Event.STEP, StepSummary(step=self.global_step, epoch=self.epoch, batch=0,
-                                                     loss=self._loss_value, lr=list(numbers["lr"]),
-                                                     exact=False, duration_s=0.0))
+            self.events.emit(
+                Event.STEP,
+                StepSummary(
+                    step=self.global_step,
+                    epoch=self.epoch,
+                    batch=0,
+                    loss=self._loss_value,
+                    lr=list(numbers["lr"]),
+                    exact=False,
+                    duration_s=0.0,
+                ),
+            )
         except Exception:
             log.exception("watch: post-step tracking failed")
 
@@ -419,9 +469,15 @@ class Watcher:
         found: list[Finding] = []
         missing = params_missing_from_optimizer(self.named_params, self.optimizer)
         if missing:
-            found.append(make_finding(
-                "param-not-in-optimizer", f"{len(missing)} trainable parameter(s) are in no optimizer group",
-                step=self.global_step, params=tuple(missing), evidence={"missing": missing}))
+            found.append(
+                make_finding(
+                    "param-not-in-optimizer",
+                    f"{len(missing)} trainable parameter(s) are in no optimizer group",
+                    step=self.global_step,
+                    params=tuple(missing),
+                    evidence={"missing": missing},
+                )
+            )
         found.extend(self._diagnose("audit"))
         keys = {f.key for f in found}
         for code, params in self._audit_keys - keys:
