@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -15,6 +16,7 @@ from torch import nn
 
 from tlwidgets.core.batches import describe
 from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.controls import ControlsMixin
 from tlwidgets.core.events import Event, EventBus
 from tlwidgets.core.findings import Finding, FindingLog
 from tlwidgets.core.graph import locate_non_finite, reached_params
@@ -64,7 +66,7 @@ class LoopFacts:
     val_losses: list[float] = dataclasses.field(default_factory=list)
 
 
-class Watcher:
+class Watcher(ControlsMixin):
     """Tracks a training loop the user writes; see :func:`watch`.
 
     Attributes
@@ -92,6 +94,7 @@ class Watcher:
         history_size: int = 10_000,
         activation_every: int = 10,
         grad_budget: float = 0.02,
+        scheduler: Any = None,
         diagnoser: Diagnoser | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -124,7 +127,11 @@ class Watcher:
         self.diagnostic_errors: list[str] = []
         self.global_step = 0
         self.epoch = 0
-        self.scheduler = None
+        self.scheduler = scheduler
+        self.freeze_bn_stats = False
+        self._bn_eval: dict[str, nn.Module] = {}
+        self._in_stage = False
+        self._pending: collections.deque[Any] = collections.deque()
         self._log = FindingLog()
         self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
         self._handles: list[Any] = []
@@ -501,6 +508,10 @@ class Watcher:
             h.remove()
         self._handles = []
         self.tracker.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this watcher is closed")
 
     @property
     def closed(self) -> bool:
