@@ -261,11 +261,15 @@ class History:
 
         return history_to_dataframe(self, wide=wide)
 
-    def to_tensorboard(self, log_dir: Any = None, *, writer: Any = None, histograms: Any = None) -> str:
-        """Write scalars (loss, lr, per-parameter statistics) to TensorBoard.
+    def to_tensorboard(
+        self, log_dir: Any = None, *, writer: Any = None, histogram_every: int = 0, model: Any = None
+    ) -> str:
+        """Write scalars (loss, lr, per-parameter statistics) to TensorBoard; returns the log dir.
 
         See :func:`tlwidgets.core.export.history_to_tensorboard`.
         """
         from tlwidgets.core.export import history_to_tensorboard
 
-        return history_to_tensorboard(self, log_dir, writer=writer)
+        return history_to_tensorboard(
+            self, log_dir, writer=writer, histogram_every=histogram_every, model=model
+        )
