@@ -100,10 +100,80 @@ def _structure(obj: Any) -> Any:
     return type(obj).__name__
 
 
-def describe(inputs: Any, targets: Any, *, max_classes: int = 1000) -> dict[str, Any]:
+def tensor_stats(tensors: list[torch.Tensor], *, exact: bool = False, sample: int = 4096) -> np.ndarray:
+    """``[min, max, mean, std, non_finite]`` per tensor, moved to the host in one transfer.
+
+    With ``exact=False`` only one pass touches every element (a sum, which is
+    NaN/Inf exactly when the tensor holds a NaN/Inf); min, max, mean and std
+    come from a strided sample of at most ``sample`` elements. The exact
+    count of non-finite values is computed only when the sum says there are
+    some (rare). ``exact=True`` computes everything over all elements,
+    ignoring NaN/Inf for the moments.
+    """
+    rows = []
+    with torch.no_grad():
+        for t in tensors:
+            x = t.detach()
+            if not x.is_floating_point():  # integers hold no NaN/Inf: range only
+                lo, hi = torch.aminmax(x.reshape(-1))
+                zero = torch.zeros((), device=x.device)
+                rows.append(torch.stack([lo.float(), hi.float(), zero, zero, zero]))
+                continue
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            flat = x.reshape(-1)
+            if not exact:
+                part = flat[:: max(1, flat.numel() // sample)]
+                rows.append(
+                    torch.stack(
+                        [
+                            part.amin(),
+                            part.amax(),
+                            part.mean(),
+                            part.std() if part.numel() > 1 else part.sum() * 0,
+                            flat.sum(),
+                        ]
+                    )
+                )
+                continue
+            finite = torch.isfinite(flat)
+            zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
+            clean = torch.where(finite, flat, zero)
+            rows.append(
+                torch.stack(
+                    [
+                        torch.where(finite, flat, torch.full_like(zero, float("inf"))).amin(),
+                        torch.where(finite, flat, torch.full_like(zero, float("-inf"))).amax(),
+                        clean.mean(),
+                        clean.std() if clean.numel() > 1 else zero,
+                        (~finite).sum().to(flat.dtype),
+                    ]
+                )
+            )
+    if not rows:
+        return np.zeros((0, 5))
+    out = torch.stack([r.to(rows[0].device) for r in rows]).cpu().double().numpy()
+    if not exact:
+        for i, t in enumerate(tensors):
+            if not np.isfinite(out[i, 4]):  # the sum saw a NaN/Inf: count them exactly
+                out[i, 4] = float((~torch.isfinite(t.detach())).sum())
+                if not np.isfinite(out[i, :4]).all():
+                    out[i, :5] = tensor_stats([t], exact=True)[0]
+            else:
+                out[i, 4] = 0.0
+    return out
+
+
+def describe(inputs: Any, targets: Any, *, exact: bool = True, max_classes: int = 100_000) -> dict[str, Any]:
     """What a batch holds: structure, shapes, dtypes, devices, value ranges and label counts.
 
-    All numbers of all tensors are stacked and copied to the host once.
+    Parameters
+    ----------
+    inputs, targets
+        The unpacked batch.
+    exact
+        Exact ranges over every element; else ranges from a sample and one
+        full pass for NaN/Inf detection (see :func:`tensor_stats`).
 
     Returns
     -------
@@ -111,74 +181,48 @@ def describe(inputs: Any, targets: Any, *, max_classes: int = 1000) -> dict[str,
         ``structure``, ``batch_size``, ``tensors`` (path -> shape, dtype,
         device, bytes, min, max, mean, std, non_finite), ``label_counts``
         (numpy int array, class index -> count) when targets are integer class
-        indices, else None.
+        indices, else None, ``non_finite`` (total), ``input_std``,
+        ``input_absmax``, ``exact``.
     """
     leaves = tensors_in(inputs, "inputs") + tensors_in(targets, "targets")
     info: dict[str, dict[str, Any]] = {}
-    stat_tensors: list[torch.Tensor] = []
-    stat_keys: list[str] = []
-    with torch.no_grad():
-        for path, t in leaves:
-            info[path] = {
-                "shape": tuple(t.shape),
-                "dtype": str(t.dtype).replace("torch.", ""),
-                "device": str(t.device),
-                "bytes": t.numel() * t.element_size(),
-            }
-            if t.numel() == 0 or t.is_complex() or t.dtype == torch.bool:
-                continue
-            f = t.detach().float()
-            finite = torch.isfinite(f)
-            n_bad = (~finite).sum()
-            clean = torch.where(finite, f, torch.zeros((), dtype=f.dtype, device=f.device))
-            stat_tensors.append(
-                torch.stack(
-                    [
-                        torch.where(finite, f, torch.full((), float("inf"), device=f.device)).min(),
-                        torch.where(finite, f, torch.full((), float("-inf"), device=f.device)).max(),
-                        clean.mean(),
-                        clean.std() if clean.numel() > 1 else torch.zeros((), device=f.device),
-                        n_bad.float(),
-                    ]
-                ).cpu()
-            )
-            stat_keys.append(path)
-    for path, row in zip(stat_keys, stat_tensors):
-        lo, hi, mean, std, bad = (float(v) for v in row)
-        info[path].update(min=lo, max=hi, mean=mean, std=std, non_finite=int(bad))
-    batch_size = None
-    for _, t in leaves:
-        if t.dim() > 0:
-            batch_size = int(t.shape[0])
-            break
+    numeric = []
+    for path, t in leaves:
+        info[path] = {
+            "shape": tuple(t.shape),
+            "dtype": str(t.dtype).replace("torch.", ""),
+            "device": str(t.device),
+            "bytes": t.numel() * t.element_size(),
+        }
+        if t.numel() and not t.is_complex() and t.dtype != torch.bool:
+            numeric.append((path, t))
+    stats = tensor_stats([t for _, t in numeric], exact=exact)
+    for (path, _), row in zip(numeric, stats.tolist()):
+        info[path].update(min=row[0], max=row[1], non_finite=int(row[4]))
+        if info[path]["dtype"].startswith(("float", "bfloat")):
+            info[path].update(mean=row[2], std=row[3])
+    batch_size = next((int(t.shape[0]) for _, t in leaves if t.dim() > 0), None)
     label_counts = None
     if (
         isinstance(targets, torch.Tensor)
         and not targets.is_floating_point()
         and targets.dim() == 1
         and targets.numel()
+        and targets.dtype != torch.bool
     ):
-        t = targets.detach()
-        if int(t.min()) >= 0 and int(t.max()) < max_classes:
-            label_counts = torch.bincount(t.long()).cpu().numpy()
+        lo, hi = info["targets"]["min"], info["targets"]["max"]
+        if lo >= 0 and hi < max_classes:
+            label_counts = torch.bincount(targets.detach().long()).cpu().numpy()
+    float_inputs = [
+        v for k, v in info.items() if k.startswith("inputs") and "float" in v["dtype"] and "std" in v
+    ]
     return {
         "structure": _structure(inputs) if not isinstance(inputs, torch.Tensor) else "Tensor",
         "batch_size": batch_size,
         "tensors": info,
         "label_counts": label_counts,
         "non_finite": int(sum(v.get("non_finite", 0) for v in info.values())),
-        "input_std": _overall(info, "inputs", "std"),
-        "input_absmax": max(
-            (
-                max(abs(v.get("min", 0.0)), abs(v.get("max", 0.0)))
-                for k, v in info.items()
-                if k.startswith("inputs")
-            ),
-            default=None,
-        ),
+        "input_std": float(np.mean([v["std"] for v in float_inputs])) if float_inputs else None,
+        "input_absmax": max((max(abs(v["min"]), abs(v["max"])) for v in float_inputs), default=None),
+        "exact": exact,
     }
-
-
-def _overall(info: dict[str, dict[str, Any]], prefix: str, key: str) -> float | None:
-    vals = [v[key] for k, v in info.items() if k.startswith(prefix) and key in v and "float" in v["dtype"]]
-    return float(np.mean(vals)) if vals else None

@@ -113,8 +113,8 @@ _SPECS: tuple[Spec, ...] = (
         "Parameter gets no gradient",
         "The loss does not depend on this parameter, so its .grad stays None: a .detach(), "
         "an .item() or .numpy() round trip, torch.no_grad(), or a branch forward() never uses.",
-        "Follow the forward path from this module to the loss and remove the detach or no_grad, "
-        "or drop the unused module from the model and the optimizer.",
+        "Remove the .detach(), .item() or torch.no_grad() on the path from this module to the loss, "
+        "or take the unused module out of the model and the optimizer.",
         "stage",
     ),
     # Warning: a zero LR group can be deliberate (warm-up at 0, a parked group).
@@ -124,7 +124,7 @@ _SPECS: tuple[Spec, ...] = (
         "Parameter does not change",
         "The parameter has a gradient and is in an optimizer group, yet optimizer.step() leaves it "
         "unchanged, usually because its group's learning rate is 0 or its gradient is exactly zero.",
-        "Check optimizer.param_groups[i]['lr'] for its group (and the scheduler's factor), and look "
+        "Print optimizer.param_groups[i]['lr'] for its group and scheduler.get_last_lr(), and look "
         "for a dead activation or a zero-initialized layer that zeroes its gradient.",
         "stage",
     ),
@@ -449,7 +449,7 @@ _SPECS: tuple[Spec, ...] = (
         "Training loss keeps falling while validation loss rises, "
         "so the model is memorizing the training set instead of generalizing.",
         "Keep the checkpoint with the best validation loss and add data augmentation, "
-        "weight decay or dropout, or freeze more of the pretrained layers.",
+        "weight_decay or nn.Dropout, or freeze more of the pretrained layers.",
         "trend",
     ),
     # --- exceptions raised by user code in a stage (explained by diagnostics.explain) -----------------
@@ -510,7 +510,7 @@ _SPECS: tuple[Spec, ...] = (
         "A class label is negative or not smaller than the number of model outputs, "
         "e.g. labels 1..C instead of 0..C-1 or a final layer with too few classes.",
         "Make the labels lie in [0, num_classes - 1] (subtract 1 from 1-based labels) "
-        "or set the final layer's out_features to the number of classes.",
+        "or build the final layer with out_features=num_classes.",
         "error",
     ),
     Spec(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tlwidgets.core.activations import non_finite_origin
-from tlwidgets.core.batches import call_model, default_unpack, describe, tensors_in, to_device
+from tlwidgets.core.batches import call_model, default_unpack, describe, tensor_stats, tensors_in, to_device
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import (
     Checkpoint,
@@ -397,7 +397,7 @@ class Runner(ControlsMixin):
             rec.batch = self.batch_index
         inputs, targets = self.unpack(self._raw_batch)
         self._inputs, self._targets = inputs, targets
-        rec.data.update(describe(inputs, targets))
+        rec.data.update(describe(inputs, targets, exact=exact))
         if rec.data["non_finite"]:
             bad = [k for k, v in rec.data["tensors"].items() if v.get("non_finite")]
             rec.findings.append(
@@ -457,7 +457,7 @@ class Runner(ControlsMixin):
             activations=acts,
         )
         if out is not None:
-            rec.data.update(_tensor_summary(out, "output"))
+            rec.data.update(_tensor_summary(out, "output", exact))
         if acts:
             origin = non_finite_origin(acts)
             if origin is not None:
@@ -489,10 +489,13 @@ class Runner(ControlsMixin):
             else None,
             batch_size=rec_batch_size(out),
         )
+        # Facts that depend on the code path, not on the batch: measured early and now and then.
+        occasional = exact or self.global_step < 3 or self.global_step % 50 == 0
         if out is not None and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point():
             rec.data["expected_initial_loss"] = math.log(out.shape[1])
-            rec.data.update(_probability_facts(out))
-        if exact or self.global_step < 3 or self.global_step % 50 == 0:
+            if occasional:
+                rec.data.update(_probability_facts(out))
+        if occasional:
             rec.data["reached"] = reached_params(loss, self.named_params)
             trainable = [n for n, p in self.named_params if p.requires_grad]
             rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
@@ -989,31 +992,16 @@ def rec_batch_size(t: torch.Tensor | None) -> int | None:
     return int(t.shape[0]) if t is not None and t.dim() > 0 else None
 
 
-def _tensor_summary(t: torch.Tensor, prefix: str) -> dict[str, Any]:
-    x = t.detach().float()
-    finite = torch.isfinite(x)
-    clean = torch.where(finite, x, torch.zeros((), device=x.device))
-    vals = (
-        torch.stack(
-            [
-                torch.where(finite, x, torch.full((), float("inf"), device=x.device)).min(),
-                torch.where(finite, x, torch.full((), float("-inf"), device=x.device)).max(),
-                clean.mean(),
-                clean.std() if x.numel() > 1 else torch.zeros((), device=x.device),
-                (~finite).sum().float(),
-            ]
-        )
-        .cpu()
-        .tolist()
-    )
+def _tensor_summary(t: torch.Tensor, prefix: str, exact: bool) -> dict[str, Any]:
+    lo, hi, mean, std, bad = tensor_stats([t], exact=exact)[0].tolist()
     return {
         f"{prefix}_shape": tuple(t.shape),
         f"{prefix}_dtype": str(t.dtype).replace("torch.", ""),
-        f"{prefix}_min": vals[0],
-        f"{prefix}_max": vals[1],
-        f"{prefix}_mean": vals[2],
-        f"{prefix}_std": vals[3],
-        f"{prefix}_non_finite": int(vals[4]),
+        f"{prefix}_min": lo,
+        f"{prefix}_max": hi,
+        f"{prefix}_mean": mean,
+        f"{prefix}_std": std,
+        f"{prefix}_non_finite": int(bad),
     }
 
 

@@ -39,6 +39,8 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     devices = {v.device for v in values}
     if len(devices) == 1:
+        if all(v.dtype == torch.float32 for v in values):  # the common case: no per-value conversion
+            return torch.stack(list(values)).cpu().double().numpy()
         return torch.stack([v.float() for v in values]).cpu().double().numpy()
     # A model split over devices: one transfer per device, then reassemble.
     out = np.empty(len(values), dtype=np.float64)
