@@ -112,7 +112,8 @@ class Checkpoint:
         )
 
     def __repr__(self) -> str:
-        return f"Checkpoint(id={self.id}, step={self.step}, epoch={self.epoch}, batch={self.batch_index}, {self.label!r})"
+        where = f"step={self.step}, epoch={self.epoch}, batch={self.batch_index}"
+        return f"Checkpoint(id={self.id}, {where}, {self.label!r})"
 
 
 def _scheduler_lists(sched: Any) -> dict[str, Any]:

@@ -177,7 +177,11 @@ class ControlsMixin:
         return self._control(lambda: self._apply_unfreeze(chosen, names, lr), chosen)
 
     def set_lr(self, lr: float, group: int = 0) -> None:
-        """Set the effective LR of ``group``; the scheduler's bases are rescaled so the schedule keeps its shape."""
+        """Set the effective LR of ``group``.
+
+        The scheduler's base values are rescaled by the same factor, so the
+        schedule keeps its shape at the new level.
+        """
         _check_lr(lr)
         n = len(self.optimizer.param_groups)
         if not isinstance(group, int) or not -n <= group < n:

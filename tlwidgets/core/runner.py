@@ -537,7 +537,7 @@ class Runner(ControlsMixin):
             rec.findings.append(
                 make_finding(
                     "non-finite-grad",
-                    f"{len(bad_names)} parameter(s) got NaN/Inf gradients; the step was held back before STEP",
+                    f"{len(bad_names)} parameter(s) got NaN/Inf gradients; the step was held back",
                     step=self.global_step,
                     stage=Stage.BACKWARD,
                     params=bad_names,
@@ -739,7 +739,8 @@ class Runner(ControlsMixin):
         self._check_open()
         if self.stage is not Stage.FETCH or self._have_batch:
             raise RuntimeError(
-                f"checkpoint() works at a step boundary; the runner is mid-step (next stage: {self.stage.value}). "
+                "checkpoint() works at a step boundary; the runner is mid-step "
+                f"(next stage: {self.stage.value}). "
                 "Call runner.step() to finish the batch first"
             )
         ck = Checkpoint.capture(self, label)

@@ -381,7 +381,8 @@ class Watcher(ControlsMixin):
                     [
                         make_finding(
                             "non-finite-grad",
-                            f"{len(rec.data['non_finite_grad'])} parameter(s) have NaN/Inf gradients at optimizer.step()",
+                            f"{len(rec.data['non_finite_grad'])} parameter(s) have NaN/Inf gradients "
+                            "at optimizer.step()",
                             step=self.global_step,
                             stage=Stage.BACKWARD,
                             params=tuple(rec.data["non_finite_grad"]),
