@@ -10,6 +10,10 @@ on ~1M- and ~10M-parameter MLPs with batch 64, and prints the ratios; then
 the history memory per 1,000 steps for 60 parameter tensors and whether it
 grows once the ring buffer is full.
 
+Times are CPU time of this process (``time.process_time``): on one thread
+that is the step's cost, and it stays meaningful when other processes share
+the machine.
+
 Run: ``python benchmarks/bench_tracking.py`` (about a minute on 2 cores;
 ``--quick`` for a smoke run).
 """
@@ -75,14 +79,14 @@ def measure(width: int, depth: int, steps: int, rounds: int) -> dict[str, float]
     for _ in range(rounds):
         for mode in ("bare", "runner", "watch"):
             gc.collect()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             if mode == "bare":
                 bare_steps(*parts["bare"], data)
             elif mode == "runner":
                 runner.run(steps=steps)
             else:
                 bare_steps(wm, wo, wl, data)
-            times[mode].append((time.perf_counter() - t0) / steps)
+            times[mode].append((time.process_time() - t0) / steps)
     watcher.close()
     runner.close()
     med = {k: statistics.median(v) for k, v in times.items()}

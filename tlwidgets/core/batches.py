@@ -164,7 +164,9 @@ def tensor_stats(tensors: list[torch.Tensor], *, exact: bool = False, sample: in
     return out
 
 
-def describe(inputs: Any, targets: Any, *, exact: bool = True, max_classes: int = 100_000) -> dict[str, Any]:
+def describe(
+    inputs: Any, targets: Any, *, exact: bool = True, stats: bool = True, max_classes: int = 100_000
+) -> dict[str, Any]:
     """What a batch holds: structure, shapes, dtypes, devices, value ranges and label counts.
 
     Parameters
@@ -174,6 +176,9 @@ def describe(inputs: Any, targets: Any, *, exact: bool = True, max_classes: int 
     exact
         Exact ranges over every element; else ranges from a sample and one
         full pass for NaN/Inf detection (see :func:`tensor_stats`).
+    stats
+        False: structure, shapes, dtypes and devices only (no pass over the
+        data; ``non_finite`` and ``label_counts`` are None).
 
     Returns
     -------
@@ -194,17 +199,18 @@ def describe(inputs: Any, targets: Any, *, exact: bool = True, max_classes: int 
             "device": str(t.device),
             "bytes": t.numel() * t.element_size(),
         }
-        if t.numel() and not t.is_complex() and t.dtype != torch.bool:
+        if stats and t.numel() and not t.is_complex() and t.dtype != torch.bool:
             numeric.append((path, t))
-    stats = tensor_stats([t for _, t in numeric], exact=exact)
-    for (path, _), row in zip(numeric, stats.tolist()):
+    values = tensor_stats([t for _, t in numeric], exact=exact)
+    for (path, _), row in zip(numeric, values.tolist()):
         info[path].update(min=row[0], max=row[1], non_finite=int(row[4]))
         if info[path]["dtype"].startswith(("float", "bfloat")):
             info[path].update(mean=row[2], std=row[3])
     batch_size = next((int(t.shape[0]) for _, t in leaves if t.dim() > 0), None)
     label_counts = None
     if (
-        isinstance(targets, torch.Tensor)
+        stats
+        and isinstance(targets, torch.Tensor)
         and not targets.is_floating_point()
         and targets.dim() == 1
         and targets.numel()
@@ -221,8 +227,9 @@ def describe(inputs: Any, targets: Any, *, exact: bool = True, max_classes: int 
         "batch_size": batch_size,
         "tensors": info,
         "label_counts": label_counts,
-        "non_finite": int(sum(v.get("non_finite", 0) for v in info.values())),
+        "non_finite": int(sum(v.get("non_finite", 0) for v in info.values())) if stats else None,
         "input_std": float(np.mean([v["std"] for v in float_inputs])) if float_inputs else None,
         "input_absmax": max((max(abs(v["min"]), abs(v["max"])) for v in float_inputs), default=None),
         "exact": exact,
+        "measured": stats,
     }

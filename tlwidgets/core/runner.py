@@ -397,19 +397,23 @@ class Runner(ControlsMixin):
             rec.batch = self.batch_index
         inputs, targets = self.unpack(self._raw_batch)
         self._inputs, self._targets = inputs, targets
-        rec.data.update(describe(inputs, targets, exact=exact))
+        # Statistics of the batch on the detail schedule; a NaN/Inf input on other
+        # steps still shows up in the loss, which is checked every step.
+        detail = exact or self.tracker.activations_due(self.global_step)
+        rec.data.update(describe(inputs, targets, exact=exact, stats=detail))
         if rec.data["non_finite"]:
-            bad = [k for k, v in rec.data["tensors"].items() if v.get("non_finite")]
-            rec.findings.append(
-                make_finding(
-                    "non-finite-input",
-                    f"the batch holds {rec.data['non_finite']} NaN/Inf values in {', '.join(bad)}",
-                    step=self.global_step,
-                    stage=Stage.FETCH,
-                    params=tuple(bad),
-                    evidence={"non_finite": rec.data["non_finite"], "tensors": bad},
-                )
-            )
+            rec.findings.append(self._non_finite_input_finding(rec, Stage.FETCH))
+
+    def _non_finite_input_finding(self, fetch: StageRecord, stage: Stage) -> Finding:
+        bad = [k for k, v in fetch.data["tensors"].items() if v.get("non_finite")]
+        return make_finding(
+            "non-finite-input",
+            f"the batch holds {fetch.data['non_finite']} NaN/Inf values in {', '.join(bad)}",
+            step=self.global_step,
+            stage=stage,
+            params=tuple(bad),
+            evidence={"non_finite": fetch.data["non_finite"], "tensors": bad},
+        )
 
     def _stage_zero_grad(self, rec: StageRecord, exact: bool) -> None:
         had = sum(p.grad is not None for p in self.tracker.params)
@@ -457,7 +461,9 @@ class Runner(ControlsMixin):
             activations=acts,
         )
         if out is not None:
-            rec.data.update(_tensor_summary(out, "output", exact))
+            rec.data.update(_output_shape(out))
+            if measure:
+                rec.data.update(_tensor_summary(out, "output", exact))
         if acts:
             origin = non_finite_origin(acts)
             if origin is not None:
@@ -500,6 +506,12 @@ class Runner(ControlsMixin):
             trainable = [n for n, p in self.named_params if p.requires_grad]
             rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
         if not math.isfinite(value):
+            fetch = self.records.get(Stage.FETCH)
+            if fetch is not None and not fetch.data.get("measured", True):
+                # The batch was not scanned this step: do it now, a NaN input is the likeliest origin.
+                fetch.data.update(describe(self._inputs, self._targets, exact=True))
+                if fetch.data["non_finite"]:
+                    rec.findings.append(self._non_finite_input_finding(fetch, Stage.LOSS))
             rec.findings.append(self._non_finite_loss_finding(value))
 
     def _stage_backward(self, rec: StageRecord, exact: bool) -> None:
@@ -991,6 +1003,10 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 def rec_batch_size(t: torch.Tensor | None) -> int | None:
     return int(t.shape[0]) if t is not None and t.dim() > 0 else None
+
+
+def _output_shape(t: torch.Tensor) -> dict[str, Any]:
+    return {"output_shape": tuple(t.shape), "output_dtype": str(t.dtype).replace("torch.", "")}
 
 
 def _tensor_summary(t: torch.Tensor, prefix: str, exact: bool) -> dict[str, Any]:

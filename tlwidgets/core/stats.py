@@ -39,9 +39,8 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
         return np.zeros(0, dtype=np.float64)
     devices = {v.device for v in values}
     if len(devices) == 1:
-        if all(v.dtype == torch.float32 for v in values):  # the common case: no per-value conversion
-            return torch.stack(list(values)).cpu().double().numpy()
-        return torch.stack([v.float() for v in values]).cpu().double().numpy()
+        stacked = torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
+        return stacked.cpu().numpy().astype(np.float64)
     # A model split over devices: one transfer per device, then reassemble.
     out = np.empty(len(values), dtype=np.float64)
     for dev in devices:
@@ -247,7 +246,7 @@ class ParamStats:
         with torch.no_grad():
             current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
             diff = torch._foreach_sub(current, self._snap)
-            vals = to_host(_foreach_norm(list(self._snap)) + _foreach_norm(diff))
+            vals = to_host(_foreach_norm([*self._snap, *diff]))
         n = len(self.params)
         weight, update = vals[:n], vals[n:]
         if not self._exact:
