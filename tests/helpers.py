@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,12 +24,30 @@ __all__ = [
     "make_mlp",
     "make_runner",
     "naive_norms",
+    "one_thread",
     "snapshot",
     "weights_equal",
 ]
 
 IN_FEATURES = 8
 NUM_CLASSES = 3
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (restored after).
+
+    The machines share two cores between several jobs; tiny models are about
+    ten times faster single-threaded there. Use it with
+    ``from helpers import one_thread  # noqa: F401`` and
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_mlp(

@@ -7,10 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import naive_norms
+from helpers import (
+    naive_norms,
+    one_thread,  # noqa: F401  (fixture)
+)
 from torch import nn
 
 from tlwidgets.core.stats import GradNormSchedule, ParamSampler, ParamStats, to_host, update_ratio
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(seed: int = 0) -> list[nn.Parameter]:
