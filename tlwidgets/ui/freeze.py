@@ -1,0 +1,279 @@
+"""Freeze panel: the module tree with a trainable / frozen / partly toggle per module."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+from torch import nn
+from traitlets import Int
+
+__all__ = ["FreezePanel", "blocks", "module_rows"]
+
+#: Most module rows shown; deeper levels are dropped first when a model has more.
+MAX_ROWS = 120
+_STATE_LOOK = {
+    "trainable": ("success", "unlock", "trainable: click to freeze"),
+    "frozen": ("info", "lock", "frozen: click to unfreeze"),
+    "partly": ("warning", "adjust", "partly frozen: click to freeze all of it"),
+}
+
+
+def module_rows(
+    model: nn.Module, param_names: list[str], max_rows: int = MAX_ROWS
+) -> list[tuple[str, int, list[int]]]:
+    """``(module name, depth, indices of its parameters)`` for modules that hold parameters.
+
+    The deepest levels are dropped until at most ``max_rows`` rows remain.
+    """
+    index = {n: i for i, n in enumerate(param_names)}
+    rows = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        idx = [index[f"{name}.{k}"] for k, _ in module.named_parameters() if f"{name}.{k}" in index]
+        if idx:
+            rows.append((name, name.count("."), idx))
+    depth = max((d for _, d, _ in rows), default=0)
+    while depth > 0 and len(rows) > max_rows:
+        rows = [r for r in rows if r[1] < depth]
+        depth -= 1
+    return rows[:max_rows]
+
+
+def blocks(model: nn.Module, param_names: list[str]) -> list[str]:
+    """Blocks for gradual unfreezing, input side first.
+
+    Starts from the top-level children that hold parameters and splits the
+    biggest block into its children while it holds more than half of all
+    parameters (e.g. a ResNet's ``layer4`` becomes ``layer4.0``, ``layer4.1``),
+    so "the next block" is a meaningful slice of a backbone.
+    """
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    total = sum(sizes.values()) or 1
+    modules = dict(model.named_modules())
+
+    def size(name: str) -> int:
+        prefix = name + "."
+        return sum(v for k, v in sizes.items() if k.startswith(prefix))
+
+    def children(name: str) -> list[str]:
+        mod = modules[name]
+        out = [
+            f"{name}.{c}" if name else c for c, m in mod.named_children() if any(True for _ in m.parameters())
+        ]
+        return out
+
+    current = children("")
+    if not current:
+        return [""]
+    for _ in range(8):
+        big = max(current, key=size)
+        kids = children(big)
+        if size(big) <= total / 2 or len(kids) < 2:
+            break
+        i = current.index(big)
+        current = current[:i] + kids + current[i + 1 :]
+    # Direct parameters of the root (rare) form their own block at the end.
+    if any("." not in n for n in param_names):
+        current.append("")
+    return current
+
+
+class FreezePanel(widgets.VBox):
+    """One row per module: name (indented by depth), a toggle (CSS ``tlw-freeze``), parameter
+    counts, optimizer group and LR; a "freeze batch-norm statistics" option and a button that
+    unfreezes the next block from the output side (gradual unfreezing).
+
+    Parameters
+    ----------
+    session
+        A Runner or Watcher (its ``freeze``/``unfreeze`` do the work).
+    guard
+        Decorator reporting callback exceptions in the dashboard.
+    on_change
+        Called after an action so the dashboard redraws.
+    """
+
+    frozen_count = Int(0, help="Parameter tensors frozen now.")
+
+    def __init__(
+        self, session: Any, guard: Callable[[str], Callable], on_change: Callable[[], None], **kwargs: Any
+    ) -> None:
+        self.session = session
+        self._on_change = on_change
+        self._guard = guard
+        self._updating = False
+        names = list(session.param_names)
+        self.rows = module_rows(session.model, names)
+        self.sizes = np.array([p.numel() for _, p in session.named_params], dtype=np.int64)
+        self.toggles: dict[str, widgets.ToggleButton] = {}
+        self.infos: dict[str, widgets.HTML] = {}
+        self.states: dict[str, str] = {}
+        lines = []
+        for name, depth, _idx in self.rows:
+            toggle = widgets.ToggleButton(
+                value=False, description="trainable", layout=widgets.Layout(width="110px")
+            )
+            toggle.add_class("tlw-freeze")
+            toggle.add_class("tlw-freeze-" + name.replace(".", "-"))
+            toggle.observe(guard(f"freeze toggle {name}")(self._toggled(name)), names="value")
+            label = widgets.HTML(
+                f"<span class='tlw-module' style='padding-left:{14 * depth}px'>{html.escape(name)}</span>",
+                layout=widgets.Layout(width="260px"),
+            )
+            info = widgets.HTML(layout=widgets.Layout(width="auto"))
+            self.toggles[name] = toggle
+            self.infos[name] = info
+            lines.append(widgets.HBox([label, toggle, info], layout=widgets.Layout(align_items="center")))
+        self.tree = widgets.VBox(lines, layout=widgets.Layout(max_height="360px", overflow="auto"))
+        self.bn_stats = widgets.Checkbox(
+            value=bool(getattr(session, "freeze_bn_stats", False)),
+            description="freeze batch-norm statistics",
+            indent=False,
+            tooltip="Frozen batch-norm layers go to eval mode so their running mean/var stay put",
+            layout=widgets.Layout(width="auto"),
+        )
+        self.bn_stats.add_class("tlw-freeze-bn")
+        self.bn_stats.observe(guard("freeze batch-norm statistics")(self._bn_changed), names="value")
+        self.blocks = blocks(session.model, names)
+        self.next_button = widgets.Button(
+            description="unfreeze next block",
+            icon="level-down",
+            layout=widgets.Layout(width="auto"),
+            tooltip="Gradual unfreezing: unfreeze the frozen block closest to the output",
+        )
+        self.next_button.add_class("tlw-unfreeze-next")
+        self.next_button.on_click(guard("unfreeze next block")(lambda _b: self.unfreeze_next()))
+        self.summary = widgets.HTML()
+        super().__init__(
+            children=[
+                widgets.HBox(
+                    [self.summary, self.bn_stats, self.next_button],
+                    layout=widgets.Layout(flex_flow="row wrap", align_items="center"),
+                ),
+                self.tree,
+            ],
+            **kwargs,
+        )
+        self.add_class("tlw-freeze-panel")
+
+    # -- actions ----------------------------------------------------------------------------
+    def _toggled(self, name: str) -> Callable[[dict[str, Any]], None]:
+        def on_change(change: dict[str, Any]) -> None:
+            if self._updating:
+                return
+            if change["new"]:
+                self.session.freeze(name, bn_eval=self.bn_stats.value)
+            else:
+                self.session.unfreeze(name)
+            self.draw(self.session)
+            self._on_change()
+
+        return on_change
+
+    def _bn_changed(self, change: dict[str, Any]) -> None:
+        self.session.freeze_bn_stats = bool(change["new"])
+        frozen_bn = [
+            n
+            for n, m in self.session.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(True for _ in m.parameters(recurse=False))
+            and not any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if change["new"]:
+            if frozen_bn:  # already frozen layers: apply the option to them now
+                self.session.freeze(*frozen_bn, bn_eval=True)
+        else:
+            # Release the layers put in eval mode by freezing (the core keeps them in _bn_eval).
+            held = getattr(self.session, "_bn_eval", {})
+            for mname in list(held):
+                held.pop(mname).train(self.session.model.training)
+        self._on_change()
+
+    def next_block(self) -> str | None:
+        """The block that "unfreeze next block" would unfreeze (None when all are trainable)."""
+        rg = {n: p.requires_grad for n, p in self.session.named_params}
+        for block in reversed(self.blocks):
+            prefix = block + "." if block else ""
+            names = [n for n in rg if (n.startswith(prefix) if block else "." not in n)]
+            if any(not rg[n] for n in names):
+                return block
+        return None
+
+    def unfreeze_next(self) -> str | None:
+        """Unfreeze the frozen block closest to the output; returns its name."""
+        block = self.next_block()
+        if block is None:
+            return None
+        if block:
+            self.session.unfreeze(block)
+        else:
+            self.session.unfreeze(*[n for n in self.session.param_names if "." not in n])
+        self.draw(self.session)
+        self._on_change()
+        return block
+
+    # -- drawing ------------------------------------------------------------------------------
+    def state_of(self, name: str) -> str:
+        return self.states.get(name, "trainable")
+
+    def draw(self, session: Any) -> None:
+        """Toggle states, counts, groups and LRs from the model and optimizer."""
+        rg = np.array([p.requires_grad for _, p in session.named_params], dtype=bool)
+        groups = session.param_group_of() if hasattr(session, "param_group_of") else _group_of(session)
+        group_list = [groups.get(n) for n in session.param_names]
+        lrs = [float(g["lr"]) for g in session.optimizer.param_groups]
+        self._updating = True
+        try:
+            for name, _depth, idx in self.rows:
+                sub = rg[idx]
+                state = "trainable" if sub.all() else ("frozen" if not sub.any() else "partly")
+                toggle = self.toggles[name]
+                if self.states.get(name) != state:
+                    style, icon, tip = _STATE_LOOK[state]
+                    with toggle.hold_sync():
+                        toggle.value = state == "frozen"
+                        toggle.description = state
+                        toggle.button_style = style
+                        toggle.icon = icon
+                        toggle.tooltip = tip
+                    self.states[name] = state
+                total = int(self.sizes[idx].sum())
+                frozen = int(self.sizes[idx][~sub].sum())
+                gs = sorted({group_list[i] for i in idx}, key=lambda g: -1 if g is None else g)
+                where = ", ".join(
+                    "not in optimizer" if g is None else f"group {g} · lr {lrs[g]:.1e}" for g in gs
+                )
+                text = (
+                    f"<small>{total:,} params"
+                    + (f" ({frozen:,} frozen)" if 0 < frozen < total else "")
+                    + f" · {html.escape(where)}</small>"
+                )
+                if self.infos[name].value != text:
+                    self.infos[name].value = text
+        finally:
+            self._updating = False
+        n_frozen = int((~rg).sum())
+        self.frozen_count = n_frozen
+        nxt = self.next_block()
+        self.next_button.disabled = nxt is None
+        self.next_button.tooltip = (
+            f"unfreeze {nxt or '(model root)'}" if nxt is not None else "every block is trainable"
+        )
+        frozen_params = int(self.sizes[~rg].sum())
+        summary = (
+            f"<small><b>{int(self.sizes.sum()) - frozen_params:,}</b> trainable / "
+            f"{int(self.sizes.sum()):,} parameters · "
+            f"{n_frozen} of {len(rg)} tensors frozen</small>"
+        )
+        if summary != self.summary.value:
+            self.summary.value = summary
+
+
+def _group_of(session: Any) -> dict[str, int | None]:
+    where = {id(p): i for i, g in enumerate(session.optimizer.param_groups) for p in g["params"]}
+    return {n: where.get(id(p)) for n, p in session.named_params}

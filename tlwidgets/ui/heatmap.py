@@ -1,0 +1,299 @@
+"""Update heatmap: parameters x recent steps, colour = log10(update/weight), healthy ~1e-3 band in green."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import bqplot as bq
+import ipywidgets as widgets
+import numpy as np
+from traitlets import Int, Unicode
+
+__all__ = ["RATIO_COLORS", "HeatmapPanel", "short_name"]
+
+#: Colours at log10(update/weight) = -6, -5, ..., 0:
+#: cold (too slow), green around -3 (healthy), hot (too fast).
+RATIO_COLORS = ["#2b3a8c", "#4a7bd0", "#8fd0a0", "#1f9e50", "#b8d860", "#f39c34", "#c62828"]
+GRAD_COLORS = ["#440154", "#21908d", "#fde725"]
+#: Colour of cells with no value: parameters frozen now, or not measured at that step.
+NULL_COLOR = "#d0d0d0"
+#: Values below this are clipped (an update of exactly 0 shows in the coldest colour).
+FLOOR = -8.0
+
+
+def short_name(name: str, limit: int = 28) -> str:
+    """A parameter name shortened from the left so its end (the leaf) stays readable."""
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def log10_safe(values: np.ndarray) -> np.ndarray:
+    """log10 with 0 -> FLOOR and NaN kept (no warnings)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log10(values)
+    out[np.isneginf(out)] = FLOOR
+    finite = np.isfinite(out)
+    out[finite] = np.clip(out[finite], FLOOR, 4.0)
+    return out
+
+
+class HeatmapPanel(widgets.VBox):
+    """Rows = parameters, columns = the last ``steps`` optimizer steps.
+
+    Colour is log10 of the update/weight ratio (switch: log10 grad norm).
+    Parameters frozen now show as grey rows with a ``❄`` in their label.
+    Clicking a cell selects that parameter (``selected_param``) and the step,
+    and the figure below shows the parameter's history.
+
+    Parameters
+    ----------
+    param_names
+        Row labels, in model order.
+    guard
+        Decorator reporting callback exceptions in the dashboard.
+    on_select
+        ``on_select(param, step)`` after a click on a cell.
+    steps
+        Columns shown.
+    """
+
+    metric = Unicode(
+        "update_ratio", help="Colour: 'update_ratio' (log10 update/weight) or 'grad_norm' (log10)."
+    )
+    selected_param = Unicode(None, allow_none=True, help="Parameter whose history is shown (row clicked).")
+    steps = Int(50, help="How many recent steps the heatmap shows.")
+
+    def __init__(
+        self,
+        param_names: list[str],
+        guard: Callable[[str], Callable],
+        on_select: Callable[[str | None, int | None], None],
+        *,
+        steps: int = 50,
+        **kwargs: Any,
+    ) -> None:
+        self.param_names = list(param_names)
+        self._on_select = on_select
+        self._columns = np.zeros(0, dtype=np.int64)
+        self._setting_selection = False
+        n = max(len(self.param_names), 2)
+        self.row_scale = bq.OrdinalScale(reverse=True)
+        self.col_scale = bq.OrdinalScale()
+        self.color_scale = bq.ColorScale(colors=RATIO_COLORS, min=-6.0, max=0.0)
+        self.grid = bq.GridHeatMap(
+            row=np.arange(n),
+            column=np.arange(2),
+            color=np.full((n, 2), np.nan),
+            scales={"row": self.row_scale, "column": self.col_scale, "color": self.color_scale},
+            null_color=NULL_COLOR,
+            stroke="white",
+            interactions={"click": "select"},
+            selected_style={"stroke": "black", "stroke-width": "2px"},
+            anchor_style={"stroke": "black"},
+        )
+        self.row_axis = bq.Axis(
+            scale=self.row_scale,
+            orientation="vertical",
+            side="left",
+            tick_labels=self._row_labels(set()),
+            tick_style={"font-size": "10px"},
+            grid_lines="none",
+        )
+        self.col_axis = bq.Axis(
+            scale=self.col_scale, label="step", grid_lines="none", tick_style={"font-size": "10px"}
+        )
+        self.color_axis = bq.ColorAxis(
+            scale=self.color_scale,
+            side="right",
+            orientation="vertical",
+            label="log10 update/weight",
+            tick_values=np.arange(-6, 1),
+            tick_style={"font-size": "10px"},
+        )
+        height = int(min(520, max(220, 16 * n + 90)))
+        self.figure = bq.Figure(
+            marks=[self.grid],
+            axes=[self.row_axis, self.col_axis, self.color_axis],
+            fig_margin={"top": 10, "bottom": 40, "left": 170, "right": 80},
+            padding_y=0.0,
+            layout=widgets.Layout(width="100%", height=f"{height}px", min_width="360px"),
+            animation_duration=0,
+        )
+        self.figure.add_class("tlw-heatmap-figure")
+        self.switch = widgets.ToggleButtons(
+            options=[("update/weight", "update_ratio"), ("grad norm", "grad_norm")],
+            value="update_ratio",
+            tooltips=[
+                "log10 of the update/weight ratio (healthy ~1e-3: green)",
+                "log10 of the gradient norm",
+            ],
+            style={"button_width": "100px"},
+        )
+        self.switch.add_class("tlw-heatmap-switch")
+        self.legend = widgets.HTML(
+            "<small>green ≈ 1e-3 (healthy) · blue: barely moving · red: too fast · "
+            "<span class='tlw-swatch'></span> grey: frozen / not measured · click a cell</small>"
+        )
+        self.history_x = bq.LinearScale()
+        self.history_y = bq.LogScale()
+        self.history_lines = bq.Lines(
+            x=np.zeros(0),
+            y=np.zeros((2, 0)),
+            scales={"x": self.history_x, "y": self.history_y},
+            colors=["#1f77b4", "#ff7f0e"],
+            labels=["update/weight", "grad norm"],
+            display_legend=True,
+        )
+        self.history_figure = bq.Figure(
+            marks=[self.history_lines],
+            axes=[
+                bq.Axis(scale=self.history_x, label="step", grid_lines="none"),
+                bq.Axis(scale=self.history_y, orientation="vertical", tick_format=".0e", grid_lines="dashed"),
+            ],
+            title="click a heatmap row",
+            fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},
+            legend_location="top-left",
+            layout=widgets.Layout(width="100%", height="200px", display="none"),
+            animation_duration=0,
+        )
+        self.history_figure.add_class("tlw-param-history")
+        super().__init__(children=[self.switch, self.figure, self.legend, self.history_figure], **kwargs)
+        self.add_class("tlw-heatmap")
+        self.steps = steps
+        self.switch.observe(guard("heatmap switch")(self._switch_changed), names="value")
+        self.grid.observe(guard("heatmap click")(self._grid_selected), names="selected")
+        self._frozen: set[str] = set()
+        self._session: Any = None
+
+    # -- drawing ------------------------------------------------------------------------
+    def _row_labels(self, frozen: set[str]) -> dict[str, str]:
+        n = len(self.param_names)
+        every = max(1, math.ceil(n / 40))  # at most ~40 readable labels
+        return {
+            str(i): ("❄ " if name in frozen else "") + short_name(name)
+            for i, name in enumerate(self.param_names)
+            if i % every == 0 or name in frozen
+        }
+
+    def matrix(self, session: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(colour matrix params x steps, step numbers) for the current metric; frozen rows NaN.
+
+        bqplot squeezes singleton dimensions away, so the matrix always has at
+        least two columns (NaN columns for steps not taken yet) and two rows
+        (a blank row under a one-parameter model).
+        """
+        hist = session.history
+        n = len(self.param_names)
+        if len(hist) == 0:
+            steps = np.zeros(0, dtype=np.int64)
+            color = np.full((n, 0), np.nan)
+        else:
+            steps = hist.step[-self.steps :].astype(np.int64)
+            values = (
+                hist.update_ratio[-self.steps :]
+                if self.metric == "update_ratio"
+                else hist.grad_norm[-self.steps :]
+            )
+            color = log10_safe(values.T.astype(np.float64))[:n]
+            frozen = np.array([not p.requires_grad for _, p in session.named_params], dtype=bool)
+            color[frozen[:n], :] = np.nan
+        if len(steps) < 2:
+            start = int(steps[-1]) + 1 if len(steps) else 1
+            pad = np.arange(start, start + 2 - len(steps), dtype=np.int64)
+            steps = np.concatenate([steps, pad])
+            color = np.concatenate([color, np.full((n, len(pad)), np.nan)], axis=1)
+        if n < 2:
+            color = np.concatenate([color, np.full((2 - n, color.shape[1]), np.nan)], axis=0)
+        return color, steps
+
+    def draw(self, session: Any) -> None:
+        """Redraw the grid (one message), the row labels when freezing changed, and the history."""
+        self._session = session
+        color, steps = self.matrix(session)
+        frozen = {n for n, p in session.named_params if not p.requires_grad}
+        with self.grid.hold_sync():
+            # colour first: bqplot validates column against the current colour's shape
+            self.grid.color = color
+            if len(steps) != len(self._columns) or not np.array_equal(steps, self._columns):
+                self.grid.column = steps
+                self._columns = steps
+        if frozen != self._frozen:
+            self._frozen = frozen
+            self.row_axis.tick_labels = self._row_labels(frozen)
+        ticks = steps[:: max(1, len(steps) // 6)]
+        if not np.array_equal(np.asarray(self.col_axis.tick_values), ticks):
+            self.col_axis.tick_values = ticks
+        self._draw_history(session)
+
+    def _switch_changed(self, change: dict[str, Any]) -> None:
+        self.metric = change["new"]
+        if self.metric == "update_ratio":
+            with self.color_scale.hold_sync():
+                self.color_scale.colors = RATIO_COLORS
+                self.color_scale.min, self.color_scale.max = -6.0, 0.0
+            self.color_axis.label = "log10 update/weight"
+            self.color_axis.tick_values = np.arange(-6, 1)
+        else:
+            lo, hi = -4.0, 1.0
+            if self._session is not None and len(self._session.history):
+                g = log10_safe(self._session.history.grad_norm[-self.steps :].astype(np.float64))
+                g = g[np.isfinite(g) & (g > FLOOR)]
+                if g.size:
+                    lo, hi = math.floor(np.percentile(g, 1)), math.ceil(np.percentile(g, 99))
+                    hi = max(hi, lo + 1)
+            with self.color_scale.hold_sync():
+                self.color_scale.colors = GRAD_COLORS
+                self.color_scale.min, self.color_scale.max = float(lo), float(hi)
+            self.color_axis.label = "log10 grad norm"
+            self.color_axis.tick_values = np.arange(lo, hi + 1)
+        if self._session is not None:
+            self.draw(self._session)
+
+    # -- selection ------------------------------------------------------------------------
+    def _grid_selected(self, change: dict[str, Any]) -> None:
+        if self._setting_selection:
+            return
+        sel = change["new"]
+        if sel is None or len(sel) == 0:
+            return
+        row, col = (int(v) for v in np.asarray(sel)[-1][:2])
+        name = self.param_names[row] if 0 <= row < len(self.param_names) else None
+        step = int(self._columns[col]) if 0 <= col < len(self._columns) and len(self._columns) else None
+        self.select(name)
+        self._on_select(name, step)
+
+    def select(self, name: str | None) -> None:
+        """Select a parameter: highlight its row and show its history."""
+        self.selected_param = name
+        self._setting_selection = True
+        try:
+            if name in self.param_names:
+                row = self.param_names.index(name)
+                self.grid.selected = np.array([[row, c] for c in range(max(len(self._columns), 1))])
+            else:
+                self.grid.selected = None
+        finally:
+            self._setting_selection = False
+        if self._session is not None:
+            self._draw_history(self._session)
+
+    def _draw_history(self, session: Any) -> None:
+        name = self.selected_param
+        if name is None or name not in self.param_names:
+            self.history_figure.layout.display = "none"
+            return
+        hist = session.history
+        steps = hist.step.astype(np.float64)
+        i = self.param_names.index(name)
+        ratio = hist.update_ratio[:, i] if len(hist) else np.zeros(0)
+        grad = hist.grad_norm[:, i] if len(hist) else np.zeros(0)
+        stride = max(1, len(steps) // 1000)  # at most ~1000 points per line
+        y = np.vstack([ratio[::stride], grad[::stride]]).astype(np.float64)
+        y[~(y > 0)] = np.nan  # a log scale cannot show 0
+        with self.history_lines.hold_sync():
+            self.history_lines.x = steps[::stride]
+            self.history_lines.y = y
+        frozen = "" if dict(session.named_params)[name].requires_grad else " (frozen)"
+        self.history_figure.title = f"{name}{frozen}"
+        self.history_figure.layout.display = None
