@@ -37,6 +37,11 @@ def _naive_eval(model: nn.Module, loss_fn, batches) -> float:
     return total / n
 
 
+def _no_grad_float(fn) -> float:
+    with torch.no_grad():
+        return float(fn())
+
+
 def _act_stats(t: torch.Tensor) -> dict[str, float]:
     alive = (t > 0).any(0)
     return {
@@ -300,7 +305,7 @@ def test_dict_batches_are_unpacked_by_target_key():
     batches = [{"x": x, "y": y} for x, y in make_batches(2)]
     model = make_mlp()
     runner = make_runner(model, batches)
-    expected = float(nn.CrossEntropyLoss()(model(batches[0]["x"]), batches[0]["y"]))
+    expected = _no_grad_float(lambda: nn.CrossEntropyLoss()(model(batches[0]["x"]), batches[0]["y"]))
     runner.step()
     assert runner.records[Stage.LOSS].data["loss"] == pytest.approx(expected, rel=1e-6)
     assert runner.records[Stage.FETCH].data["tensors"]["inputs"]["shape"] == (8, 8)
@@ -320,7 +325,9 @@ def test_dict_inputs_are_passed_as_keyword_arguments():
     data = [{"left": x, "right": -x, "label": y} for x, y in make_batches(2)]
     runner = make_runner(model, data)
     b = data[0]
-    expected = float(nn.CrossEntropyLoss()(model(left=b["left"], right=b["right"]), b["label"]))
+    expected = _no_grad_float(
+        lambda: nn.CrossEntropyLoss()(model(left=b["left"], right=b["right"]), b["label"])
+    )
     runner.step()
     assert runner.records[Stage.LOSS].data["loss"] == pytest.approx(expected, rel=1e-6)
     fetch = runner.records[Stage.FETCH].data
@@ -333,7 +340,7 @@ def test_unpack_option_for_other_layouts_and_forward_option():
     model = make_mlp()
     runner = make_runner(model, triples, unpack=lambda b: (b[0], b[2]), forward=lambda m, x: m(x) * 2.0)
     x, _, y = triples[0]
-    expected = float(nn.CrossEntropyLoss()(model(x) * 2.0, y))
+    expected = _no_grad_float(lambda: nn.CrossEntropyLoss()(model(x) * 2.0, y))
     runner.step()
     assert runner.records[Stage.LOSS].data["loss"] == pytest.approx(expected, rel=1e-6)
 
