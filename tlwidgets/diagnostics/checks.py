@@ -548,6 +548,8 @@ def lr_range_test(
     smooth: float = 0.05,
     diverge_factor: float = 4.0,
     group: int | Sequence[int] | str | None = None,
+    unpack: Unpack | None = None,
+    forward: Forward | None = None,
 ) -> LRRangeResult:
     """Sweep the learning rate exponentially and record the loss (Smith's LR range test).
 
@@ -580,6 +582,9 @@ def lr_range_test(
         indices: only those groups are swept, the others keep their LR.
         ``"each"``: one sweep per group (the others at their LR), with the
         suggestions in ``per_group`` and the curves in ``curves``.
+    unpack, forward
+        Override how batches are split and the model is called (default: the runner's, or
+        ``(inputs, targets)`` batches and ``model(inputs)``).
 
     Returns
     -------
@@ -596,7 +601,7 @@ def lr_range_test(
         raise ValueError(f"smooth must be in (0, 1], got {smooth}")
     if diverge_factor <= 1:
         raise ValueError(f"diverge_factor must be > 1, got {diverge_factor}")
-    parts = resolve_parts(runner_or_model, loss_fn, optimizer, data)
+    parts = resolve_parts(runner_or_model, loss_fn, optimizer, data, unpack=unpack, forward=forward)
     args = (start_lr, end_lr, num_steps, smooth, diverge_factor)
     if group == "each":
         curves: dict[int, LRRangeResult] = {}
@@ -669,6 +674,9 @@ def overfit_one_batch(
     steps: int = 100,
     lr: float | None = None,
     target_loss: float | None = None,
+    target_ratio: float = 0.1,
+    unpack: Unpack | None = None,
+    forward: Forward | None = None,
 ) -> OverfitResult:
     """Train repeatedly on one batch: a model that can learn at all drives its loss toward zero.
 
@@ -685,7 +693,11 @@ def overfit_one_batch(
     lr
         Learning rate for every group during the check (default: the optimizer's own).
     target_loss
-        Loss the batch must reach; default: a tenth of the initial loss.
+        Loss the batch must reach; default: ``target_ratio`` times the initial loss.
+    target_ratio
+        Used when ``target_loss`` is not given (default: a tenth of the initial loss).
+    unpack, forward
+        Override how batches are split and the model is called.
 
     Returns
     -------
@@ -698,7 +710,15 @@ def overfit_one_batch(
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    parts = resolve_parts(runner_or_model, loss_fn, optimizer, data, need=("loss_fn", "optimizer"))
+    parts = resolve_parts(
+        runner_or_model,
+        loss_fn,
+        optimizer,
+        data,
+        need=("loss_fn", "optimizer"),
+        unpack=unpack,
+        forward=forward,
+    )
     if batch is None and parts.data is None:
         raise ValueError("give batch= or data= (or a Runner) so there is a batch to overfit")
     with preserved_state(parts.model, parts.optimizer):
@@ -719,7 +739,7 @@ def overfit_one_batch(
         moved = math.sqrt(sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(trainable, start)))
         norm = math.sqrt(sum(float(s.pow(2).sum()) for s in start))
     initial, final = losses[0], losses[-1]
-    target = target_loss if target_loss is not None else 0.1 * abs(initial)
+    target = target_loss if target_loss is not None else target_ratio * abs(initial)
     passed = math.isfinite(final) and final <= target
     finding = None
     if not passed:
@@ -837,6 +857,8 @@ def check_labels_decoupled(
     min_gain: float = 0.05,
     max_batches: int = 200,
     seed: int = 0,
+    unpack: Unpack | None = None,
+    forward: Forward | None = None,
 ) -> Finding | None:
     """Can the model beat a baseline that ignores the inputs?
 
@@ -866,6 +888,8 @@ def check_labels_decoupled(
         Batches read from ``data`` (one pass at most).
     seed
         Seed of the input shuffle.
+    unpack, forward
+        Override how batches are split and the model is called.
 
     Returns
     -------
@@ -873,7 +897,7 @@ def check_labels_decoupled(
         ``labels-decoupled`` (error), or ``None`` (also when a loss is not
         finite: then other findings explain why training fails).
     """
-    parts = resolve_parts(runner_or_model, loss_fn, optimizer, data)
+    parts = resolve_parts(runner_or_model, loss_fn, optimizer, data, unpack=unpack, forward=forward)
     with preserved_state(parts.model, parts.optimizer) as snap:
         batches = _Stream(parts).take(max_batches)
         if val_data is not None:
