@@ -277,14 +277,6 @@ def test_history_lr_is_the_lr_each_epoch_scheduled_step_used():
     np.testing.assert_allclose(h.update_norm / h.grad_norm, h.lr[:, :1] * np.ones((1, 4)), rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: with scheduler_interval='step', Runner._stage_step calls scheduler.step() before "
-        "Tracker.record_step reads the LR, so history.lr / the STEP record's lr hold the LR of the "
-        "NEXT step, not the LR the step applied (watch() and the 'epoch' interval record the LR used)"
-    ),
-)
 def test_history_lr_is_the_lr_each_step_scheduled_step_used():
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

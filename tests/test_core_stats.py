@@ -205,15 +205,6 @@ def test_non_contiguous_param_exact_and_small_sampled_norms():
     assert update[0] == pytest.approx(0.5 * math.sqrt(600), rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: ParamSampler on a non-contiguous tensor larger than sample_size falls back to the whole "
-        "tensor (_flat_view returns None) but ParamSampler.scale still multiplies by sqrt(numel/count) "
-        "of the strided subset, so sampled grad/weight/update norms are inflated by sqrt(stride) "
-        "(10x for a transposed 200x50 tensor with sample_size=100)"
-    ),
-)
 def test_non_contiguous_param_larger_than_sample_is_estimated_correctly():
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(200, 50).t())

@@ -565,6 +565,7 @@ class Runner(ControlsMixin):
         stats = self.tracker.stats
         stats.before_step(exact=snapshot)
         saved_opt = _capture_opt_state(self.optimizer) if snapshot else None
+        lrs_used = effective_lrs(self.optimizer)  # before a per-step scheduler moves them
         try:
             self.optimizer.step()
             if self.scheduler is not None and self.scheduler_interval == "step":
@@ -577,7 +578,11 @@ class Runner(ControlsMixin):
                 rec.data["rolled_back"] = False
             raise
         numbers = self.tracker.record_step(
-            step=self.global_step + 1, epoch=self.epoch, loss=self._loss_value, exact=self._step_exact
+            step=self.global_step + 1,
+            epoch=self.epoch,
+            loss=self._loss_value,
+            exact=self._step_exact,
+            lrs=lrs_used,
         )
         update, weight = numbers["update_norm"], numbers["weight_norm"]
         ratio = update_ratio(update, weight)

@@ -93,7 +93,9 @@ class ParamSampler:
         counts: list[int] = []
         for p in self.params:
             n = p.numel()
-            stride = max(1, n // sample_size)
+            # A weight we cannot view as 1-D (odd strides) is taken whole: its
+            # live view must see in-place updates, which a reshaped copy would not.
+            stride = max(1, n // sample_size) if _flat_view(p) is not None else 1
             offset = int(gen.integers(stride)) if stride > 1 else 0
             self.strides.append(stride)
             self.offsets.append(offset)
@@ -105,10 +107,12 @@ class ParamSampler:
         self._ptrs: list[int] = []
 
     def _sample(self, i: int, t: torch.Tensor) -> torch.Tensor:
-        flat = _flat_view(t)
-        if flat is None:  # odd layouts: take the whole tensor (exact, just slower)
+        if self.strides[i] == 1:
             return t.detach()
-        return flat[self.offsets[i] :: self.strides[i]] if self.strides[i] > 1 else flat
+        flat = _flat_view(t)
+        if flat is None:  # e.g. a gradient laid out differently from its weight: sample a flat copy
+            flat = t.detach().reshape(-1)
+        return flat[self.offsets[i] :: self.strides[i]]
 
     def weight_views(self) -> list[torch.Tensor]:
         """Views of the sampled weight elements (live: they see in-place updates)."""

@@ -73,10 +73,16 @@ class Tracker:
             self.history.add_activations(step, as_table(stats))
         return stats
 
-    def record_step(self, *, step: int, epoch: int, loss: float, exact: bool) -> dict[str, Any]:
-        """After ``optimizer.step()``: update norms, append the history row, return the numbers."""
+    def record_step(
+        self, *, step: int, epoch: int, loss: float, exact: bool, lrs: list[float] | None = None
+    ) -> dict[str, Any]:
+        """After ``optimizer.step()``: update norms, append the history row, return the numbers.
+
+        ``lrs`` are the learning rates the step used (read before a per-step
+        scheduler changed them); default: the optimizer's current ones.
+        """
         weight, update, update_exact = self.stats.after_step()
-        lrs = effective_lrs(self.optimizer)
+        lrs = effective_lrs(self.optimizer) if lrs is None else lrs
         self.history.append(
             step=step,
             epoch=epoch,
