@@ -449,6 +449,7 @@ class Runner(ControlsMixin):
         if measure:
             self.tracker.probe.start()
         self._fwd_rng = torch.get_rng_state()
+        self._output = None  # so an error explanation never shows a previous step's output
         try:
             self._output = self.forward(self.model, self._inputs)
         finally:
