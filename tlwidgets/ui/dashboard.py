@@ -86,6 +86,7 @@ class Dashboard(widgets.VBox):
         self.task: asyncio.Task | None = None
         self.last_result: Any = None
         self._stop_on_finding = False
+        self._stopped_by_finding: Any = None
         self._ui_s = 0.0
         self._last_lrs: list[float] = [float(g["lr"]) for g in session.optimizer.param_groups]
         self._closed = False
@@ -189,7 +190,7 @@ class Dashboard(widgets.VBox):
     def _on_finding(self, finding: Any) -> None:
         if self._stop_on_finding and self.running and self.is_runner:
             self.session.pause()
-            self.controls.say(f"stopped: new finding {finding.code}")
+            self._stopped_by_finding = finding
         self.refresher.mark("findings")
 
     def _on_error(self, record: Any) -> None:
@@ -337,6 +338,7 @@ class Dashboard(widgets.VBox):
 
     def _run_finished(self, result: Any, exc: BaseException | None, cancelled: bool = False) -> None:
         self._stop_on_finding = False
+        stopped_by, self._stopped_by_finding = self._stopped_by_finding, None
         self._set_running(False)
         if exc is not None:
             self.errors.report("run", exc)
@@ -345,7 +347,10 @@ class Dashboard(widgets.VBox):
             self.controls.say("run cancelled")
         elif result is not None:
             self.last_result = result
-            self.controls.say(str(result))
+            text = str(result)
+            if stopped_by is not None and result.stopped_by == "pause":
+                text += f" (new finding: {stopped_by.code})"
+            self.controls.say(text)
         self.refresh()
 
     def _set_running(self, value: bool) -> None:
@@ -424,7 +429,7 @@ class Dashboard(widgets.VBox):
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Unsubscribe from the session, restore its tracker and close every widget."""
-        if self._closed:
+        if getattr(self, "_closed", True):  # also when __init__ failed before the end
             return
         self._closed = True
         for off in self._unsubscribe:

@@ -94,7 +94,6 @@ class HeatmapPanel(widgets.VBox):
         )
         self.row_axis = bq.Axis(
             scale=self.row_scale,
-            orientation="vertical",
             side="left",
             tick_labels=self._row_labels(set()),
             tick_style={"font-size": "10px"},
@@ -106,7 +105,6 @@ class HeatmapPanel(widgets.VBox):
         self.color_axis = bq.ColorAxis(
             scale=self.color_scale,
             side="right",
-            orientation="vertical",
             label="log10 update/weight",
             tick_values=np.arange(-6, 1),
             tick_style={"font-size": "10px"},
@@ -149,7 +147,7 @@ class HeatmapPanel(widgets.VBox):
             marks=[self.history_lines],
             axes=[
                 bq.Axis(scale=self.history_x, label="step", grid_lines="none"),
-                bq.Axis(scale=self.history_y, orientation="vertical", tick_format=".0e", grid_lines="dashed"),
+                bq.Axis(scale=self.history_y, side="left", tick_format=".0e", grid_lines="dashed"),
             ],
             title="click a heatmap row",
             fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},

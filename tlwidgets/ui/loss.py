@@ -73,7 +73,7 @@ class LossPanel(widgets.VBox):
             x=np.zeros(0), y=np.zeros(0), scales=scales, colors=["#e6550d"], line_style="dashed"
         )
         self.markers = bq.Lines(
-            x=np.zeros((0, 2)), y=np.zeros((0, 2)), scales=scales, colors=["#757575"], opacity=[0.8]
+            x=np.zeros((0, 2)), y=np.zeros((0, 2)), scales=scales, colors=["#757575"], opacities=[0.8]
         )
         self.marker_labels = bq.Label(
             x=np.zeros(0),
@@ -101,7 +101,7 @@ class LossPanel(widgets.VBox):
             ],
             axes=[
                 bq.Axis(scale=self.x, label="step", grid_lines="none"),
-                bq.Axis(scale=self.y, orientation="vertical", label="loss", grid_lines="dashed"),
+                bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed"),
             ],
             fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
             layout=widgets.Layout(width="100%", height="300px", min_width="320px"),
@@ -130,7 +130,7 @@ class LossPanel(widgets.VBox):
         for mark in self.figure.marks:
             mark.scales = {**mark.scales, "y": new}
         axes = list(self.figure.axes)
-        axes[1] = bq.Axis(scale=new, orientation="vertical", label="loss", grid_lines="dashed")
+        axes[1] = bq.Axis(scale=new, side="left", label="loss", grid_lines="dashed")
         self.figure.axes = axes
         if self._session is not None:
             self.draw(self._session)

@@ -78,7 +78,7 @@ class LRPanel(widgets.VBox):
             marks=[self.curve, self.pick],
             axes=[
                 bq.Axis(scale=self.x, label="learning rate", tick_format=".0e", grid_lines="none"),
-                bq.Axis(scale=self.y, orientation="vertical", label="loss", grid_lines="dashed"),
+                bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed"),
             ],
             fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
             layout=widgets.Layout(width="100%", height="220px", display="none"),
