@@ -1,0 +1,325 @@
+# ruff: noqa: E501  (notebook cell sources are kept as written, long lines included)
+"""Write notebooks/GettingStarted.ipynb (run: python scripts/make_getting_started.py).
+
+The notebook is generated so that its cells stay reviewable as code; outputs
+are not stored (nbval executes every cell; cells marked NBVAL_CHECK_OUTPUT get
+their output compared, so they are executed once here and stored).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "notebooks" / "GettingStarted.ipynb"
+
+CELLS: list[tuple[str, str]] = [
+    (
+        "md",
+        """# Getting started with tlwidgets
+
+tlwidgets lets you **step through PyTorch training one stage at a time**, see what every stage did to
+each tensor and parameter, flip freeze toggles and drag learning-rate sliders while it runs, and get a
+**named diagnosis** (cause and fix) when training does not learn.
+
+This tutorial fine-tunes a small convolutional network on scikit-learn's handwritten digits. Everything
+is offline: the data ships with scikit-learn, and the "pretrained" backbone was trained by tlwidgets itself
+on the digits 0-4. We fine-tune it on the digits 5-9 with a new head, and on the way reproduce and fix the
+classic bugs.
+
+Every section shows a **dashboard** (click around!) and the **code that does the same thing**, so the
+notebook also runs top to bottom without a person (it is tested that way).""",
+    ),
+    (
+        "code",
+        """import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import tlwidgets as tlw
+from tlwidgets.zoo import digits
+
+torch.manual_seed(0)
+split = digits.split_digits()  # digits 0-4 were used for pretraining; we fine-tune on 5-9
+train_loader = DataLoader(split.finetune_train, batch_size=32, shuffle=True)
+val_loader = DataLoader(split.finetune_val, batch_size=256)
+
+
+def fresh_model(n_classes: int = 5) -> nn.Module:
+    \"\"\"The pretrained backbone (loaded offline) with a new, untrained head.\"\"\"
+    return digits.DigitsNet(digits.pretrained_backbone(), nn.Linear(digits.DigitsBackbone.out_features, n_classes))
+
+
+print(len(split.finetune_train), "training and", len(split.finetune_val), "validation images of the digits",
+      split.finetune_classes)""",
+    ),
+    (
+        "md",
+        """## 1. One batch, stage by stage
+
+A training step is seven stages: **fetch** a batch, **zero_grad**, move it **to_device**, **forward**,
+**loss**, **backward** and optimizer **step**. `runner.step_stage()` runs exactly one and returns a record of
+what it saw. In the dashboard, *Step stage* does the same; the highlighted chip is the stage that runs next,
+and clicking a chip shows its record.""",
+    ),
+    (
+        "code",
+        """model = fresh_model()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader)
+tlw.Dashboard(runner)""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+fetch = runner.step_stage()
+print("ran:", fetch.stage.value, "| next:", runner.stage.value)
+print("inputs:", fetch["tensors"]["inputs"]["shape"], fetch["tensors"]["inputs"]["dtype"])
+print("labels in this batch:", fetch["label_counts"].sum(), "examples of", len(fetch["label_counts"]), "classes")""",
+    ),
+    (
+        "code",
+        """for _ in range(6):  # zero_grad, to_device, forward, loss, backward, step
+    record = runner.step_stage()
+loss = runner.records[tlw.Stage.LOSS]
+print(f"loss {loss['loss']:.3f} (a 5-class model that knows nothing starts near ln 5 = {loss['expected_initial_loss']:.3f})")
+step = runner.records[tlw.Stage.STEP]
+for name, ratio in zip(runner.param_names, step["update_ratio"]):
+    print(f"{name:24s} update/weight = {ratio:.1e}")""",
+    ),
+    (
+        "md",
+        """The **update/weight ratio** is the size of a step's change relative to the weights. Around 1e-3 is healthy:
+much larger and training jumps around (or explodes), much smaller and nothing moves. The heatmap in the
+dashboard colours exactly this number, parameters by recent steps.""",
+    ),
+    (
+        "md",
+        """## 2. The classic: the new head is not in the optimizer
+
+A very common fine-tuning bug: the optimizer is built, *then* the head is replaced. The model trains
+"fine" (no error!) but the new head never changes, so accuracy stays at chance. tlwidgets audits the setup
+when the runner is built.""",
+    ),
+    (
+        "code",
+        """model = digits.DigitsNet(digits.pretrained_backbone(), nn.Linear(128, 10))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+model.head = nn.Linear(128, 5)  # replaced AFTER the optimizer was built
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader)
+dashboard = tlw.Dashboard(runner)
+dashboard""",
+    ),
+    (
+        "code",
+        """# NBVAL_CHECK_OUTPUT
+finding = runner.findings[0]
+print(finding.code, finding.params)
+print("cause:", finding.cause)""",
+    ),
+    (
+        "md",
+        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. Toggling it
+(or the code below) adds it to the optimizer as a new parameter group, and the finding goes away.""",
+    ),
+    (
+        "code",
+        """runner.unfreeze("head", lr=0.05)  # adds the missing parameters as a new optimizer group
+runner.run(steps=20)
+head_rows = [runner.param_names.index(n) for n in ("head.weight", "head.bias")]
+print("head moved:", bool((runner.history.update_norm[:, head_rows] > 0).all()))
+print("findings:", [f.code for f in runner.findings if f.severity != "info"])""",
+    ),
+    (
+        "md",
+        """## 3. Learning rate too high
+
+With SGD at a learning rate far too large, each step overshoots: the loss jumps around or rises and the
+update/weight ratios sit orders of magnitude above 1e-3. We keep a **checkpoint**, run, and compare with a
+sane learning rate from the same starting point (`rewind` restores weights, optimizer, RNG and data
+position exactly).""",
+    ),
+    (
+        "code",
+        """model = fresh_model()
+optimizer = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9)
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader)
+start = runner.checkpoint("before")
+too_high = runner.run(steps=30)
+print(too_high)
+print("median update/weight ratio:", f"{float(torch.tensor(runner.history.update_ratio).nanmedian()):.1e}")
+print("findings:", [f.code for f in runner.findings])
+tlw.Dashboard(runner)""",
+    ),
+    ("md", """Drag the **LR** slider down (or `set_lr`), rewind, and run the same 30 steps again."""),
+    (
+        "code",
+        """loss_too_high = runner.history.loss.copy()
+runner.rewind(start)
+runner.set_lr(0.01)
+runner.run(steps=30)
+loss_fixed = runner.history.loss
+print(f"mean loss of the last 10 steps: lr=3.0 -> {loss_too_high[-10:].mean():.3f}, lr=0.01 -> {loss_fixed[-10:].mean():.3f}")""",
+    ),
+    (
+        "md",
+        """## 4. Freeze the backbone, train the head, then unfreeze gradually
+
+Fine-tuning usually starts with the pretrained backbone frozen (so a random head cannot wreck its
+features), then unfreezes it from the top with a lower learning rate. `freeze` sets `requires_grad=False`
+*and* clears the gradients, so momentum or weight decay cannot move frozen weights;
+`bn_eval=True` also stops the batch-norm running statistics from drifting.""",
+    ),
+    (
+        "code",
+        """model = fresh_model()
+optimizer = torch.optim.AdamW(model.head.parameters(), lr=3e-3)
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader)
+runner.freeze("backbone", bn_eval=True)
+frozen_before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+runner.run(epochs=1)
+print("backbone untouched:", all(torch.equal(p, frozen_before[n]) for n, p in model.backbone.named_parameters()))
+print(f"after 1 epoch with a frozen backbone: val loss {runner.history.epochs[-1].val_loss:.3f}, "
+      f"accuracy {runner.history.epochs[-1].val_metrics['accuracy']:.2f}")
+tlw.Dashboard(runner)""",
+    ),
+    (
+        "code",
+        """runner.unfreeze("backbone.conv3", "backbone.bn3", lr=3e-4)  # the top block first, 10x lower LR
+runner.run(epochs=1)
+print("optimizer groups (lr):", [f"{g['lr']:.0e}" for g in optimizer.param_groups])
+print(f"val accuracy {runner.history.epochs[-1].val_metrics['accuracy']:.2f}")""",
+    ),
+    (
+        "md",
+        """## 5. A NaN: stop before the weights are damaged
+
+A `log` of features that can be zero produces `-inf`, and the loss becomes NaN. `run()` stops at the first
+non-finite loss or gradient, **before** the optimizer step applies it, and names the module where the
+non-finite values start (it replays the forward pass with checks on every module).""",
+    ),
+    (
+        "code",
+        """class LogFeatures(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # ReLU features are often exactly 0 -> -inf
+
+
+model = digits.DigitsNet(digits.pretrained_backbone(), nn.Sequential(LogFeatures(), nn.Linear(128, 5)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader)
+weights_before = [p.detach().clone() for p in model.parameters()]
+result = runner.run(steps=10)
+print(result)
+print("weights unchanged:", all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters())))
+for f in runner.findings:
+    print(f)""",
+    ),
+    (
+        "md",
+        """## 6. Overfit one batch, and find a learning rate
+
+Two checks worth running before any long training: a model that works can drive the loss on **one batch**
+to nearly zero; and an **LR range test** sweeps the learning rate up exponentially to show where the loss
+falls fastest. Both restore the weights and optimizer afterwards.""",
+    ),
+    (
+        "code",
+        """from tlwidgets.diagnostics.checks import lr_range_test, overfit_one_batch
+
+model = fresh_model()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader)
+print(overfit_one_batch(runner, steps=60))
+sweep = lr_range_test(runner, start_lr=1e-5, end_lr=1.0, num_steps=60)
+print(f"suggested learning rate: {sweep.suggestion:.1e}")""",
+    ),
+    (
+        "md",
+        """## 7. Your own training loop
+
+Already have a loop? `tlw.watch` attaches with public hooks only (forward hooks, gradient hooks, optimizer
+step hooks, a hook on the loss module) and leaves your code unchanged. Validation under `torch.no_grad()` is
+not counted as training. Here the loop forgets `optimizer.zero_grad()`, so gradients pile up across steps.""",
+    ),
+    (
+        "code",
+        """model = fresh_model()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+criterion = nn.CrossEntropyLoss()
+with tlw.watch(model, optimizer, loss_fn=criterion) as watcher:
+    for step, (x, y) in enumerate(train_loader):
+        loss = criterion(model(x), y)
+        loss.backward()  # no optimizer.zero_grad(): gradients accumulate across steps
+        optimizer.step()
+        if step == 5:
+            break
+print([f.code for f in watcher.findings])
+tlw.Dashboard(watcher)""",
+    ),
+    (
+        "md",
+        """## 8. Keep the bugs away: checks as pytest assertions
+
+The same checks exist as assertions for a test suite (`tlwidgets.testing`): parameters update, frozen ones
+stay frozen, nothing is NaN, the loss falls on one batch. Each restores the model afterwards.""",
+    ),
+    (
+        "code",
+        """from tlwidgets import testing
+
+model = fresh_model()
+batch = next(iter(train_loader))
+testing.assert_params_update(model, nn.CrossEntropyLoss(), batch)
+testing.assert_finite(model, batch)
+testing.assert_loss_decreases(model, nn.CrossEntropyLoss(), batch, steps=20)
+print("all checks passed")""",
+    ),
+    (
+        "md",
+        """## Where next
+
+- `runner.history` holds per-step numbers as numpy arrays (`loss`, `lr`, and per parameter `grad_norm`,
+  `weight_norm`, `update_norm`, `update_ratio`); `runner.history.to_dataframe()` and `.to_tensorboard()` export them.
+- `runner.findings` lists the diagnoses, most likely root cause first; each has a `cause` and a `fix`.
+- `tlwidgets.zoo` has many more broken training setups, each with a healthy twin, to practise on.""",
+    ),
+]
+
+
+def execute_checked_cells(nb: nbformat.NotebookNode) -> None:
+    """Run the notebook once; keep outputs only of the cells nbval compares (NBVAL_CHECK_OUTPUT)."""
+    from nbclient import NotebookClient
+
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if "NBVAL_CHECK_OUTPUT" not in cell.source:
+            cell.outputs = []
+            cell.execution_count = None
+        else:  # plain-text stream output only: stable across runs
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") == "stream"]
+
+
+def main() -> None:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, (kind, source) in enumerate(CELLS):
+        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
+        cell["id"] = f"cell-{i:02d}"
+        nb.cells.append(cell)
+    execute_checked_cells(nb)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, OUT)
+    print(f"wrote {OUT.relative_to(ROOT)} ({len(nb.cells)} cells)")
+
+
+if __name__ == "__main__":
+    main()
