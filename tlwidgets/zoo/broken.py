@@ -193,12 +193,12 @@ def _non_finite_input(seed: int) -> dict[str, Any]:
 
 
 def _exploding(seed: int) -> dict[str, Any]:
-    model = mlp([64] + [64] * 8 + [10])
+    model = mlp([64] + [64] * 12 + [10])
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=3.0 / m.in_features**0.5)  # ~2x Kaiming: activations grow per layer
             nn.init.zeros_(m.bias)
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=1e-3))
+    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=1e-4))
 
 
 def _vanishing(seed: int) -> dict[str, Any]:
@@ -392,7 +392,7 @@ def _loss_plateau(seed: int) -> dict[str, Any]:
     return {
         "model": model,
         "loss_fn": nn.MSELoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-2),
+        "optimizer": torch.optim.Adam(model.parameters(), lr=5e-2),
         "train_data": train_loader,
         "val_data": val_loader,
     }
@@ -531,8 +531,8 @@ _BROKEN: tuple[tuple[str, Any, tuple[str, ...], str, str, str, dict[str, Any], t
         _exploding,
         ("exploding-gradients",),
         "mlp-digits",
-        "A 9-layer ReLU MLP initialized with about twice the Kaiming scale: activations and gradients grow "
-        "with every layer.",
+        "A 13-layer ReLU MLP initialized with about twice the Kaiming scale: activations and gradients grow "
+        "with every layer (the initial loss is in the tens of thousands).",
         "Use PyTorch's default (or Kaiming) initialization, normalization layers, or gradient clipping.",
         {"steps": 30},
         (),
