@@ -502,3 +502,30 @@ def _rng_after_one_forward() -> torch.Tensor:
     torch.manual_seed(7)
     torch.nn.functional.dropout(torch.ones(8, 16), 0.3, training=True)  # what one forward consumes
     return torch.get_rng_state()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: ReduceLROnPlateau with scheduler_interval='step' is accepted, but Runner._stage_step calls "
+        "scheduler.step() without the metric after optimizer.step() has already moved the weights: "
+        "every STEP fails (TypeError), global_step stays 0, and each retry by run() applies the "
+        "optimizer step again (weights move while the runner reports no step done)"
+    ),
+)
+def test_reduce_on_plateau_per_step_is_rejected_or_works():
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    try:
+        runner = make_runner(model, optimizer=opt, scheduler=sched, scheduler_interval="step")
+    except ValueError:
+        return  # rejected up front with a clear message: fine
+    before = snapshot(model)
+    result = runner.run(steps=3)
+    if result.stopped_by == "error":  # a failed STEP must at least leave the weights as they were
+        assert weights_equal(before, snapshot(model))
+        runner.run(steps=1)
+        assert weights_equal(before, snapshot(model))
+    else:
+        assert result.stopped_by == "steps" and runner.global_step == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ from helpers import (
 from torch import nn
 
 import tlwidgets as tlw
-from tlwidgets import EpochRecord, Stage, StageRecord
+from tlwidgets import EpochRecord, Event, Stage, StageRecord
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -445,3 +446,71 @@ def test_top_level_api_names():
         "step",
     ]
     assert make_runner().kind == "runner"
+
+
+def test_zero_grad_reports_grads_it_could_not_clear():
+    # Layer 0 is trainable but outside the optimizer: zero_grad() leaves its grads, which accumulate.
+    model = make_mlp()
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    runner = make_runner(model, make_batches(3), optimizer=opt)
+    runner.step()
+    g1 = model[0].weight.grad.clone()
+    runner.step_stage()
+    rec = runner.step_stage()
+    assert rec.stage is Stage.ZERO_GRAD
+    assert rec.data["grads_before"] == 4 and rec.data["grads_after"] == 2
+    assert rec.data["not_cleared"] == ["0.weight", "0.bias"]
+    assert torch.equal(model[0].weight.grad, g1)
+
+
+# ---------------------------------------------------------------------- pause / async
+def test_pause_from_a_callback_stops_at_the_next_boundary_and_run_resumes():
+    runner = make_runner(make_mlp(), make_batches(6))
+    off = runner.events.on(Event.STEP, lambda s: runner.pause() if s.step == 2 else None)
+    r = runner.run(steps=5)
+    assert r.stopped_by == "pause" and r.steps == 2 and runner.global_step == 2
+    assert not runner.running
+    off()
+    r = runner.run(steps=2)
+    assert r.stopped_by == "steps" and runner.global_step == 4
+
+
+def test_one_run_at_a_time():
+    runner = make_runner(make_mlp(), make_batches(4))
+    runner.events.on(Event.STEP, lambda s: runner.run(steps=1))  # re-entrant run from a callback
+    r = runner.run(steps=2)
+    assert r.stopped_by == "steps" and runner.global_step == 2
+    errors = [e for _, e in runner.events.errors]
+    assert len(errors) == 2 and all(isinstance(e, RuntimeError) and "one run" in str(e) for e in errors)
+
+
+def test_run_async_equals_run():
+    a = make_runner(make_mlp(), make_batches(4))
+    b = make_runner(make_mlp(), make_batches(4))
+    ra = a.run(steps=6)
+    rb = asyncio.run(b.run_async(steps=6))
+    assert (ra.steps, ra.epochs, ra.stopped_by) == (rb.steps, rb.epochs, rb.stopped_by)
+    np.testing.assert_array_equal(a.history.loss, b.history.loss)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_run_async_yields_between_stages_and_pauses():
+    runner = make_runner(make_mlp(), make_batches(8))
+    ticks = []
+
+    async def main():
+        async def ticker():
+            while True:
+                ticks.append(runner.global_step)
+                if len(ticks) == 10:
+                    runner.pause()
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        result = await runner.run_async(steps=8)
+        t.cancel()
+        return result
+
+    result = asyncio.run(main())
+    assert result.stopped_by == "pause" and 0 < runner.global_step < 8
+    assert len(ticks) >= 10  # the event loop ran while the runner trained
