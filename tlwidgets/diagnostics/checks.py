@@ -20,6 +20,7 @@ and are re-exported here.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.gradcheck import GradcheckError
 
 from tlwidgets.core.activations import first_tensor
 from tlwidgets.core.batches import call_model, default_unpack, tensors_in, to_device
@@ -248,7 +250,7 @@ def resolve_parts(
         optimizer = optimizer if optimizer is not None else getattr(session, "optimizer", None)
         if data is None:
             data = getattr(session, "train_data", None)
-            if data is not None and iter(data) is data:
+            if isinstance(data, collections.abc.Iterator):  # iter() on a DataLoader would draw from the RNG
                 raise ValueError(
                     "the runner's train_data is a one-shot iterator that a check would consume; "
                     "pass data= explicitly (a list of batches or a DataLoader)"
@@ -774,11 +776,15 @@ def _overfit_finding(
             step=parts.step,
             evidence=evidence,
         )
-    if final > initial:
+    peak = max(losses)
+    if final > 1.1 * initial or peak > 2 * initial:
         return make_finding(
-            "lr-too-high", f"{head}; the loss rose instead of falling", step=parts.step, evidence=evidence
+            "lr-too-high",
+            f"{head}; the loss rose (peak {peak:.4g}) instead of falling",
+            step=parts.step,
+            evidence=evidence,
         )
-    if per_step < 2e-5:
+    if 0 < per_step < 2e-5 and norm > 0:
         return make_finding(
             "lr-too-low",
             f"{head}; the weights moved only {per_step:.2g} of their norm per step",
@@ -787,7 +793,7 @@ def _overfit_finding(
         )
     return make_finding(
         "loss-plateau",
-        f"{head} (target {target:.4g}) although the weights moved {per_step:.2g} of their norm per step",
+        f"{head} (target {target:.4g})" + ("; the weights did not change at all" if moved == 0 else ""),
         step=parts.step,
         evidence=evidence,
         cause="The model cannot fit even one batch, which points to a bug in the model or the loss wiring "
@@ -1019,8 +1025,12 @@ def _independence_by_grad(model, inputs, forward, n, index, gen, rtol) -> Findin
     def hook(name: str):
         def fn(module: nn.Module, args: Any, output: Any) -> None:
             t = first_tensor(output)
-            if t is not None and t.requires_grad and t.dim() and t.shape[0] == n:
+            if t is None or not t.requires_grad or t.dim() == 0:
+                return
+            if t.shape[0] == n:
                 captured.append((name, t))
+            elif t.dim() >= 2 and t.shape[1] == n:  # time-major output (nn.RNN/GRU/LSTM, batch_first=False)
+                captured.append((name, t.transpose(0, 1)))
 
         return fn
 
@@ -1151,7 +1161,7 @@ def gradcheck_function(
     try:
         with rng_preserved():
             torch.autograd.gradcheck(fn, args, eps=eps, atol=atol, rtol=rtol, raise_exception=True, **kwargs)
-    except torch.autograd.gradcheck.GradcheckError as exc:
+    except GradcheckError as exc:
         text = str(exc)
         m = re.search(r"with respect to input (\d+)", text)
         which = f"input {m.group(1)}" if m else "an input"
