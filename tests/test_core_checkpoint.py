@@ -95,6 +95,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 @pytest.mark.parametrize(
     "sched,data,start,k",
     [
+        ("onecycle", "loader", 0, 3),  # before the first batch (no epoch iterator yet)
         ("onecycle", "loader", 2, 2),  # mid-epoch, stays in the epoch
         ("onecycle", "loader", 3, 6),  # crosses an epoch end (validation, shuffled val loader)
         ("epoch", "loader", 1, 11),  # crosses two epoch ends with a per-epoch scheduler

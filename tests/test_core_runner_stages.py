@@ -514,3 +514,29 @@ def test_run_async_yields_between_stages_and_pauses():
     result = asyncio.run(main())
     assert result.stopped_by == "pause" and 0 < runner.global_step < 8
     assert len(ticks) >= 10  # the event loop ran while the runner trained
+
+
+def test_run_estimates_for_tensors_larger_than_the_sample_are_close_to_naive():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))  # 4096 weights > 1024
+    runner = make_runner(model, make_batches(4, in_features=64))
+    names = runner.param_names
+    before = snapshot(model)
+    x, y = make_batches(4, in_features=64)[0]
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    grads = naive_norms(p.grad for p in model.parameters())
+    model.zero_grad()
+    runner.run(steps=1)
+    after = snapshot(model)
+    h = runner.history
+    assert not h.exact[0]  # sampled weight/update statistics
+    assert runner.records[Stage.BACKWARD].data["grad_exact"] is True  # first grad pass is exact
+    np.testing.assert_allclose(h.grad_norm[0], grads, rtol=1e-5)
+    np.testing.assert_allclose(h.weight_norm[0], naive_norms(before[n] for n in names), rtol=0.1)
+    np.testing.assert_allclose(h.update_norm[0], naive_norms(after[n] - before[n] for n in names), rtol=0.25)
+    # Small tensors (biases, the head) are taken whole: exact even in sampled mode.
+    small = [i for i, (_, p) in enumerate(model.named_parameters()) if p.numel() <= 1024]
+    np.testing.assert_allclose(
+        h.update_norm[0, small], np.array(naive_norms(after[n] - before[n] for n in names))[small], rtol=1e-5
+    )
