@@ -540,3 +540,14 @@ def test_run_estimates_for_tensors_larger_than_the_sample_are_close_to_naive():
     np.testing.assert_allclose(
         h.update_norm[0, small], np.array(naive_norms(after[n] - before[n] for n in names))[small], rtol=1e-5
     )
+
+
+def test_forward_records_eval_mode_and_the_runner_never_switches_modes():
+    model = make_mlp(dropout=0.5)
+    model.eval()  # the user's (buggy) choice: the runner records it, it does not silently fix it
+    runner = make_runner(model, make_batches(2), val_data=make_batches(1, seed=3), device="cpu")
+    runner.run()
+    fwd = runner.records[Stage.FORWARD].data
+    assert fwd["training"] is False and fwd["eval_modules"] == ["<model>", "2"]
+    assert not model.training and not model[2].training  # still eval after validation
+    assert runner.records[Stage.TO_DEVICE].data["device"] == "cpu"
