@@ -70,9 +70,12 @@ def _one_step(
     inputs: Any,
     targets: Any,
     forward: Forward,
-    set_to_none: bool = True,
+    set_to_none: bool | None = True,
 ) -> torch.Tensor:
-    optimizer.zero_grad(set_to_none=set_to_none)
+    if set_to_none is None:
+        optimizer.zero_grad()  # the optimizer's own default, as a plain training loop calls it
+    else:
+        optimizer.zero_grad(set_to_none=set_to_none)
     loss = loss_fn(forward(model, inputs), targets)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise AssertionError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
@@ -180,13 +183,13 @@ def assert_frozen_unchanged(
     *,
     frozen: Sequence[str] | None = None,
     steps: int = 2,
-    set_to_none: bool = True,
+    set_to_none: bool | None = None,
     unpack: Unpack | None = None,
     forward: Forward | None = None,
 ) -> None:
     """Assert that frozen parameters stay bit-for-bit unchanged through optimizer steps.
 
-    Runs ``steps`` iterations of ``optimizer.zero_grad(set_to_none=...)``,
+    Runs ``steps`` iterations of ``optimizer.zero_grad()``,
     forward, loss, backward, ``optimizer.step()`` (two by default, so momentum
     gets a chance to act). A frozen parameter left in the optimizer with a
     stale zero gradient (``zero_grad(set_to_none=False)``) is still moved by
@@ -203,7 +206,9 @@ def assert_frozen_unchanged(
     steps
         Iterations to run.
     set_to_none
-        Passed to ``optimizer.zero_grad`` (use ``False`` to mimic a loop that zeroes in place).
+        Passed to ``optimizer.zero_grad``; ``None`` (default) calls ``optimizer.zero_grad()``
+        as a training loop does (PyTorch >= 2.0 sets grads to ``None``; an optimizer or loop that
+        zeroes in place keeps zero gradient tensors, which weight decay and momentum act on).
     unpack, forward
         How to split the batch and call the model.
 
