@@ -481,9 +481,13 @@ def test_freeze_toggle_changes_requires_grad_and_heatmap_row(dash, runner):
     assert params["0.weight"].requires_grad
     assert toggle.description == "frozen" and toggle.button_style == "info"
     rows = [runner.param_names.index("2.weight"), runner.param_names.index("2.bias")]
+    values, _ = dash.heatmap.matrix(runner)
+    assert np.isnan(values[rows]).all()  # frozen rows have no value ...
+    grey = dash.heatmap.color_scale.min
+    assert dash.heatmap.color_scale.colors[0] == "#d0d0d0"
     color = dash.heatmap.grid.color
-    assert np.isnan(color[rows]).all()  # frozen rows are grey (null colour)
-    assert not np.isnan(color[runner.param_names.index("0.weight")]).all()
+    assert (color[rows] == grey).all()  # ... and are painted with the grey stop
+    assert color[runner.param_names.index("0.weight"), 0] > grey  # (column 1 pads: one step so far)
     assert dash.heatmap.row_axis.tick_labels[str(rows[0])].startswith("❄")
     # second click unfreezes
     toggle.set_state({"value": False})
@@ -592,12 +596,23 @@ def test_heatmap_values_are_log10_update_ratio_then_grad_norm(dash, runner):
         dash.controls.step_button.click()
     hist = runner.history
     naive = np.log10(hist.update_norm / hist.weight_norm).T
-    np.testing.assert_allclose(dash.heatmap.grid.color, naive, rtol=1e-6)
+    np.testing.assert_allclose(dash.heatmap.matrix(runner)[0], naive, rtol=1e-6)
+    np.testing.assert_allclose(dash.heatmap.grid.color, np.clip(naive, -6, 0), rtol=1e-6)
     np.testing.assert_array_equal(dash.heatmap.grid.column, hist.step)
-    assert dash.heatmap.color_scale.min == -6 and dash.heatmap.color_scale.max == 0
+    # colour stops: grey for "no value" one step below -6, then -6 ... 0 evenly (green at -3)
+    assert dash.heatmap.color_scale.min == -7 and dash.heatmap.color_scale.max == 0
+    assert len(dash.heatmap.color_scale.colors) == 8
+    assert dash.heatmap.color_scale.colors[4] == "#1f9e50"
     dash.heatmap.switch.value = "grad_norm"
-    np.testing.assert_allclose(dash.heatmap.grid.color, np.log10(hist.grad_norm).T, rtol=1e-6)
-    assert dash.heatmap.color_axis.label == "log10 grad norm"
+    grads = np.log10(hist.grad_norm).T
+    np.testing.assert_allclose(dash.heatmap.matrix(runner)[0], grads, rtol=1e-6)
+    lo, hi = dash.heatmap.domain
+    assert lo <= np.percentile(grads, 1) and hi >= np.percentile(grads, 99)
+    np.testing.assert_allclose(dash.heatmap.grid.color, np.clip(grads, lo, hi), rtol=1e-6)
+    assert "gradient norm" in dash.heatmap.title.value
+    assert dash.heatmap.color_axis.tick_labels == {f"{dash.heatmap.color_scale.min:g}": "no grad"}
+    dash.heatmap.switch.value = "update_ratio"
+    assert dash.heatmap.domain == (-6.0, 0.0)
 
 
 def test_heatmap_keeps_only_recent_steps(runner):

@@ -339,7 +339,7 @@ class Dashboard(widgets.VBox):
     def _run_finished(self, result: Any, exc: BaseException | None, cancelled: bool = False) -> None:
         self._stop_on_finding = False
         stopped_by, self._stopped_by_finding = self._stopped_by_finding, None
-        self._set_running(False)
+        self.running = False
         if exc is not None:
             self.errors.report("run", exc)
             self.controls.say("the run raised (see the error above)")
@@ -351,7 +351,12 @@ class Dashboard(widgets.VBox):
             if stopped_by is not None and result.stopped_by == "pause":
                 text += f" (new finding: {stopped_by.code})"
             self.controls.say(text)
-        self.refresh()
+        try:
+            self.refresh()
+        finally:
+            # Buttons last: when Run is enabled again in the browser, the panels already show
+            # where the run stopped.
+            self.controls.running = False
 
     def _set_running(self, value: bool) -> None:
         self.running = value

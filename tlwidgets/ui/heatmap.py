@@ -23,7 +23,19 @@ NULL_COLOR = "#d0d0d0"
 FLOOR = -8.0
 
 
-def short_name(name: str, limit: int = 28) -> str:
+def color_domain(lo: float, hi: float, colors: list[str]) -> tuple[float, list[str]]:
+    """(scale min, colour stops) with a grey stop one step below ``lo`` for cells without a value.
+
+    bqplot's GridHeatMap paints only ``null`` with ``null_color``, and numeric
+    arrays cannot carry nulls, so cells without a value get the value
+    ``scale min`` (the grey stop) while real values are clipped to [lo, hi];
+    colour stops are evenly spaced, so no real value mixes with the grey.
+    """
+    step = (hi - lo) / (len(colors) - 1)
+    return lo - step, [NULL_COLOR, *colors]
+
+
+def short_name(name: str, limit: int = 22) -> str:
     """A parameter name shortened from the left so its end (the leaf) stays readable."""
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
 
@@ -80,11 +92,13 @@ class HeatmapPanel(widgets.VBox):
         n = max(len(self.param_names), 2)
         self.row_scale = bq.OrdinalScale(reverse=True)
         self.col_scale = bq.OrdinalScale()
-        self.color_scale = bq.ColorScale(colors=RATIO_COLORS, min=-6.0, max=0.0)
+        self.domain = (-6.0, 0.0)
+        vmin, stops = color_domain(*self.domain, RATIO_COLORS)
+        self.color_scale = bq.ColorScale(colors=stops, min=vmin, max=self.domain[1])
         self.grid = bq.GridHeatMap(
             row=np.arange(n),
             column=np.arange(2),
-            color=np.full((n, 2), np.nan),
+            color=np.full((n, 2), vmin),
             scales={"row": self.row_scale, "column": self.col_scale, "color": self.color_scale},
             null_color=NULL_COLOR,
             stroke="white",
@@ -105,15 +119,16 @@ class HeatmapPanel(widgets.VBox):
         self.color_axis = bq.ColorAxis(
             scale=self.color_scale,
             side="right",
-            label="log10 update/weight",
-            tick_values=np.arange(-6, 1),
+            tick_values=np.arange(vmin, 1),
+            tick_labels={f"{vmin:g}": "frozen"},
             tick_style={"font-size": "10px"},
         )
         height = int(min(520, max(220, 16 * n + 90)))
         self.figure = bq.Figure(
             marks=[self.grid],
             axes=[self.row_axis, self.col_axis, self.color_axis],
-            fig_margin={"top": 10, "bottom": 40, "left": 170, "right": 80},
+            fig_margin={"top": 8, "bottom": 36, "left": 130, "right": 56},
+            display_toolbar=False,
             padding_y=0.0,
             layout=widgets.Layout(width="100%", height=f"{height}px", min_width="360px"),
             animation_duration=0,
@@ -126,7 +141,7 @@ class HeatmapPanel(widgets.VBox):
                 "log10 of the update/weight ratio (healthy ~1e-3: green)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "100px"},
+            style={"button_width": "auto"},
         )
         self.switch.add_class("tlw-heatmap-switch")
         self.legend = widgets.HTML(
@@ -151,12 +166,18 @@ class HeatmapPanel(widgets.VBox):
             ],
             title="click a heatmap row",
             fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},
+            display_toolbar=False,
             legend_location="top-left",
             layout=widgets.Layout(width="100%", height="200px", display="none"),
             animation_duration=0,
         )
         self.history_figure.add_class("tlw-param-history")
-        super().__init__(children=[self.switch, self.figure, self.legend, self.history_figure], **kwargs)
+        self.title = widgets.HTML(self._title_text())
+        header = widgets.HBox(
+            [self.title, self.switch],
+            layout=widgets.Layout(justify_content="space-between", align_items="center"),
+        )
+        super().__init__(children=[header, self.figure, self.legend, self.history_figure], **kwargs)
         self.add_class("tlw-heatmap")
         self.steps = steps
         self.switch.observe(guard("heatmap switch")(self._switch_changed), names="value")
@@ -210,6 +231,7 @@ class HeatmapPanel(widgets.VBox):
         self._session = session
         color, steps = self.matrix(session)
         frozen = {n for n, p in session.named_params if not p.requires_grad}
+        color = self.paint(color)
         with self.grid.hold_sync():
             # colour first: bqplot validates column against the current colour's shape
             self.grid.color = color
@@ -219,19 +241,42 @@ class HeatmapPanel(widgets.VBox):
         if frozen != self._frozen:
             self._frozen = frozen
             self.row_axis.tick_labels = self._row_labels(frozen)
-        ticks = steps[:: max(1, len(steps) // 6)]
-        if not np.array_equal(np.asarray(self.col_axis.tick_values), ticks):
-            self.col_axis.tick_values = ticks
+        # Label about six columns (bqplot's ordinal axes would label all 50); others stay blank.
+        every = max(1, len(steps) // 6)
+        labels = {
+            str(int(v)): (str(int(v)) if (len(steps) - 1 - i) % every == 0 else "")
+            for i, v in enumerate(steps)
+        }
+        if labels != self.col_axis.tick_labels:
+            self.col_axis.tick_labels = labels
         self._draw_history(session)
+
+    def _title_text(self) -> str:
+        what = "update / weight" if self.metric == "update_ratio" else "gradient norm"
+        return f"<b>{what}</b> <small>(log10) per parameter, last {self.steps} steps</small>"
+
+    def paint(self, color: np.ndarray) -> np.ndarray:
+        """The values sent to bqplot: clipped to the colour domain, no value -> the grey stop."""
+        lo, hi = self.domain
+        out = np.clip(color, lo, hi)
+        out[np.isnan(color)] = self.color_scale.min
+        return out
+
+    def _set_domain(self, lo: float, hi: float, colors: list[str], none: str) -> None:
+        self.domain = (float(lo), float(hi))
+        vmin, stops = color_domain(lo, hi, colors)
+        with self.color_scale.hold_sync():
+            self.color_scale.colors = stops
+            self.color_scale.min, self.color_scale.max = float(vmin), float(hi)
+        step = (hi - lo) / (len(colors) - 1)
+        with self.color_axis.hold_sync():
+            self.color_axis.tick_values = np.concatenate([[vmin], np.arange(lo, hi + step / 2, step)])
+            self.color_axis.tick_labels = {f"{vmin:g}": none}
 
     def _switch_changed(self, change: dict[str, Any]) -> None:
         self.metric = change["new"]
         if self.metric == "update_ratio":
-            with self.color_scale.hold_sync():
-                self.color_scale.colors = RATIO_COLORS
-                self.color_scale.min, self.color_scale.max = -6.0, 0.0
-            self.color_axis.label = "log10 update/weight"
-            self.color_axis.tick_values = np.arange(-6, 1)
+            self._set_domain(-6.0, 0.0, RATIO_COLORS, "frozen")
         else:
             lo, hi = -4.0, 1.0
             if self._session is not None and len(self._session.history):
@@ -240,11 +285,8 @@ class HeatmapPanel(widgets.VBox):
                 if g.size:
                     lo, hi = math.floor(np.percentile(g, 1)), math.ceil(np.percentile(g, 99))
                     hi = max(hi, lo + 1)
-            with self.color_scale.hold_sync():
-                self.color_scale.colors = GRAD_COLORS
-                self.color_scale.min, self.color_scale.max = float(lo), float(hi)
-            self.color_axis.label = "log10 grad norm"
-            self.color_axis.tick_values = np.arange(lo, hi + 1)
+            self._set_domain(lo, hi, GRAD_COLORS, "no grad")
+        self.title.value = self._title_text()
         if self._session is not None:
             self.draw(self._session)
 

@@ -106,6 +106,7 @@ class LossPanel(widgets.VBox):
             fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
             layout=widgets.Layout(width="100%", height="300px", min_width="320px"),
             animation_duration=0,
+            display_toolbar=False,
         )
         self.figure.add_class("tlw-loss-figure")
         self.log_y = widgets.Checkbox(

@@ -83,6 +83,7 @@ class LRPanel(widgets.VBox):
             fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
             layout=widgets.Layout(width="100%", height="220px", display="none"),
             animation_duration=0,
+            display_toolbar=False,
         )
         self.figure.add_class("tlw-lr-figure")
         super().__init__(
