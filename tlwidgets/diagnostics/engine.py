@@ -1,36 +1,131 @@
-"""The default diagnoser: runs the rule set and ranks what it finds."""
+"""The default diagnoser: runs the rule set on the session's hooks and ranks what it finds."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tlwidgets.core.findings import Finding, Severity
+from tlwidgets.core.findings import Finding
 from tlwidgets.core.records import EpochRecord, StageRecord
 from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.ranking import rank_findings
+from tlwidgets.diagnostics.rules import Rule, RuleContext, SessionState, default_rules
 
 __all__ = ["RuleDiagnoser"]
 
+log = logging.getLogger(__name__)
+
 
 class RuleDiagnoser:
-    """Setup, per-stage, trend and own-loop rules (see :mod:`tlwidgets.diagnostics.rules`)."""
+    """Setup, per-stage, trend and own-loop rules (see :mod:`tlwidgets.diagnostics.rules`).
 
+    Implements the core's ``Diagnoser`` protocol. Each session (Runner or
+    Watcher) gets its own :class:`~tlwidgets.diagnostics.rules.base.SessionState`;
+    one diagnoser may serve several sessions.
+
+    Parameters
+    ----------
+    rules
+        The rules to run (default: :func:`~tlwidgets.diagnostics.rules.default_rules`).
+    disable
+        Names of rules or finding codes to leave out.
+
+    Notes
+    -----
+    A rule that raises never stops training: the exception is logged and
+    recorded in ``session.diagnostic_errors`` and the other rules still run.
+    """
+
+    def __init__(self, rules: Iterable[Rule] | None = None, *, disable: Iterable[str] = ()) -> None:
+        off = set(disable)
+        chosen = list(rules) if rules is not None else default_rules()
+        self.rules: list[Rule] = [r for r in chosen if r.name not in off and not (set(r.codes) & off)]
+        self._setup = [r for r in self.rules if r.kind == "setup"]
+        self._trend = [r for r in self.rules if r.kind == "trend"]
+        self._epoch = [r for r in self.rules if r.kind == "epoch"]
+        self._loop = [r for r in self.rules if r.kind == "loop"]
+        self._by_stage: dict[Stage, list[Rule]] = {s: [] for s in Stage}
+        for r in self.rules:
+            if r.kind == "stage":
+                for s in r.stages:
+                    self._by_stage[s].append(r)
+        self._states: weakref.WeakKeyDictionary[Any, SessionState] = weakref.WeakKeyDictionary()
+        self._fallback: dict[int, SessionState] = {}
+
+    # ------------------------------------------------------------------ state
+    def state(self, session: Any) -> SessionState:
+        """The :class:`SessionState` this diagnoser keeps for ``session``."""
+        try:
+            st = self._states.get(session)
+            if st is None:
+                st = self._states[session] = SessionState()
+        except TypeError:  # not weak-referenceable
+            st = self._fallback.setdefault(id(session), SessionState())
+        return st
+
+    def _run(self, rules: Sequence[Rule], session: Any, record: Any = None) -> list[Finding]:
+        if not rules:
+            return []
+        st = self.state(session)
+        kind = session.kind
+        ctx = RuleContext(session, st, record)
+        out: list[Finding] = []
+        for r in rules:
+            if kind not in r.sessions or (record is not None and not r.applies(record)):
+                continue
+            ctx.state = st.of(r.name)
+            try:
+                got = r.fn(ctx)
+            except Exception as exc:  # a rule bug must not stop training nor hide other rules
+                log.debug("rule %s raised", r.name, exc_info=True)
+                errors = getattr(session, "diagnostic_errors", None)
+                if isinstance(errors, list):
+                    errors.append(f"rule {r.name}: {type(exc).__name__}: {exc}")
+                    del errors[:-50]
+                continue
+            if got:
+                out.extend(got)
+        return out
+
+    # ------------------------------------------------------------------ Diagnoser protocol
     def audit(self, session: Any) -> list[Finding]:
-        return []
+        """Setup rules; also notices a rewind (the step went back) and forgets step-ordered state."""
+        st = self.state(session)
+        st.cache.clear()
+        step = int(getattr(session, "global_step", 0))
+        if step < st.last_step:
+            st.reset_time()
+        st.last_step = step
+        return self._run(self._setup, session)
 
     def on_stage(self, session: Any, record: StageRecord) -> list[Finding]:
-        return []
+        """Stage rules for ``record.stage``; the watcher's loop events go to the own-loop rules."""
+        if record.data.get("loop_event"):
+            return self._run(self._loop, session, record)
+        return self._run(self._by_stage.get(record.stage, ()), session, record)
 
     def on_step(self, session: Any) -> list[Finding]:
-        return []
+        """Trend rules due now: each runs every ``rule.every`` steps and on its first ``rule.early``."""
+        st = self.state(session)
+        step = int(session.global_step)
+        if step < st.last_step:
+            st.reset_time()
+        st.last_step = step
+        due = [r for r in self._trend if step <= r.early or step % r.every == 0]
+        return self._run(due, session)
 
     def on_epoch(self, session: Any, record: EpochRecord) -> list[Finding]:
-        return []
+        """Epoch-end rules (validation trends, full-epoch label counts)."""
+        return self._run(self._epoch, session, record)
 
     def explain(self, exc: BaseException, stage: Stage | None, context: dict[str, Any], step: int) -> Finding:
+        """A plain-words finding for an exception in user code (:mod:`tlwidgets.diagnostics.explain`)."""
         from tlwidgets.diagnostics.explain import explain_exception
 
         return explain_exception(exc, stage, context, step=step)
 
     def rank(self, findings: Sequence[Finding]) -> list[Finding]:
-        return sorted(findings, key=lambda f: Severity(f.severity).rank)
+        """Most likely root cause first (see :mod:`~tlwidgets.diagnostics.ranking`)."""
+        return rank_findings(findings)

@@ -1,0 +1,393 @@
+"""What a rule is, what it gets, and the small numeric helpers rules share.
+
+A :class:`Rule` is a pure function of what the session recorded (and, for the
+setup audit, of the model/optimizer objects) that returns findings. It
+declares:
+
+* ``kind``: ``"setup"`` (run by ``audit`` at construction and after every
+  control), ``"stage"`` (run on the records of ``stages``), ``"trend"`` (run
+  after optimizer steps, every ``every`` steps), ``"epoch"`` (at epoch ends)
+  or ``"loop"`` (on the watcher's loop-structure events);
+* ``needs``: record data keys that must be present and not ``None`` (the rule
+  is skipped, silently, when one is missing: e.g. activation statistics exist
+  only on scheduled steps);
+* ``sessions``: ``"runner"``, ``"watch"`` or both.
+
+Rules keep what they must remember between calls (counters, running label
+counts) in ``ctx.state``, a dict private to one rule and one session, held by
+the diagnoser. They never run torch passes over the weights every step: trend
+rules read the small per-step history arrays (a window of the newest rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.findings import Code, Finding
+from tlwidgets.core.records import StageRecord
+from tlwidgets.core.stages import Stage
+
+__all__ = [
+    "KINDS",
+    "Rule",
+    "RuleContext",
+    "SessionState",
+    "is_embedding_param",
+    "matrix_columns",
+    "nanmedian",
+    "rule",
+    "short_list",
+    "tail",
+]
+
+#: Allowed values of :attr:`Rule.kind`.
+KINDS = ("setup", "stage", "trend", "epoch", "loop")
+
+_SESSIONS = ("runner", "watch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One diagnostic rule.
+
+    Parameters
+    ----------
+    name
+        Unique name (also the key of the rule's private state).
+    codes
+        Finding codes the rule can produce.
+    kind
+        When it runs: one of :data:`KINDS`.
+    fn
+        ``fn(ctx) -> iterable of Finding`` (``None`` counts as no findings).
+    stages
+        For ``kind="stage"``: the stages whose records it reads.
+    needs
+        Record data keys that must be present and not ``None``; otherwise the rule is skipped.
+    every
+        For ``kind="trend"``: run when ``global_step % every == 0`` (and on each of the
+        first ``early`` steps), so heavier window statistics cost ``1/every`` per step.
+    early
+        Steps at the start during which a trend rule runs after every step.
+    sessions
+        Which sessions the rule applies to (``"runner"``, ``"watch"``).
+    """
+
+    name: str
+    codes: tuple[str, ...]
+    kind: str
+    fn: Callable[[RuleContext], Iterable[Finding] | None]
+    stages: tuple[Stage, ...] = ()
+    needs: tuple[str, ...] = ()
+    every: int = 1
+    early: int = 0
+    sessions: tuple[str, ...] = _SESSIONS
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for code in self.codes:
+            Code(code)  # raises on an unknown code
+        if self.kind == "stage" and not self.stages:
+            raise ValueError(f"stage rule {self.name!r} must name the stages it reads")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        bad = set(self.sessions) - set(_SESSIONS)
+        if bad:
+            raise ValueError(f"sessions must be among {_SESSIONS}, got {sorted(bad)}")
+
+    def applies(self, record: StageRecord | None) -> bool:
+        """True when ``record`` holds every key the rule needs (not ``None``)."""
+        if not self.needs:
+            return True
+        data = getattr(record, "data", None) or {}
+        return all(data.get(k) is not None for k in self.needs)
+
+
+def rule(
+    name: str,
+    codes: Sequence[str],
+    kind: str,
+    *,
+    stages: Sequence[Stage] = (),
+    needs: Sequence[str] = (),
+    every: int = 1,
+    early: int = 0,
+    sessions: Sequence[str] = _SESSIONS,
+) -> Callable[[Callable[[RuleContext], Any]], Rule]:
+    """Decorator turning ``fn(ctx)`` into a :class:`Rule` with these declarations."""
+
+    def wrap(fn: Callable[[RuleContext], Any]) -> Rule:
+        return Rule(
+            name=name,
+            codes=tuple(codes),
+            kind=kind,
+            fn=fn,
+            stages=tuple(Stage(s) for s in stages),
+            needs=tuple(needs),
+            every=every,
+            early=early,
+            sessions=tuple(sessions),
+        )
+
+    return wrap
+
+
+class SessionState:
+    """What the diagnoser remembers about one session.
+
+    Attributes
+    ----------
+    rules
+        Private dict of each rule, by rule name.
+    shared
+        Facts several rules read (e.g. running label counts), by key.
+    reported
+        The parameter tuple last reported under each (code, group), so a
+        recurring finding keeps a stable key (see :meth:`RuleContext.stable_params`).
+    cache
+        Derived facts about the model/optimizer objects (module types, param
+        groups); cleared by every audit because controls may change them.
+    last_step
+        Newest global step seen: a smaller one means the session was rewound.
+    """
+
+    def __init__(self) -> None:
+        self.rules: dict[str, dict[str, Any]] = {}
+        self.shared: dict[str, Any] = {}
+        self.reported: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.cache: dict[str, Any] = {}
+        self.last_step = 0
+
+    def of(self, name: str) -> dict[str, Any]:
+        """The private state dict of rule ``name`` (created empty)."""
+        got = self.rules.get(name)
+        if got is None:
+            got = self.rules[name] = {}
+        return got
+
+    def reset_time(self) -> None:
+        """Forget everything that depends on the order of steps (after a rewind)."""
+        self.rules.clear()
+        self.shared.clear()
+
+
+class RuleContext:
+    """What a rule function receives.
+
+    Attributes
+    ----------
+    session
+        The Runner or Watcher (``model``, ``optimizer``, ``loss_fn``,
+        ``named_params``, ``param_names``, ``history``, ``records``,
+        ``global_step``, ``kind``, ``scheduler``; a watcher also has ``loop``).
+    record
+        The stage or epoch record being diagnosed (``None`` for setup and trend rules).
+    state
+        The calling rule's private dict for this session.
+    session_state
+        The :class:`SessionState` of the session.
+    """
+
+    __slots__ = ("record", "session", "session_state", "state")
+
+    def __init__(self, session: Any, session_state: SessionState, record: Any = None) -> None:
+        self.session = session
+        self.session_state = session_state
+        self.record = record
+        self.state: dict[str, Any] = {}
+
+    # -- facts -----------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The step a finding should carry: the record's step, else the session's global step."""
+        rec = self.record
+        if rec is not None and isinstance(getattr(rec, "step", None), int):
+            return rec.step
+        return int(self.session.global_step)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The record's data dict (empty without a record)."""
+        rec = self.record
+        return rec.data if isinstance(rec, StageRecord) else {}
+
+    @property
+    def shared(self) -> dict[str, Any]:
+        return self.session_state.shared
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()`` once per audit period (controls clear the cache)."""
+        cache = self.session_state.cache
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """``{module name: module}`` of the model (root is ``""``)."""
+        return self.cached("modules", lambda: dict(self.session.model.named_modules()))
+
+    def param_module(self) -> dict[str, tuple[str, nn.Module]]:
+        """``{param name: (owning module name, module)}``."""
+
+        def build() -> dict[str, tuple[str, nn.Module]]:
+            mods = self.modules()
+            out = {}
+            for name in self.session.param_names:
+                owner = name.rpartition(".")[0]
+                out[name] = (owner, mods.get(owner, self.session.model))
+            return out
+
+        return self.cached("param_module", build)
+
+    def group_index(self) -> np.ndarray:
+        """Optimizer group of each tracked parameter (-1 when in no group), in history column order."""
+
+        def build() -> np.ndarray:
+            where = {id(p): i for i, g in enumerate(self.session.optimizer.param_groups) for p in g["params"]}
+            return np.array([where.get(id(p), -1) for _, p in self.session.named_params], dtype=np.int64)
+
+        return self.cached("group_index", build)
+
+    def weight_matrices(self) -> np.ndarray:
+        """History columns of the weight matrices/kernels (dim >= 2, not embeddings)."""
+        return self.cached("weight_matrices", lambda: matrix_columns(self.session))
+
+    def trainable(self) -> np.ndarray:
+        """Boolean mask (history column order) of parameters with ``requires_grad`` now."""
+        return np.array([p.requires_grad for _, p in self.session.named_params], dtype=bool)
+
+    # -- findings ----------------------------------------------------------------
+    def finding(
+        self,
+        code: str,
+        message: str,
+        *,
+        params: Iterable[str] = (),
+        stage: Stage | bool | None = True,
+        step: int | None = None,
+        evidence: dict[str, Any] | None = None,
+        severity: str | None = None,
+        cause: str | None = None,
+        fix: str | None = None,
+    ) -> Finding:
+        """:func:`make_finding` with the step and stage of the current record filled in.
+
+        ``stage=True`` (the default) takes the record's stage (``None`` without one).
+        """
+        if stage is True:
+            rec = self.record
+            stage = rec.stage if isinstance(rec, StageRecord) else None
+        return make_finding(
+            code,
+            message,
+            step=self.step if step is None else step,
+            stage=stage or None,
+            params=tuple(params),
+            evidence=evidence,
+            severity=severity,
+            cause=cause,
+            fix=fix,
+        )
+
+    def stable_params(self, code: str, names: Iterable[str], group: str = "") -> tuple[str, ...]:
+        """The parameter tuple to report for ``code`` so the finding's key stays put.
+
+        A recurring problem is reported under the union of all names seen so
+        far (in model order), so a step that shows a subset updates the same
+        finding instead of adding another. When the union grows, the entry
+        filed under the old, smaller tuple is dropped from the session's log.
+        """
+        order = self.cached("param_order", lambda: {n: i for i, n in enumerate(self.session.param_names)})
+        key = (code, group)
+        old = self.session_state.reported.get(key, ())
+        union = set(old) | set(names)
+        new = tuple(sorted(union, key=lambda n: (order.get(n, len(order)), n)))
+        if old and new != old:
+            log = getattr(self.session, "_log", None)
+            if log is not None and hasattr(log, "discard"):
+                log.discard(code, old)
+        self.session_state.reported[key] = new
+        return new
+
+
+# -- helpers ----------------------------------------------------------------------
+def is_embedding_param(module: nn.Module) -> bool:
+    """Embedding tables get sparse, row-wise updates: norms of the whole table say little."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+def matrix_columns(session: Any) -> np.ndarray:
+    """History columns of the weight matrices and kernels (dim >= 2), embeddings excluded."""
+    mods = dict(session.model.named_modules())
+    cols = []
+    for i, (name, p) in enumerate(session.named_params):
+        owner = mods.get(name.rpartition(".")[0])
+        if p.dim() >= 2 and not (owner is not None and is_embedding_param(owner)):
+            cols.append(i)
+    return np.array(cols, dtype=np.int64)
+
+
+def tail(history: Any, key: str, n: int) -> np.ndarray:
+    """The newest ``n`` rows of a history series, oldest first, without copying the whole ring.
+
+    ``key`` is ``loss``, ``step``, ``epoch``, ``lr``, ``grad_norm``,
+    ``weight_norm`` or ``update_norm``. Per-parameter series are cut to the
+    parameter columns and returned as float64.
+    """
+    ring = (
+        history._stats.get(key)
+        if key in getattr(history, "_stats", {})
+        else getattr(history, f"_{key}", None)
+    )
+    if ring is None or not hasattr(ring, "_data"):  # another History implementation: go through its API
+        values = np.asarray(getattr(history, key))
+        return values[-n:] if n else values[:0]
+    length = len(ring)
+    n = min(n, length)
+    idx = (ring._start + np.arange(length - n, length)) % ring.capacity
+    out = ring._data[idx]
+    if key in ("grad_norm", "weight_norm", "update_norm"):
+        out = out[:, : len(history.param_names)]
+    if out.dtype != np.float64 and key not in ("step", "epoch"):
+        out = out.astype(np.float64)
+    return out
+
+
+def nanmedian(values: Any, axis: int | None = None) -> Any:
+    """``np.nanmedian`` without the all-NaN warning (NaN where nothing was measured)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return math.nan if axis is None else np.full(np.delete(values.shape, axis), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = np.nanmedian(values, axis=axis)
+    return float(out) if axis is None else out
+
+
+def short_list(names: Sequence[str], n: int = 4) -> str:
+    """``a, b, c (+2 more)``."""
+    names = list(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def tensor_rows_identical(t: torch.Tensor, rel: float = 1e-6) -> bool:
+    """True when every row ``t[i]`` (first dimension) holds the same values (up to ``rel`` of the scale)."""
+    with torch.no_grad():
+        m = t.detach().reshape(t.shape[0], -1)
+        spread = (m.amax(0) - m.amin(0)).abs().max()
+        scale = m.abs().max()
+        vals = torch.stack([spread.float(), scale.float()]).cpu().tolist()
+    spread_v, scale_v = vals
+    if not (math.isfinite(spread_v) and math.isfinite(scale_v)):
+        return False
+    return spread_v <= rel * scale_v + 1e-30

@@ -1,0 +1,844 @@
+"""Per-stage rules: what one batch, one forward, one backward or one step shows.
+
+Each rule reads one stage record (and, where it needs them, the other records
+of the same step in ``session.records``). They are cheap: list and dict look-ups
+and numpy on per-parameter arrays; the only torch work is the symmetric-init
+check on the first few backward passes and a look at bias gradients on the
+activation schedule.
+
+The non-finite input/loss/gradient findings are the core's own and are not
+repeated here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tlwidgets.core.controls import is_norm_layer
+from tlwidgets.core.findings import Finding
+from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.rules.base import (
+    RuleContext,
+    is_embedding_param,
+    rule,
+    short_list,
+    tensor_rows_identical,
+)
+
+__all__ = [
+    "STAGE_RULES",
+    "bn_small_batch",
+    "dead_units_from_grads",
+    "disconnected_by_grad",
+    "disconnected_by_graph",
+    "eval_mode_training",
+    "frozen_bn_stats_drift",
+    "frozen_param_changed",
+    "input_not_normalized",
+    "loss_sum_reduction",
+    "param_not_updating",
+    "shape_broadcast",
+    "softmax_before_loss",
+    "zero_init",
+]
+
+# -- thresholds (docs/findings.md explains why each holds on healthy runs) -----------------------
+#: Input std above this (or |x| above INPUT_ABSMAX) is "far from unit scale".
+INPUT_STD_MAX = 10.0
+INPUT_ABSMAX = 100.0
+#: Inputs whose largest magnitude is below this are scaled down too far (e.g. divided by 255 twice).
+INPUT_ABSMAX_MIN = 1e-2
+#: Consecutive steps a trainable parameter must lack a gradient before it is called disconnected.
+DISCONNECTED_STEPS = 2
+#: Consecutive steps with a zero update (and a gradient) before param-not-updating (LR of 0 / LR > 0).
+NOT_UPDATING_STEPS_LR0 = 2
+NOT_UPDATING_STEPS = 5
+#: With an LR above 0, lr x |grad| must exceed this fraction of |w| (float32 rounding cannot hide it).
+VISIBLE_UPDATE = 1e-5
+#: Fraction of a layer's units with exactly zero bias gradient, and how many checks in a row.
+DEAD_GRAD_FRAC = 0.9
+DEAD_CHECKS = 3
+#: Symmetric-init checks (first backward passes) that must agree.
+ZERO_INIT_CHECKS = 2
+ZERO_INIT_MAX_CHECKS = 3
+
+# Losses that apply log_softmax / sigmoid themselves and so expect raw logits.
+_EXPECT_LOGITS = {
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "BCEWithLogitsLoss",
+    "binary_cross_entropy_with_logits",
+}
+_EXPECT_LOG_PROBS = {"NLLLoss", "nll_loss"}
+_SIGMOID_LOGIT_LOSSES = {"BCEWithLogitsLoss", "binary_cross_entropy_with_logits"}
+# Losses that compare prediction and target element by element (shapes must match).
+_ELEMENTWISE = {
+    "MSELoss",
+    "L1Loss",
+    "SmoothL1Loss",
+    "HuberLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "SoftMarginLoss",
+    "PoissonNLLLoss",
+    "KLDivLoss",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+}
+_CLASS_LOSSES = {"CrossEntropyLoss", "cross_entropy", "NLLLoss", "nll_loss", "MultiMarginLoss"}
+
+
+# ================================================================================ FETCH
+def _first_leaf(ctx: RuleContext) -> nn.Module | None:
+    def build() -> nn.Module | None:
+        for _, m in ctx.session.model.named_modules():
+            if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False)):
+                return m
+        return None
+
+    return ctx.cached("first_leaf", build)
+
+
+@rule("input-not-normalized", ["input-not-normalized"], "stage", stages=[Stage.FETCH], needs=["tensors"])
+def input_not_normalized(ctx: RuleContext) -> list[Finding]:
+    """Floating-point inputs (per-example feature tensors) far from unit scale."""
+    first = _first_leaf(ctx)
+    if first is not None and is_norm_layer(first):  # the model normalizes its own input
+        return []
+    found = []
+    for path, info in ctx.data["tensors"].items():
+        if not path.startswith("inputs") or "std" not in info or len(info.get("shape", ())) < 2:
+            continue  # targets, integer tensors (token ids), per-example scalars (timesteps, lengths)
+        lo, hi, std, mean = info.get("min"), info.get("max"), info.get("std"), info.get("mean")
+        if lo is None or hi is None or std is None or not all(map(math.isfinite, (lo, hi, std))):
+            continue
+        absmax = max(abs(lo), abs(hi))
+        if std > INPUT_STD_MAX or absmax > INPUT_ABSMAX:
+            what = f"std {std:.3g}, range [{lo:.4g}, {hi:.4g}]"
+            cause = (
+                f"'{path}' spans [{lo:.4g}, {hi:.4g}] (std {std:.3g}), far from zero mean and unit scale, "
+                "so the first layer's pre-activations and gradients are huge and the usable learning rate "
+                "tiny."
+            )
+        elif 0 < absmax < INPUT_ABSMAX_MIN:
+            what = f"all values within ±{absmax:.2g}"
+            cause = (
+                f"'{path}' never exceeds {absmax:.2g} in magnitude (scaled down twice, e.g. divided by 255 "
+                "after ToTensor()), so the first layer sees almost no signal."
+            )
+        else:
+            continue
+        found.append(
+            ctx.finding(
+                "input-not-normalized",
+                f"input '{path}' is not normalized: {what} (mean {mean:.3g})",
+                params=(path,),
+                evidence={"tensor": path, "min": lo, "max": hi, "mean": mean, "std": std},
+                cause=cause,
+            )
+        )
+    return found
+
+
+# ================================================================================ LOSS
+def _loss_name(ctx: RuleContext) -> str:
+    name = ctx.data.get("loss_fn")
+    if name:
+        return str(name)
+    fn = getattr(ctx.session, "loss_fn", None)
+    return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", "")
+
+
+@rule(
+    "softmax-before-loss",
+    ["softmax-before-loss"],
+    "stage",
+    stages=[Stage.LOSS],
+    needs=["output_shape"],
+)
+def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
+    """(Log-)probabilities fed to a loss that applies (log_)softmax itself (or softmax fed to NLL)."""
+    d = ctx.data
+    name = _loss_name(ctx)
+    prob, logprob = d.get("output_is_probability"), d.get("output_is_log_probability")
+    if name in _EXPECT_LOGITS and name not in _SIGMOID_LOGIT_LOSSES and (prob or logprob):
+        kind = "probabilities (softmax output)" if prob else "log-probabilities (log_softmax output)"
+        cause = f"The model's output rows are already {kind}, but {name} applies log_softmax itself" + (
+            ", so gradients are squashed and learning stalls."
+            if prob
+            else "; it happens to give the same loss, but the final log_softmax is redundant and "
+            "hides which loss the model was meant for."
+        )
+        fix = (
+            "Remove the final nn.Softmax / nn.LogSoftmax and feed raw logits to nn.CrossEntropyLoss "
+            "(or keep log_softmax and switch to nn.NLLLoss)."
+        )
+        return [
+            ctx.finding(
+                "softmax-before-loss",
+                f"{name} receives {kind}: rows sum to 1 within {d.get('output_row_sum_dev', 0):.1e}"
+                if prob
+                else f"{name} receives {kind}: logsumexp of each row is 0 within "
+                f"{d.get('output_logsumexp_dev', 0):.1e}",
+                evidence={"loss_fn": name, "probability": bool(prob), "log_probability": bool(logprob)},
+                cause=cause,
+                fix=fix,
+            )
+        ]
+    if name in _EXPECT_LOG_PROBS and prob and not logprob:
+        return [
+            ctx.finding(
+                "softmax-before-loss",
+                f"{name} receives probabilities (softmax output) where it expects log-probabilities",
+                evidence={"loss_fn": name, "probability": True},
+                cause=f"{name} expects log_softmax output but gets softmax probabilities, so the loss is "
+                "-p(target) instead of -log p(target) and its gradients vanish as p grows.",
+                fix="Use F.log_softmax(logits, dim=1) with nn.NLLLoss, or feed raw logits to "
+                "nn.CrossEntropyLoss.",
+            )
+        ]
+    if name in _SIGMOID_LOGIT_LOSSES and ctx.session.kind == "runner":
+        return _sigmoid_before_bce(ctx, name)
+    return []
+
+
+def _sigmoid_before_bce(ctx: RuleContext, name: str) -> list[Finding]:
+    """BCEWithLogitsLoss fed outputs strictly inside (0, 1) for several steps: a sigmoid was applied."""
+    fwd = ctx.session.records.get(Stage.FORWARD)
+    if fwd is None or fwd.step != ctx.step:
+        return []
+    lo, hi = fwd.data.get("output_min"), fwd.data.get("output_max")
+    st = ctx.state
+    inside = lo is not None and hi is not None and lo > 0.0 and hi < 1.0
+    st["inside"] = st.get("inside", 0) + 1 if inside else 0
+    if st["inside"] < 3:
+        return []
+    return [
+        ctx.finding(
+            "softmax-before-loss",
+            f"{name} receives values strictly inside (0, 1) (range [{lo:.3g}, {hi:.3g}]) on "
+            f"{st['inside']} steps in a row: a sigmoid was applied before a loss that applies it itself",
+            evidence={"loss_fn": name, "output_min": lo, "output_max": hi},
+            cause=f"The model ends in a sigmoid, but {name} applies the sigmoid itself, so the outputs are "
+            "squashed twice and gradients shrink.",
+            fix="Remove the final nn.Sigmoid and keep nn.BCEWithLogitsLoss (or keep the sigmoid and use "
+            "nn.BCELoss).",
+        )
+    ]
+
+
+@rule(
+    "shape-broadcast",
+    ["shape-broadcast"],
+    "stage",
+    stages=[Stage.LOSS],
+    needs=["output_shape", "target_shape"],
+)
+def shape_broadcast(ctx: RuleContext) -> list[Finding]:
+    """Prediction and target shapes differ but broadcast, so an element-wise loss compares all pairs."""
+    d = ctx.data
+    out, tgt = tuple(d["output_shape"]), tuple(d["target_shape"])
+    if out == tgt or not out or not tgt:
+        return []
+    name = _loss_name(ctx)
+    if name in _CLASS_LOSSES:
+        return []  # (N, C) outputs with (N,) class targets are the normal layout
+    floating = str(d.get("target_dtype") or "").startswith(("float", "bfloat", "half", "double"))
+    if name not in _ELEMENTWISE and not floating:
+        return []
+    try:
+        full = tuple(torch.broadcast_shapes(out, tgt))
+    except RuntimeError:
+        return []  # incompatible: the loss raises, and the stage-error explanation covers it
+    return [
+        ctx.finding(
+            "shape-broadcast",
+            f"{name or 'the loss'} gets output {list(out)} and target {list(tgt)}, which broadcast to "
+            f"{list(full)}",
+            evidence={"output_shape": out, "target_shape": tgt, "broadcast_shape": full, "loss_fn": name},
+            cause=f"The prediction {list(out)} and target {list(tgt)} have different shapes, so the loss "
+            f"broadcasts them to {list(full)} and compares predictions with the wrong targets.",
+            fix="Make the shapes identical before the loss, e.g. output.squeeze(-1) or "
+            "target.view_as(output).",
+        )
+    ]
+
+
+@rule("loss-sum-reduction", ["loss-sum-reduction"], "stage", stages=[Stage.LOSS], needs=["loss"])
+def loss_sum_reduction(ctx: RuleContext) -> list[Finding]:
+    """``reduction='sum'``, or a class loss larger than any mean over the batch could be."""
+    d = ctx.data
+    name = _loss_name(ctx)
+    if d.get("reduction") == "sum":
+        return [
+            ctx.finding(
+                "loss-sum-reduction",
+                f"{name} uses reduction='sum': the loss and its gradient grow with the batch size "
+                f"({d.get('batch_size')})",
+                evidence={"reduction": "sum", "batch_size": d.get("batch_size"), "loss": d.get("loss")},
+            )
+        ]
+    # For a cross-entropy-like loss on logits z, every example's loss is at most
+    # ln C + (max z - min z); a mean over the batch cannot exceed that bound.
+    if d.get("reduction") is not None or ctx.session.kind != "runner":
+        return []
+    expected, loss, batch = d.get("expected_initial_loss"), d.get("loss"), d.get("batch_size") or 0
+    fwd = ctx.session.records.get(Stage.FORWARD)
+    if expected is None or batch < 4 or fwd is None or fwd.step != ctx.step or not math.isfinite(loss):
+        return []
+    if not str(d.get("target_dtype") or "").startswith(("int", "long", "uint")):
+        return []
+    lo, hi = fwd.data.get("output_min"), fwd.data.get("output_max")
+    if lo is None or hi is None:
+        return []
+    bound = expected + (hi - lo) + max(0.0, -lo)
+    if loss <= 2.0 * bound or loss < 0.25 * batch * expected:
+        return []
+    return [
+        ctx.finding(
+            "loss-sum-reduction",
+            f"the loss {loss:.4g} exceeds what a mean over the batch can reach ({bound:.3g}); "
+            f"it scales with the batch size ({batch})",
+            evidence={"loss": loss, "bound": bound, "batch_size": batch, "loss_fn": name},
+            cause="The per-example losses are summed (e.g. .sum() or reduction='sum'), so the gradient "
+            "scales "
+            "with the batch size and so does the effective learning rate.",
+            fix="Average over the batch: loss.mean(), reduction='mean', or divide the sum by the batch size.",
+        )
+    ]
+
+
+def _bn_train_modules(ctx: RuleContext, fwd: Any) -> list[str]:
+    """BatchNorm modules that used batch statistics in this forward (train mode)."""
+    bns = ctx.cached(
+        "bn_modules",
+        lambda: [
+            n for n, m in ctx.session.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ],
+    )
+    if not bns:
+        return []
+    eval_names = set(fwd.data.get("eval_modules") or [])
+    return [n for n in bns if n not in eval_names]
+
+
+@rule("bn-small-batch", ["bn-small-batch"], "stage", stages=[Stage.LOSS])
+def bn_small_batch(ctx: RuleContext) -> list[Finding]:
+    """Batch norm in train mode on a batch of 1 or 2 examples."""
+    fetch = ctx.session.records.get(Stage.FETCH)
+    batch = fetch.data.get("batch_size") if fetch is not None and fetch.step == ctx.step else None
+    if batch is None:
+        batch = ctx.data.get("batch_size")
+    if batch is None or batch > 2:
+        return []
+    fwd = ctx.session.records.get(Stage.FORWARD)
+    if fwd is None:
+        return []
+    bns = _bn_train_modules(ctx, fwd)
+    if not bns:
+        return []
+    params = ctx.stable_params("bn-small-batch", bns)
+    return [
+        ctx.finding(
+            "bn-small-batch",
+            f"batch norm trained on a batch of {batch}: {short_list(bns)}",
+            params=params,
+            evidence={"batch_size": batch, "modules": bns},
+        )
+    ]
+
+
+@rule(
+    "disconnected-by-graph",
+    ["disconnected-param"],
+    "stage",
+    stages=[Stage.LOSS],
+    needs=["unreached"],
+)
+def disconnected_by_graph(ctx: RuleContext) -> list[Finding]:
+    """Trainable optimizer parameters the loss's graph does not reach, two measured steps in a row."""
+    groups = ctx.group_index()
+    index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
+    unreached = [n for n in ctx.data["unreached"] if n in index and groups[index[n]] >= 0]
+    return _disconnected(ctx, unreached, "the loss's autograd graph does not reach them")
+
+
+@rule(
+    "disconnected-by-grad",
+    ["disconnected-param", "param-not-updating"],
+    "stage",
+    stages=[Stage.BACKWARD],
+    needs=["missing_grad"],
+)
+def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
+    """Trainable optimizer parameters whose ``.grad`` is still ``None`` after backward, two steps in a row.
+
+    In an own loop, a parameter the loss *did* reach but that has no gradient
+    at ``optimizer.step()`` had its gradient cleared in between (a
+    ``zero_grad()`` between ``backward()`` and ``step()``).
+    """
+    groups = ctx.group_index()
+    index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
+    missing = [n for n in ctx.data["missing_grad"] if n in index and groups[index[n]] >= 0]
+    found: list[Finding] = []
+    if ctx.session.kind == "watch" and missing:
+        loss = ctx.session.records.get(Stage.LOSS)
+        reached = set(loss.data.get("reached") or []) if loss is not None and loss.step == ctx.step else set()
+        cleared = [n for n in missing if n in reached]
+        st = ctx.state
+        st["cleared"] = st.get("cleared", 0) + 1 if cleared else 0
+        if cleared:
+            missing = [n for n in missing if n not in reached]
+            if st["cleared"] >= 1:
+                params = ctx.stable_params("param-not-updating", cleared, "cleared")
+                found.append(
+                    ctx.finding(
+                        "param-not-updating",
+                        f"{len(cleared)} parameter(s) reached by the loss have no gradient at "
+                        "optimizer.step(): "
+                        f"{short_list(cleared)}",
+                        params=params,
+                        evidence={"params": cleared},
+                        cause="The gradients that backward() computed are cleared before optimizer.step() "
+                        "runs "
+                        "(optimizer.zero_grad() sits between loss.backward() and optimizer.step()), "
+                        "so the step has nothing to apply.",
+                        fix="Call optimizer.zero_grad() before loss.backward() (at the start of the "
+                        "iteration), "
+                        "never between backward() and step().",
+                    )
+                )
+    found.extend(_disconnected(ctx, missing, "their .grad is still None after backward()"))
+    return found
+
+
+def _disconnected(ctx: RuleContext, names: list[str], why: str) -> list[Finding]:
+    st = ctx.state
+    streak: dict[str, int] = st.setdefault("streak", {})
+    now = set(names)
+    for n in list(streak):
+        if n not in now:
+            del streak[n]
+    for n in names:
+        streak[n] = streak.get(n, 0) + 1
+    hit = [n for n in names if streak[n] >= DISCONNECTED_STEPS]
+    if not hit:
+        return []
+    params = ctx.stable_params("disconnected-param", hit)
+    mods = sorted({n.rpartition(".")[0] or n for n in hit})
+    return [
+        ctx.finding(
+            "disconnected-param",
+            f"{len(hit)} trainable parameter(s) in the optimizer get no gradient ({why}): {short_list(hit)}",
+            params=params,
+            evidence={"params": hit, "modules": mods, "steps": max(streak[n] for n in hit)},
+            cause=f"The loss does not depend on {short_list(mods, 3)}: a .detach(), an .item()/.numpy() "
+            "round "
+            "trip, torch.no_grad(), or a branch that forward() never uses cuts it off, so its .grad stays "
+            "None.",
+        )
+    ]
+
+
+# ================================================================================ BACKWARD
+@rule("zero-init", ["zero-init"], "stage", stages=[Stage.BACKWARD], needs=["grad_norm"])
+def zero_init(ctx: RuleContext) -> list[Finding]:
+    """Weight matrices whose rows (units) are identical *and* get identical gradients: symmetry never breaks.
+
+    Checked on the first few backward passes only (one pass over those
+    weights and gradients each): a zero last layer whose gradient rows differ
+    (a deliberate init in some architectures) is not flagged.
+    """
+    st = ctx.state
+    checks = st.get("checks", 0)
+    if ctx.data.get("loop_event") or checks >= ZERO_INIT_MAX_CHECKS:
+        return []
+    st["checks"] = checks + 1
+    owners = ctx.param_module()
+    hits: dict[str, int] = st.setdefault("hits", {})
+    found = []
+    for name, p in ctx.session.named_params:
+        g = p.grad
+        if p.dim() < 2 or p.shape[0] < 2 or not p.requires_grad or g is None or g.is_sparse:
+            continue
+        if is_embedding_param(owners[name][1]):
+            continue
+        if tensor_rows_identical(p) and tensor_rows_identical(g):
+            hits[name] = hits.get(name, 0) + 1
+        else:
+            hits.pop(name, None)
+            continue
+        if hits[name] >= ZERO_INIT_CHECKS:
+            with torch.no_grad():
+                value = float(p.detach().reshape(-1)[0])
+                gzero = bool((g == 0).all())
+            module = owners[name][0]
+            what = "all zero" if value == 0 else f"all rows equal (first value {value:.3g})"
+            found.append(
+                ctx.finding(
+                    "zero-init",
+                    f"'{name}' ({p.shape[0]} units) is {what} and its gradient rows are "
+                    + ("all zero" if gzero else "identical too")
+                    + f" on {hits[name]} steps: its units stay copies of each other",
+                    params=(name,),
+                    evidence={
+                        "param": name,
+                        "first_value": value,
+                        "grad_zero": gzero,
+                        "units": int(p.shape[0]),
+                    },
+                    cause=f"'{name}' was initialized symmetrically (all zeros or one constant), so every "
+                    "unit of "
+                    f"'{module}' computes the same output and gets the same gradient, and they never become "
+                    "different.",
+                    fix=f"Initialize '{name}' randomly, e.g. "
+                    f"nn.init.kaiming_uniform_({module or 'layer'}.weight, "
+                    "a=5 ** 0.5) (PyTorch's default) or nn.init.xavier_uniform_, and keep zeros for biases "
+                    "only.",
+                )
+            )
+    return found
+
+
+def _relu_like(m: nn.Module) -> bool:
+    return isinstance(m, (nn.ReLU, nn.ReLU6, nn.Threshold)) or (
+        isinstance(m, nn.Hardtanh) and getattr(m, "min_val", -1) >= 0
+    )
+
+
+@rule("dead-units-from-grads", ["dead-relu"], "stage", stages=[Stage.BACKWARD], needs=["grad_norm"])
+def dead_units_from_grads(ctx: RuleContext) -> list[Finding]:
+    """Layers whose bias gradient is exactly zero for most units on several checks: units behind a dead ReLU.
+
+    Covers models that apply ReLU functionally (``F.relu``), which the
+    activation probes cannot see as a module; models with ``nn.ReLU``
+    modules are judged from the activation statistics instead
+    (:func:`tlwidgets.diagnostics.rules.trend.dead_relu`). Checked on the
+    activation schedule (first 3 steps, then every 10): one small pass over
+    the bias gradients.
+    """
+    s = ctx.session
+    if ctx.data.get("loop_event"):
+        return []
+    has_relu_modules = ctx.cached("has_relu_modules", lambda: any(_relu_like(m) for m in s.model.modules()))
+    if has_relu_modules:
+        return []
+    step = ctx.step
+    if not (step < 3 or step % 10 == 0):
+        return []
+    owners = ctx.param_module()
+    cands = ctx.cached(
+        "bias_params",
+        lambda: [
+            (n, p)
+            for n, p in s.named_params
+            if p.dim() == 1
+            and n.endswith("bias")
+            and p.numel() >= 4
+            and isinstance(owners[n][1], (nn.Linear, nn.modules.conv._ConvNd))
+        ],
+    )
+    live = [(n, p.grad) for n, p in cands if p.requires_grad and p.grad is not None]
+    if not live:
+        return []
+    with torch.no_grad():
+        fracs = torch.stack([(g == 0).float().mean() for _, g in live]).cpu().numpy()
+    st = ctx.state
+    streak: dict[str, int] = st.setdefault("streak", {})
+    found = []
+    for (name, _), frac in zip(live, fracs):
+        if frac > DEAD_GRAD_FRAC:
+            streak[name] = streak.get(name, 0) + 1
+        else:
+            streak.pop(name, None)
+            continue
+        if streak[name] >= DEAD_CHECKS:
+            module = owners[name][0]
+            found.append(
+                ctx.finding(
+                    "dead-relu",
+                    f"{frac:.0%} of the units of '{module}' get exactly zero gradient on {streak[name]} "
+                    "checks "
+                    "in a row: they sit behind a ReLU that never fires",
+                    params=(module,),
+                    evidence={"module": module, "zero_grad_frac": float(frac), "checks": streak[name]},
+                )
+            )
+    return found
+
+
+# ================================================================================ STEP
+@rule(
+    "frozen-param-changed",
+    ["frozen-param-changed"],
+    "stage",
+    stages=[Stage.STEP],
+    needs=["frozen_changed"],
+)
+def frozen_param_changed(ctx: RuleContext) -> list[Finding]:
+    """A parameter with ``requires_grad=False`` changed during ``optimizer.step()``."""
+    changed = list(ctx.data["frozen_changed"])
+    if not changed:
+        return []
+    opt = ctx.session.optimizer
+    groups = ctx.group_index()
+    index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
+    why = set()
+    for n in changed:
+        gi = groups[index[n]] if n in index else -1
+        if gi >= 0:
+            g = opt.param_groups[gi]
+            if float(g.get("weight_decay", 0) or 0) > 0:
+                why.add("weight decay")
+            if float(g.get("momentum", 0) or 0) > 0 or "betas" in g:
+                why.add("momentum")
+    how = " and ".join(sorted(why)) or "the optimizer"
+    params = ctx.stable_params("frozen-param-changed", changed)
+    return [
+        ctx.finding(
+            "frozen-param-changed",
+            f"{len(changed)} frozen parameter(s) (requires_grad=False) changed at optimizer.step(): "
+            f"{short_list(changed)}",
+            params=params,
+            severity="error",
+            evidence={"params": changed, "moved_by": sorted(why)},
+            cause=f"These parameters have requires_grad=False but are still in an optimizer group, and {how} "
+            "keeps moving them through their stale gradient.",
+        )
+    ]
+
+
+@rule(
+    "param-not-updating",
+    ["param-not-updating"],
+    "stage",
+    stages=[Stage.STEP],
+    needs=["update_norm"],
+)
+def param_not_updating(ctx: RuleContext) -> list[Finding]:
+    """A trainable optimizer parameter with a non-zero gradient but an exactly zero update, step after step."""
+    s = ctx.session
+    update = np.asarray(ctx.data["update_norm"], dtype=np.float64)
+    bwd = s.records.get(Stage.BACKWARD)
+    if bwd is None or bwd.step != ctx.step or bwd.data.get("grad_norm") is None:
+        return []
+    grad = np.asarray(bwd.data["grad_norm"], dtype=np.float64)
+    if grad.shape != update.shape:
+        return []
+    groups = ctx.group_index()
+    if groups.shape != update.shape:
+        return []
+    lrs = [float(g["lr"]) for g in s.optimizer.param_groups]
+    lr = np.array([lrs[g] if 0 <= g < len(lrs) else np.nan for g in groups])
+    trainable = ctx.trainable()
+    stuck = (update == 0) & (grad > 0) & np.isfinite(grad) & (groups >= 0) & trainable
+    st = ctx.state
+    streak = st.get("streak")
+    if streak is None or streak.shape != stuck.shape:
+        streak = np.zeros(stuck.shape, dtype=np.int64)
+    streak = np.where(stuck, streak + 1, 0)
+    st["streak"] = streak
+    if not stuck.any():
+        return []
+    embed = ctx.cached(
+        "embedding_cols",
+        lambda: np.array([is_embedding_param(m) for _, m in ctx.param_module().values()], dtype=bool),
+    )
+    # With an LR above 0, a zero update must not be explained by rounding: a plain SGD step
+    # (lr x grad) would have moved the weights visibly. Tiny LRs and vanishing gradients are
+    # reported by the LR and gradient rules instead.
+    weight = np.asarray(ctx.data.get("weight_norm", np.full(update.shape, np.nan)), dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        visible = (lr * grad > VISIBLE_UPDATE * weight) | (weight == 0)
+    need = np.where(lr == 0, NOT_UPDATING_STEPS_LR0, NOT_UPDATING_STEPS)
+    hit = (streak >= need) & ~embed & ((lr == 0) | visible)
+    if not hit.any():
+        return []
+    names = [n for n, h in zip(s.param_names, hit) if h]
+    zero_lr = sorted({int(groups[i]) for i in np.flatnonzero(hit) if lr[i] == 0})
+    if zero_lr:
+        cause = (
+            f"The learning rate of optimizer group(s) {zero_lr} is 0, so optimizer.step() leaves these "
+            "parameters unchanged although they have gradients."
+        )
+        fix = (
+            "Give the group a learning rate above 0 (runner.set_lr(lr, group=...) or "
+            "optimizer.param_groups[i]['lr'] = ...), and check the scheduler's lambda does not return 0."
+        )
+    else:
+        cause = (
+            "optimizer.step() leaves these parameters unchanged although they have non-zero gradients: "
+            "the learning rate is so small that the update rounds away, or the optimizer skips them."
+        )
+        fix = None
+    params = ctx.stable_params("param-not-updating", names)
+    return [
+        ctx.finding(
+            "param-not-updating",
+            f"{len(names)} parameter(s) have gradients but did not change for {int(streak[hit].min())} "
+            "steps: "
+            f"{short_list(names)}",
+            params=params,
+            evidence={"params": names, "zero_lr_groups": zero_lr, "steps": int(streak[hit].min())},
+            cause=cause,
+            fix=fix,
+        )
+    ]
+
+
+def _forward_of_step(ctx: RuleContext) -> Any:
+    """The FORWARD record of the step being diagnosed (Runner: at FORWARD; watch: read at STEP)."""
+    rec = ctx.record
+    if rec.stage is Stage.FORWARD:
+        return rec if ctx.session.kind == "runner" else None
+    if ctx.session.kind != "watch":
+        return None
+    fwd = ctx.session.records.get(Stage.FORWARD)
+    return fwd if fwd is not None and fwd.step == rec.step else None
+
+
+def _has_trainable_under(ctx: RuleContext, module_name: str) -> bool:
+    prefix = module_name + "." if module_name else ""
+    return any(p.requires_grad for n, p in ctx.session.named_params if n.startswith(prefix))
+
+
+@rule("eval-mode-training", ["eval-mode-training"], "stage", stages=[Stage.FORWARD, Stage.STEP])
+def eval_mode_training(ctx: RuleContext) -> list[Finding]:
+    """A training forward ran with the model, or dropout / batch-norm layers that train, in eval mode.
+
+    Batch-norm layers whose parameters are all frozen (or the runner's own
+    ``freeze(..., bn_eval=True)``) are in eval mode on purpose, and so is
+    dropout inside a fully frozen part of the model.
+    """
+    fwd = _forward_of_step(ctx)
+    if fwd is None or fwd.data.get("grad_enabled") is False:
+        return []
+    eval_names = list(fwd.data.get("eval_modules") or [])
+    model_eval = fwd.data.get("training") is False or "<model>" in eval_names
+    if not eval_names and not model_eval:
+        return []
+    mods = ctx.modules()
+    deliberate = set(getattr(ctx.session, "_bn_eval", {}) or {})
+    affected = []
+    for name in eval_names:
+        if name == "<model>" or name in deliberate:
+            continue
+        m = mods.get(name)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            own = list(m.parameters(recurse=False))
+            if own and any(p.requires_grad for p in own):
+                affected.append(name)
+        elif (
+            isinstance(m, nn.modules.dropout._DropoutNd)
+            and float(getattr(m, "p", 0) or 0) > 0
+            and _has_trainable_under(ctx, name.rpartition(".")[0])
+        ):
+            affected.append(name)
+    if affected:
+        params = ctx.stable_params("eval-mode-training", affected)
+        head = "the model is in eval mode" if model_eval else "some layers are in eval mode"
+        return [
+            ctx.finding(
+                "eval-mode-training",
+                f"{head} during a training step: {short_list(affected)} "
+                "(dropout off, batch norm using running statistics)",
+                params=params,
+                stage=Stage.FORWARD,
+                evidence={"modules": affected, "model_training": not model_eval},
+            )
+        ]
+    if model_eval:
+        mode_dependent = ctx.cached(
+            "mode_dependent",
+            lambda: any(
+                isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+                for m in ctx.session.model.modules()
+            ),
+        )
+        if mode_dependent:
+            return []  # only frozen parts are affected: a deliberate choice
+        return [
+            ctx.finding(
+                "eval-mode-training",
+                "the model is in eval mode during a training step; it has no dropout or batch-norm layer, "
+                "so this changes nothing unless custom layers read self.training",
+                params=("<model>",),
+                stage=Stage.FORWARD,
+                severity="info",
+                evidence={"modules": ["<model>"], "model_training": False},
+            )
+        ]
+    return []
+
+
+@rule("frozen-bn-stats-drift", ["frozen-bn-stats-drift"], "stage", stages=[Stage.FORWARD, Stage.STEP])
+def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
+    """Batch-norm layers with frozen parameters that run in train mode, so their running statistics move."""
+    fwd = _forward_of_step(ctx)
+    if fwd is None or fwd.data.get("grad_enabled") is False:
+        return []
+    bns = ctx.cached(
+        "bn_modules_obj",
+        lambda: [
+            (n, m)
+            for n, m in ctx.session.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ],
+    )
+    if not bns:
+        return []
+    eval_names = set(fwd.data.get("eval_modules") or [])
+    drifting = []
+    for name, m in bns:
+        if name in eval_names or not m.track_running_stats or m.momentum == 0:
+            continue
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            drifting.append(name)
+    if not drifting or not ctx.trainable().any():
+        return []
+    params = ctx.stable_params("frozen-bn-stats-drift", drifting)
+    freeze_hint = (
+        f"runner.freeze('{drifting[0].rpartition('.')[0] or drifting[0]}', bn_eval=True) or "
+        if ctx.session.kind == "runner"
+        else ""
+    )
+    return [
+        ctx.finding(
+            "frozen-bn-stats-drift",
+            f"{len(drifting)} frozen batch-norm layer(s) run in train mode, so their running statistics keep "
+            f"moving: {short_list(drifting)}",
+            params=params,
+            stage=Stage.FORWARD,
+            evidence={"modules": drifting},
+            fix=f"Keep frozen batch-norm layers in eval mode: {freeze_hint}call .eval() on each of them "
+            "after every "
+            "model.train() (or set their momentum=0).",
+        )
+    ]
+
+
+STAGE_RULES = (
+    input_not_normalized,
+    softmax_before_loss,
+    shape_broadcast,
+    loss_sum_reduction,
+    bn_small_batch,
+    disconnected_by_graph,
+    disconnected_by_grad,
+    zero_init,
+    dead_units_from_grads,
+    frozen_param_changed,
+    param_not_updating,
+    eval_mode_training,
+    frozen_bn_stats_drift,
+)

@@ -1,0 +1,947 @@
+"""Trend rules: what a window of steps (or epochs) shows.
+
+They read the newest rows of the per-step history (a window of at most a few
+dozen rows, never the whole ring), compare robust statistics (medians of
+window halves, not single steps, because minibatch losses are noisy) and run
+every few steps (``Rule.every``), so their cost per step stays in the
+microseconds. Label statistics accumulate in a small per-session state from
+the FETCH records.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import numpy as np
+
+from tlwidgets.core.findings import Finding
+from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.rules.base import RuleContext, nanmedian, rule, short_list, tail
+
+__all__ = [
+    "TREND_RULES",
+    "dead_relu",
+    "exploding_at_overflow",
+    "exploding_gradients",
+    "labels",
+    "loss_plateau",
+    "lr_at_nan",
+    "lr_rate",
+    "over_regularization",
+    "overfitting",
+    "scheduler_too_fast",
+    "vanishing_gradients",
+]
+
+# -- thresholds (docs/findings.md explains why each holds on healthy runs) -----------------------
+#: Steps of history the LR rules look at, and the least they need.
+LR_WINDOW = 20
+LR_MIN_STEPS = 10
+#: Median update/weight ratio above which an LR is "far above ~1e-3" (with a misbehaving loss) ...
+LR_HIGH_RATIO = 0.05
+#: ... and above which it is too high whatever the loss does (weights change by half their norm per step).
+LR_EXTREME_RATIO = 0.5
+#: The loss "rises" when the newer half-window median exceeds the older one by this fraction, ...
+LOSS_RISE = 0.15
+#: ... "diverges" when it exceeds the run's starting loss by this factor, ...
+LOSS_DIVERGE = 1.5
+#: ... "oscillates" when the median step-to-step change is this fraction of the loss level
+#: (while still above LR_STILL_HIGH of the starting loss).
+LOSS_VOLATILITY = 0.4
+LR_STILL_HIGH = 0.3
+#: Median update/weight ratio below which an LR is "far below ~1e-3" (loss barely moving).
+LR_LOW_RATIO = 3e-5
+#: ... and the fastest-moving weight matrix below this.
+LR_LOW_FASTEST = 3e-4
+LR_LOW_MIN_STEPS = 20
+#: Barely moving: newest loss above this fraction of the starting loss.
+LOSS_BARELY_MOVED = 0.95
+#: scheduler-too-fast: LR below this fraction of its peak counts as collapsed ...
+SCHED_COLLAPSE = 1e-3
+#: ... a dip below this fraction counts as one "near zero" excursion (periodic schedules) ...
+SCHED_DIP = 1e-2
+#: ... and it must happen within this many epochs (Runner) or steps (own loop).
+SCHED_EPOCHS = 2
+SCHED_STEPS = 1000
+#: exploding: total grad norm this many times its starting level ...
+EXPLODE_GROWTH = 100.0
+#: ... or grad/weight norm ratio of the typical weight matrix above this on the first steps.
+EXPLODE_INIT_RATIO = 1e3
+#: vanishing: first weight matrix's grad/weight ratio below this fraction of the last ones'.
+VANISH_RATIO = 1e-4
+VANISH_MIN_MATRICES = 4
+VANISH_WINDOW = 10
+#: dead-relu: fraction of a ReLU layer's units never positive, on this many measurements in a row.
+DEAD_FRAC = 0.9
+DEAD_MEASUREMENTS = 3
+#: over-regularization: decay term's share, weight shrink and the loss stuck near its start.
+REG_SHARE = 0.5
+REG_SHARE_STRONG = 2.0
+REG_SHRINK = 0.95
+REG_STUCK = 0.2
+#: loss-plateau: improvement below this fraction between two windows of PLATEAU_WINDOW steps.
+PLATEAU_IMPROVEMENT = 0.01
+PLATEAU_WINDOW = 50
+#: overfitting: validation loss rising this many epochs in a row, by at least this fraction of its best.
+OVERFIT_RISES = 2
+OVERFIT_MARGIN = 0.05
+#: class-imbalance: majority/minority count ratio and the samples it needs.
+IMBALANCE_RATIO = 10.0
+IMBALANCE_MIN_SAMPLES = 150
+IMBALANCE_PER_CLASS = 20
+#: unshuffled-data: share of the majority class that makes a batch "one class", window, and
+#: the observed vs expected (under random order) fraction of such batches.
+PURE_SHARE = 0.9
+PURE_WINDOW = 16
+PURE_MIN_BATCHES = 4
+PURE_OBSERVED = 0.5
+#: Chance of seeing that many single-class batches under random order must be below this.
+PURE_P_VALUE = 1e-6
+
+
+# ================================================================================ helpers
+def _loss0(ctx: RuleContext) -> float:
+    """Median of the run's first 5 training losses (kept once known)."""
+    shared = ctx.shared
+    got = shared.get("loss0")
+    if got is not None:
+        return got
+    h = ctx.session.history
+    if len(h) < 5:
+        return math.nan
+    ring = getattr(h, "_loss", None)
+    first = ring.values()[:5] if ring is not None and len(ring) < 50 else np.asarray(h.loss)[:5]
+    value = nanmedian(first)
+    if math.isfinite(value):
+        shared["loss0"] = value
+    return value
+
+
+def _halves(losses: np.ndarray) -> tuple[float, float]:
+    half = len(losses) // 2
+    return nanmedian(losses[:half]), nanmedian(losses[half:])
+
+
+def _ratios(upd: np.ndarray, wn: np.ndarray) -> np.ndarray:
+    """update/weight per row and column; NaN where the weight is 0 or nothing was updated."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = upd / wn
+    r[(wn <= 0) | (upd <= 0) | ~np.isfinite(r)] = np.nan
+    return r
+
+
+def _group_columns(ctx: RuleContext, gi: int) -> np.ndarray:
+    """Trainable weight matrices of optimizer group ``gi`` (or its other trainable params if it has none)."""
+    groups = ctx.group_index()
+    trainable = ctx.trainable()
+    mats = ctx.weight_matrices()
+    cols = mats[(groups[mats] == gi) & trainable[mats]] if mats.size else mats
+    if cols.size == 0:
+        cols = np.flatnonzero((groups == gi) & trainable)
+    return cols
+
+
+def _group_label(ctx: RuleContext, gi: int) -> str:
+    n = len(ctx.session.optimizer.param_groups)
+    return "" if n == 1 else f"group {gi}: "
+
+
+# ================================================================================ learning rate
+@rule("lr-rate", ["lr-too-high", "lr-too-low"], "trend", every=5)
+def lr_rate(ctx: RuleContext) -> list[Finding]:
+    """Update/weight ratio of each optimizer group against the ~1e-3 band, together with the loss trend."""
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n < LR_MIN_STEPS:
+        return []
+    w = min(LR_WINDOW, n)
+    ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
+    losses = tail(h, "loss", w)
+    lrs = tail(h, "lr", 1)[-1]
+    finite = losses[np.isfinite(losses)]
+    if finite.size < LR_MIN_STEPS // 2:
+        return []
+    first, last = _halves(finite)
+    loss0 = _loss0(ctx)
+    rise = (last - first) / abs(first) if first else 0.0
+    diverged = math.isfinite(loss0) and loss0 > 0 and last > LOSS_DIVERGE * loss0
+    volatility = nanmedian(np.abs(np.diff(finite))) / abs(last) if last else 0.0
+    still_high = not (math.isfinite(loss0) and loss0 > 0) or last > LR_STILL_HIGH * loss0
+    found: list[Finding] = []
+    for gi in range(len(s.optimizer.param_groups)):
+        cols = _group_columns(ctx, gi)
+        if cols.size == 0 or gi >= len(lrs) or not lrs[gi] > 0:
+            continue
+        per_step = nanmedian(ratio[:, cols], axis=1)
+        r = nanmedian(per_step)
+        if not math.isfinite(r):
+            continue
+        names = [s.param_names[i] for i in cols]
+        label = _group_label(ctx, gi)
+        evidence = {
+            "group": gi,
+            "lr": float(lrs[gi]),
+            "update_ratio": r,
+            "loss_rise": rise,
+            "loss_volatility": volatility,
+            "loss_first": first,
+            "loss_last": last,
+            "loss_start": loss0,
+            "window": w,
+        }
+        # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
+        # another class) or the gradients were huge from initialization on (the init, not the LR).
+        explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init")
+        high = (
+            r > LR_HIGH_RATIO
+            and not explained
+            and (
+                rise > LOSS_RISE or diverged or (volatility > LOSS_VOLATILITY and still_high and rise > -0.5)
+            )
+        )
+        # Sustained: the same verdict on two evaluations in a row (5 steps apart), unless extreme.
+        streak = ctx.state.setdefault("high", {})
+        streak[gi] = streak.get(gi, 0) + 1 if high else 0
+        if r > LR_EXTREME_RATIO or streak[gi] >= 2:
+            if diverged:
+                how = f"the loss is {last / loss0:.3g}x its starting value"
+            elif rise > LOSS_RISE:
+                how = f"the loss rose {rise:.0%} over the last {w} steps"
+            elif volatility > LOSS_VOLATILITY and still_high:
+                how = f"the loss jumps by {volatility:.0%} of its level from step to step"
+            else:
+                how = "whatever the loss does"
+            params = ctx.stable_params("lr-too-high", names, f"g{gi}")
+            found.append(
+                ctx.finding(
+                    "lr-too-high",
+                    f"{label}each step changes the weights by {r:.1%} of their norm (median of the last {w} "
+                    "steps, "
+                    f"healthy is ~0.1%) at lr {lrs[gi]:.3g}, and {how}",
+                    params=params,
+                    stage=None,
+                    evidence=evidence,
+                    fix=f"Lower the learning rate of {'the optimizer' if not label else label[:-2]} 3 to 10 "
+                    "times "
+                    f"(runner.set_lr({lrs[gi] / 10:.3g}{', group=' + str(gi) if label else ''}) or "
+                    "optimizer.param_groups[i]['lr']), or run an LR range test and pick a value below where "
+                    "the "
+                    "loss starts to climb.",
+                )
+            )
+            continue
+        # Too low an LR slows every layer; if some layers move at a healthy pace the cause is elsewhere
+        # (vanishing gradients, dead units), so the fastest layer must be slow too.
+        fastest = nanmedian(np.nanmax(np.where(np.isnan(ratio[:, cols]), -np.inf, ratio[:, cols]), axis=1))
+        if (
+            r < LR_LOW_RATIO
+            and fastest < LR_LOW_FASTEST
+            and n >= LR_LOW_MIN_STEPS
+            and math.isfinite(loss0)
+            and loss0 > 0
+        ):
+            recent = nanmedian(tail(h, "loss", 10))
+            barely = recent > LOSS_BARELY_MOVED * loss0 or (abs(rise) < 0.005 and r < LR_LOW_RATIO / 3)
+            if barely:
+                params = ctx.stable_params("lr-too-low", names, f"g{gi}")
+                found.append(
+                    ctx.finding(
+                        "lr-too-low",
+                        f"{label}each step changes the weights by only {r:.1e} of their norm (median of the "
+                        "last "
+                        f"{w} steps, healthy is ~1e-3) at lr {lrs[gi]:.3g}, and the loss barely moved "
+                        f"({loss0:.4g} -> {recent:.4g})",
+                        params=params,
+                        stage=None,
+                        evidence={**evidence, "loss_recent": recent},
+                        fix=f"Raise the learning rate 10 to 100 times (runner.set_lr({lrs[gi] * 30:.3g}"
+                        f"{', group=' + str(gi) if label else ''}) or optimizer.param_groups[i]['lr']), "
+                        "or run an LR range test to find the useful range.",
+                    )
+                )
+    return found
+
+
+@rule("lr-at-nan", ["lr-too-high"], "stage", stages=[Stage.LOSS, Stage.BACKWARD])
+def lr_at_nan(ctx: RuleContext) -> list[Finding]:
+    """The loss or the gradients turned NaN/Inf right after steps that moved the weights a lot."""
+    d = ctx.data
+    if ctx.record.stage is Stage.LOSS:
+        if d.get("finite") is not False:
+            return []
+        what = f"the loss became {d.get('loss')}"
+    else:
+        if not d.get("non_finite_grad") or d.get("loop_event"):
+            return []
+        what = "the gradients became NaN/Inf"
+    if ctx.shared.get("explode_init"):
+        return []
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n < 2:
+        return []
+    w = min(5, n)
+    ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
+    lrs = tail(h, "lr", 1)[-1]
+    found = []
+    for gi in range(len(s.optimizer.param_groups)):
+        cols = _group_columns(ctx, gi)
+        if cols.size == 0:
+            continue
+        r = nanmedian(nanmedian(ratio[:, cols], axis=1))
+        if not (math.isfinite(r) and r > LR_HIGH_RATIO * 2):
+            continue
+        names = [s.param_names[i] for i in cols]
+        params = ctx.stable_params("lr-too-high", names, f"g{gi}")
+        found.append(
+            ctx.finding(
+                "lr-too-high",
+                f"{_group_label(ctx, gi)}{what} after steps that changed the weights by {r:.1%} of their "
+                "norm "
+                f"(healthy is ~0.1%) at lr {lrs[gi]:.3g}",
+                params=params,
+                stage=None,
+                evidence={"group": gi, "lr": float(lrs[gi]), "update_ratio": r, "loss": d.get("loss")},
+            )
+        )
+    return found
+
+
+@rule("scheduler-too-fast", ["scheduler-too-fast"], "trend")
+def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
+    """A group's LR collapses to near zero (or dips there repeatedly) within the first epochs."""
+    s = ctx.session
+    h = s.history
+    if not len(h):
+        return []
+    if s.kind == "runner" and getattr(s, "scheduler", None) is None:
+        return []
+    st = ctx.state
+    row = tail(h, "lr", 1)[-1]
+    step = int(s.global_step)
+    epoch = int(getattr(s, "epoch", 0) or 0)
+    # A set_lr is the user's choice, not the schedule's: restart the peak of that group.
+    controls = h.controls
+    seen = st.get("controls", 0)
+    if len(controls) != seen:
+        for c in controls[seen:]:
+            if c.kind in ("set_lr", "rewind"):
+                st.pop("groups", None)
+        st["controls"] = len(controls)
+    groups: list[dict[str, Any]] = st.setdefault("groups", [])
+    found = []
+    for gi, lr in enumerate(row):
+        if not math.isfinite(lr):
+            continue
+        while len(groups) <= gi:
+            groups.append({"peak": 0.0, "low": 0, "dips": 0, "in_dip": False, "first": None})
+        g = groups[gi]
+        if lr > g["peak"]:
+            g["peak"] = float(lr)
+        peak = g["peak"]
+        if peak <= 0:
+            continue
+        collapsed = lr < SCHED_COLLAPSE * peak
+        g["low"] = g["low"] + 1 if collapsed else 0
+        if lr < SCHED_DIP * peak:
+            if not g["in_dip"]:
+                g["dips"] += 1
+                g["in_dip"] = True
+                if g["first"] is None:
+                    g["first"] = (step, epoch)
+        elif lr > 0.1 * peak:
+            g["in_dip"] = False
+        if g["first"] is None:
+            continue
+        first_step, first_epoch = g["first"]
+        early = first_epoch < SCHED_EPOCHS if s.kind == "runner" else first_step <= SCHED_STEPS
+        long_low = g["low"] >= max(10, int(0.1 * step))
+        if early and (long_low or g["dips"] >= 2):
+            how = (
+                f"has stayed below {SCHED_COLLAPSE:g}x its peak for {g['low']} steps"
+                if long_low
+                else f"has dropped below {SCHED_DIP:g}x its peak {g['dips']} times"
+            )
+            interval = getattr(s, "scheduler_interval", None)
+            found.append(
+                ctx.finding(
+                    "scheduler-too-fast",
+                    f"{_group_label(ctx, gi)}the learning rate fell from {peak:.3g} to {lr:.3g} by step "
+                    f"{step} "
+                    f"(epoch {epoch}) and {how}"
+                    + (" (the scheduler is stepped after every batch)" if interval == "step" else ""),
+                    params=(f"lr[{gi}]",),
+                    stage=None,
+                    evidence={
+                        "group": gi,
+                        "peak_lr": peak,
+                        "lr": float(lr),
+                        "collapse_step": first_step,
+                        "collapse_epoch": first_epoch,
+                        "dips": g["dips"],
+                        "low_steps": g["low"],
+                        "scheduler_interval": interval,
+                    },
+                )
+            )
+    return found
+
+
+# ================================================================================ gradients
+def _total_grad(gn: np.ndarray) -> np.ndarray:
+    has = np.isfinite(gn)
+    with np.errstate(invalid="ignore"):
+        total = np.sqrt(np.where(has, gn, 0.0) ** 2 @ np.ones(gn.shape[1]))
+    total[~has.any(axis=1)] = np.nan
+    return total
+
+
+@rule("exploding-gradients", ["exploding-gradients"], "trend", every=5, early=5)
+def exploding_gradients(ctx: RuleContext) -> list[Finding]:
+    """Total gradient norm grows by orders of magnitude, or is huge relative to the weights from the start."""
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n == 0:
+        return []
+    st = ctx.state
+    if "start" not in st and n >= 3:
+        start = nanmedian(_total_grad(tail(h, "grad_norm", 3)))
+        if math.isfinite(start) and start > 0:
+            st["start"] = start
+    found = []
+    mats = ctx.weight_matrices()
+    if n <= 5 and mats.size:
+        gn = tail(h, "grad_norm", 1)[-1, mats]
+        wn = tail(h, "weight_norm", 1)[-1, mats]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
+        st["init_hits"] = st.get("init_hits", 0) + 1 if math.isfinite(rel) and rel > EXPLODE_INIT_RATIO else 0
+        if st["init_hits"] >= 2:
+            ctx.shared["explode_init"] = True
+            found.append(
+                ctx.finding(
+                    "exploding-gradients",
+                    f"from the first steps the gradients are {rel:.3g}x the size of the weights they update "
+                    "(median over weight matrices; healthy is below ~1)",
+                    params=("<model>",),
+                    stage=None,
+                    evidence={"grad_to_weight": rel, "steps": st["init_hits"]},
+                    cause="The gradients are orders of magnitude larger than the weights from "
+                    "initialization on: "
+                    "activations blow up through a deep stack with too-large initial weights (or the inputs "
+                    "or "
+                    "targets are on a huge scale).",
+                )
+            )
+    start = st.get("start")
+    if start is None or n < 6:
+        return found
+    recent = nanmedian(_total_grad(tail(h, "grad_norm", 3)))
+    if math.isfinite(recent) and recent > EXPLODE_GROWTH * start and recent > 1e-3:
+        found.append(
+            ctx.finding(
+                "exploding-gradients",
+                f"the total gradient norm grew from {start:.3g} to {recent:.3g} ({recent / start:.3g}x) "
+                f"by step {s.global_step}",
+                params=("<model>",),
+                stage=None,
+                evidence={"start": start, "recent": recent, "growth": recent / start},
+            )
+        )
+    return found
+
+
+@rule(
+    "exploding-at-overflow",
+    ["exploding-gradients"],
+    "stage",
+    stages=[Stage.BACKWARD],
+    needs=["non_finite_grad", "grad_norm"],
+)
+def exploding_at_overflow(ctx: RuleContext) -> list[Finding]:
+    """Gradients overflowed to Inf while the loss was finite: the backward pass itself blew up.
+
+    (NaN alone, without Inf, more often comes from an op with an undefined
+    derivative such as sqrt at 0; that stays a plain ``non-finite-grad``.)
+    """
+    bad = ctx.data["non_finite_grad"]
+    if not bad:
+        return []
+    loss = ctx.session.records.get(Stage.LOSS)
+    value = loss.data.get("loss") if loss is not None and loss.step == ctx.step else None
+    if value is None or not math.isfinite(value):
+        return []
+    grad = np.asarray(ctx.data["grad_norm"], dtype=np.float64)
+    inf = [n for n, g in zip(ctx.session.param_names, grad) if np.isposinf(g)]
+    if not inf:
+        return []
+    finite = grad[np.isfinite(grad)]
+    return [
+        ctx.finding(
+            "exploding-gradients",
+            f"the gradients of {len(inf)} parameter(s) overflowed to Inf while the loss was finite "
+            f"({value:.3g})"
+            + (f"; the largest finite gradient norm is {finite.max():.3g}" if finite.size else ""),
+            params=("<model>",),
+            stage=Stage.BACKWARD,
+            evidence={
+                "inf_params": inf,
+                "loss": value,
+                "max_finite": float(finite.max()) if finite.size else None,
+            },
+        )
+    ]
+
+
+@rule("vanishing-gradients", ["vanishing-gradients"], "trend", every=5, early=0)
+def vanishing_gradients(ctx: RuleContext) -> list[Finding]:
+    """The first layers' grad/weight ratio is orders of magnitude below the last layers' (several steps)."""
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n < 5:
+        return []
+    mats = ctx.weight_matrices()
+    trainable = ctx.trainable()
+    mats = mats[trainable[mats]] if mats.size else mats
+    if mats.size < VANISH_MIN_MATRICES:
+        return []
+    w = min(VANISH_WINDOW, n)
+    gn = tail(h, "grad_norm", w)[:, mats]
+    wn = tail(h, "weight_norm", w)[:, mats]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where((wn > 0) & np.isfinite(gn), gn / wn, np.nan)
+    profile = nanmedian(rel, axis=0)
+    ok = np.isfinite(profile) & (profile > 0)
+    if ok.sum() < VANISH_MIN_MATRICES:
+        return []
+    prof = profile[ok]
+    cols = mats[ok]
+    early, late = prof[0], np.max(prof[-2:])
+    if not (late > 0 and early < VANISH_RATIO * late):
+        return []
+    first, last = s.param_names[cols[0]], s.param_names[cols[-1]]
+    return [
+        ctx.finding(
+            "vanishing-gradients",
+            f"'{first}' gets gradients {early:.2g}x its weight norm while '{last}' gets {late:.2g}x: "
+            f"{late / early:.2g} times smaller at the start of the network",
+            params=(first,),
+            stage=None,
+            evidence={
+                "profile": {s.param_names[c]: float(v) for c, v in zip(cols, prof)},
+                "first": first,
+                "last": last,
+                "ratio": early / late,
+            },
+        )
+    ]
+
+
+def _dead_candidates(ctx: RuleContext) -> dict[str, bool]:
+    from tlwidgets.diagnostics.rules.stage import _relu_like
+
+    return ctx.cached(
+        "relu_modules", lambda: {n: _relu_like(m) for n, m in ctx.session.model.named_modules()}
+    )
+
+
+@rule("dead-relu", ["dead-relu"], "stage", stages=[Stage.FORWARD, Stage.STEP])
+def dead_relu(ctx: RuleContext) -> list[Finding]:
+    """Most units of a ReLU module are never positive, on several activation measurements in a row."""
+    s = ctx.session
+    rec = ctx.record
+    if rec.stage is Stage.FORWARD:
+        if s.kind != "runner":
+            return []
+        fwd = rec
+    else:
+        if s.kind != "watch":
+            return []
+        fwd = s.records.get(Stage.FORWARD)
+        if fwd is None or fwd.step != rec.step:
+            return []
+    acts = fwd.data.get("activations")
+    if not acts:
+        return []
+    relu = _dead_candidates(ctx)
+    st = ctx.state
+    streak: dict[str, int] = st.setdefault("streak", {})
+    found = []
+    for name, v in acts.items():
+        if not relu.get(name):
+            continue
+        dead, zero = v.get("dead_frac", 0.0), v.get("frac_zero", 0.0)
+        if dead > DEAD_FRAC and zero > DEAD_FRAC - 0.05:
+            streak[name] = streak.get(name, 0) + 1
+        else:
+            streak.pop(name, None)
+            continue
+        if streak[name] >= DEAD_MEASUREMENTS:
+            found.append(
+                ctx.finding(
+                    "dead-relu",
+                    f"{dead:.0%} of the units of '{name}' output zero for every example of the batch "
+                    f"({streak[name]} measurements in a row; {zero:.0%} of its outputs are zero)",
+                    params=(name,),
+                    stage=None,
+                    evidence={
+                        "module": name,
+                        "dead_frac": dead,
+                        "frac_zero": zero,
+                        "measurements": streak[name],
+                    },
+                )
+            )
+    return found
+
+
+# ================================================================================ regularization
+def _decoupled(optimizer: Any, group: dict) -> bool:
+    return bool(group.get("decoupled_weight_decay")) or "AdamW" in type(optimizer).__name__
+
+
+@rule("over-regularization", ["over-regularization"], "trend", every=10)
+def over_regularization(ctx: RuleContext) -> list[Finding]:
+    """Weight decay outpulls the data gradient: the weights shrink and the loss stays near its start."""
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n < LR_LOW_MIN_STEPS:
+        return []
+    loss0 = _loss0(ctx)
+    if not (math.isfinite(loss0) and loss0 > 0):
+        return []
+    recent = nanmedian(tail(h, "loss", 10))
+    if not (recent > REG_STUCK * loss0):
+        return []
+    st = ctx.state
+    w = min(LR_WINDOW, n)
+    gn_all, wn_all, up_all = tail(h, "grad_norm", w), tail(h, "weight_norm", w), tail(h, "update_norm", w)
+    lrs = tail(h, "lr", w)
+    found = []
+    for gi, group in enumerate(s.optimizer.param_groups):
+        wd = float(group.get("weight_decay", 0) or 0)
+        if wd <= 0:
+            continue
+        cols = _group_columns(ctx, gi)
+        if cols.size == 0:
+            continue
+        wn = wn_all[:, cols]
+        start = st.setdefault("start_norm", {})
+        if gi not in start:
+            first = tail(h, "weight_norm", n)[0, cols] if n <= 50 else wn[0]
+            start[gi] = float(np.sqrt(np.nansum(first**2)))
+        now = float(np.sqrt(np.nansum(wn[-1] ** 2)))
+        shrink = now / start[gi] if start[gi] > 0 else 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if _decoupled(s.optimizer, group):
+                lr = lrs[:, gi : gi + 1] if gi < lrs.shape[1] else np.full((w, 1), np.nan)
+                share = nanmedian(np.where(up_all[:, cols] > 0, lr * wd * wn / up_all[:, cols], np.nan))
+                what = "the decay term makes up"
+            else:
+                share = nanmedian(np.where(gn_all[:, cols] > 0, wd * wn / gn_all[:, cols], np.nan))
+                what = "weight_decay x |w| is"
+        if not math.isfinite(share):
+            continue
+        if share > REG_SHARE_STRONG or (share > REG_SHARE and shrink < REG_SHRINK):
+            label = _group_label(ctx, gi)
+            names = [s.param_names[i] for i in cols]
+            amount = (
+                f"{share:.0%} of each update"
+                if _decoupled(s.optimizer, group)
+                else f"{share:.2g}x the data gradient"
+            )
+            params = ctx.stable_params("over-regularization", names, f"g{gi}")
+            found.append(
+                ctx.finding(
+                    "over-regularization",
+                    f"{label}weight_decay={wd:g}: {what} {amount}, the weights shrank to {shrink:.0%} of "
+                    "their "
+                    f"starting norm and the loss is still {recent / loss0:.0%} of its start",
+                    params=params,
+                    stage=None,
+                    evidence={
+                        "group": gi,
+                        "weight_decay": wd,
+                        "share": share,
+                        "shrink": shrink,
+                        "loss_ratio": recent / loss0,
+                    },
+                    fix=f"Reduce weight_decay (now {wd:g}; 1e-4 to 1e-2 is typical with torch.optim.AdamW, "
+                    "5e-4 with SGD) and check the scale of any penalty added to the loss.",
+                )
+            )
+    return found
+
+
+# ================================================================================ loss trends
+_EXPLAINS_PLATEAU = {
+    "lr-too-low",
+    "lr-too-high",
+    "over-regularization",
+    "zero-init",
+    "dead-relu",
+    "vanishing-gradients",
+    "exploding-gradients",
+    "softmax-before-loss",
+    "scheduler-too-fast",
+    "grad-clipping-too-strong",
+    "nothing-trainable",
+    "disconnected-param",
+    "param-not-updating",
+    "param-not-in-optimizer",
+    "optimizer-not-stepping",
+    "frozen-param-changed",
+    "grads-not-zeroed",
+    "labels-decoupled",
+    "shape-broadcast",
+    "input-not-normalized",
+    "unshuffled-data",
+    "non-finite-input",
+    "non-finite-loss",
+    "non-finite-grad",
+    "eval-mode-training",
+    "missing-activation",
+    "batch-mixing",
+    "channel-order",
+}
+
+
+@rule("loss-plateau", ["loss-plateau"], "trend", every=10)
+def loss_plateau(ctx: RuleContext) -> list[Finding]:
+    """No improvement between two long windows, when no more specific finding explains it."""
+    s = ctx.session
+    h = s.history
+    n = len(h)
+    if n < 2 * PLATEAU_WINDOW:
+        return []
+    half = PLATEAU_WINDOW
+    losses = tail(h, "loss", 2 * half)
+    prev, recent = _halves(losses)
+    if not (math.isfinite(prev) and math.isfinite(recent)) or prev <= 0:
+        return []
+    improvement = (prev - recent) / abs(prev)
+    if improvement >= PLATEAU_IMPROVEMENT:
+        return []
+    loss0 = _loss0(ctx)
+    if math.isfinite(loss0) and loss0 > 0 and recent < 0.05 * loss0:
+        return []  # converged: the loss is a small fraction of where it started
+    log = getattr(s, "_log", None)
+    present = {f.code for f in (log if log is not None else [])}
+    if present & _EXPLAINS_PLATEAU:
+        return []
+    chance = _chance_loss(s)
+    at_chance = chance is not None and recent > 0.95 * chance
+    never_learned = (math.isfinite(loss0) and recent > 0.9 * loss0) or at_chance
+    return [
+        ctx.finding(
+            "loss-plateau",
+            f"the loss has not improved over the last {half} steps (median {prev:.4g} -> {recent:.4g})"
+            + (f", and it is still {recent / loss0:.0%} of where it started" if math.isfinite(loss0) else "")
+            + (f"; ln(classes) = {chance:.3g} is the loss of a uniform guess" if at_chance else ""),
+            stage=None,
+            severity="warning" if never_learned else "info",
+            evidence={"previous": prev, "recent": recent, "window": half, "start": loss0},
+        )
+    ]
+
+
+def _chance_loss(session: Any) -> float | None:
+    """ln(C) for a class loss on C-way outputs (the loss of predicting the uniform distribution)."""
+    rec = session.records.get(Stage.LOSS)
+    value = rec.data.get("expected_initial_loss") if rec is not None else None
+    return float(value) if value is not None else None
+
+
+def _overfit_finding(ctx: RuleContext, val: list[float], train: list[float], where: str) -> list[Finding]:
+    k = OVERFIT_RISES
+    if len(val) < k + 1 or len(train) < k + 1:
+        return []
+    v, t = val[-(k + 1) :], train[-(k + 1) :]
+    if not all(math.isfinite(x) for x in v + t):
+        return []
+    rising = all(b > a for a, b in zip(v, v[1:]))
+    best = min(x for x in val if math.isfinite(x))
+    if not (rising and v[-1] > (1 + OVERFIT_MARGIN) * best and t[-1] < t[0]):
+        return []
+    return [
+        ctx.finding(
+            "overfitting",
+            f"validation loss rose for {k} {where}s in a row ({' -> '.join(f'{x:.4g}' for x in v)}; best "
+            f"{best:.4g}) "
+            f"while training loss fell ({t[0]:.4g} -> {t[-1]:.4g})",
+            stage=None,
+            evidence={"val": v, "train": t, "best_val": best},
+        )
+    ]
+
+
+@rule("overfitting", ["overfitting"], "epoch")
+def overfitting(ctx: RuleContext) -> list[Finding]:
+    """Validation loss rises for several epochs in a row while training loss falls."""
+    epochs = [e for e in ctx.session.history.epochs if e.val_loss is not None and e.ok]
+    val = [float(e.val_loss) for e in epochs]
+    train = [float(e.train_loss) for e in epochs]
+    return _overfit_finding(ctx, val, train, "epoch")
+
+
+# ================================================================================ labels
+def _binom_tail(b: int, p: np.ndarray, k: int) -> np.ndarray:
+    """P(X >= k) for X ~ Binomial(b, p), vectorized over p (log-space, exact)."""
+    ks = np.arange(k, b + 1)
+    logc = np.array([math.lgamma(b + 1) - math.lgamma(j + 1) - math.lgamma(b - j + 1) for j in ks])
+    with np.errstate(divide="ignore"):
+        lp, lq = np.log(p)[:, None], np.log1p(-p)[:, None]
+    terms = np.exp(logc[None, :] + ks[None, :] * lp + (b - ks)[None, :] * lq)
+    terms[~np.isfinite(terms)] = 0.0
+    return terms.sum(axis=1)
+
+
+def _loss_is_weighted(loss_fn: Any) -> bool:
+    return any(getattr(loss_fn, attr, None) is not None for attr in ("weight", "pos_weight"))
+
+
+@rule("labels", ["class-imbalance", "unshuffled-data"], "stage", stages=[Stage.FETCH], needs=["label_counts"])
+def labels(ctx: RuleContext) -> list[Finding]:
+    """Running label counts: a heavily skewed distribution, or batches that each hold one class."""
+    counts = np.asarray(ctx.data["label_counts"], dtype=np.int64)
+    batch = int(counts.sum())
+    if batch == 0:
+        return []
+    rec = ctx.record
+    st = ctx.shared.setdefault(
+        "labels", {"counts": np.zeros(0, np.int64), "recent": collections.deque(maxlen=PURE_WINDOW)}
+    )
+    key = (rec.epoch, rec.batch, rec.step)
+    if st.get("key") == key:  # the same batch described again (a retried FETCH)
+        return []
+    st["key"] = key
+    if st.get("epoch") != rec.epoch:
+        st["epoch"] = rec.epoch
+        st["epoch_counts"] = np.zeros(0, np.int64)
+    total = st["counts"]
+    if total.size < counts.size:
+        total = np.concatenate([total, np.zeros(counts.size - total.size, np.int64)])
+    total[: counts.size] += counts
+    st["counts"] = total
+    ec = st["epoch_counts"]
+    if ec.size < counts.size:
+        ec = np.concatenate([ec, np.zeros(counts.size - ec.size, np.int64)])
+    ec[: counts.size] += counts
+    st["epoch_counts"] = ec
+    major = int(np.argmax(counts))
+    st["recent"].append((batch, counts[major] / batch, major))
+    found: list[Finding] = []
+    suspect = _unshuffled(ctx, st, found)
+    st["suspect"] = suspect
+    ctx.shared["unshuffled"] = any(f.code == "unshuffled-data" for f in found) or ctx.shared.get(
+        "unshuffled", False
+    )
+    if not suspect:
+        found.extend(_imbalance(ctx, st["counts"], "so far"))
+    return found
+
+
+def _unshuffled(ctx: RuleContext, st: dict, found: list[Finding]) -> bool:
+    """Append an unshuffled-data finding when warranted; return whether batches look sorted."""
+    recent = st["recent"]
+    total = st["counts"]
+    if len(recent) < PURE_MIN_BATCHES or np.count_nonzero(total) < 2:
+        return len(recent) < PURE_MIN_BATCHES
+    sizes = np.array([b for b, _, _ in recent])
+    b = int(np.median(sizes))
+    if b < 2:
+        return False
+    flags = [share >= PURE_SHARE for bb, share, _ in recent if bb >= 2]
+    m, k = len(flags), int(sum(flags))
+    observed = k / m if m else 0.0
+    p = total[total > 0] / total.sum()
+    p = np.sort(p)[-50:]  # classes with tiny shares cannot fill a batch
+    expected = min(1.0, float(_binom_tail(b, p, math.ceil(PURE_SHARE * b)).sum()))
+    suspect = observed > max(0.3, expected + 0.2)
+    # How likely are k or more single-class batches out of m if the order were random?
+    p_value = float(_binom_tail(m, np.array([expected]), k)[0]) if 0 < expected < 1 else float(expected >= 1)
+    if observed >= PURE_OBSERVED and p_value < PURE_P_VALUE:
+        classes = sorted({m for _, _, m in recent})
+        found.append(
+            ctx.finding(
+                "unshuffled-data",
+                f"{observed:.0%} of the last {len(recent)} batches hold a single class (at least "
+                f"{PURE_SHARE:.0%} of the batch), against {expected:.1%} expected from random order over "
+                f"{np.count_nonzero(total)} classes; recent classes: "
+                f"{short_list([str(c) for c in classes], 8)}",
+                stage=Stage.FETCH,
+                evidence={
+                    "observed_single_class": observed,
+                    "expected_single_class": expected,
+                    "p_value": p_value,
+                    "batch_size": b,
+                    "classes_seen": int(np.count_nonzero(total)),
+                    "recent_classes": classes,
+                },
+            )
+        )
+    return suspect
+
+
+def _imbalance(ctx: RuleContext, counts: np.ndarray, when: str) -> list[Finding]:
+    present = counts[counts > 0]
+    if present.size < 2:
+        return []
+    n = int(present.sum())
+    if n < max(IMBALANCE_MIN_SAMPLES, IMBALANCE_PER_CLASS * present.size):
+        return []
+    ratio = present.max() / present.min()
+    if ratio <= IMBALANCE_RATIO or _loss_is_weighted(getattr(ctx.session, "loss_fn", None)):
+        return []
+    major, minor = (
+        int(np.argmax(np.where(counts > 0, counts, -1))),
+        int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max))),
+    )
+    return [
+        ctx.finding(
+            "class-imbalance",
+            f"class {major} has {ratio:.3g}x as many examples as class {minor} ({counts[major]} vs "
+            f"{counts[minor]} "
+            f"of {n} labels {when}); the majority class alone is {counts[major] / n:.0%}",
+            stage=Stage.FETCH,
+            evidence={
+                "counts": counts.tolist()[:1000],
+                "ratio": float(ratio),
+                "majority": major,
+                "minority": minor,
+                "samples": n,
+            },
+        )
+    ]
+
+
+@rule("labels-epoch", ["class-imbalance"], "epoch")
+def labels_epoch(ctx: RuleContext) -> list[Finding]:
+    """At an epoch end the epoch's label counts are the full distribution, whatever the batch order."""
+    st = ctx.shared.get("labels")
+    if not st or st.get("epoch_counts") is None or st.get("suspect"):
+        return []  # sorted batches: the sampled batches of the epoch need not reflect the distribution
+    return _imbalance(ctx, st["epoch_counts"], f"in epoch {ctx.record.epoch}")
+
+
+TREND_RULES = (
+    lr_rate,
+    lr_at_nan,
+    scheduler_too_fast,
+    exploding_gradients,
+    exploding_at_overflow,
+    vanishing_gradients,
+    dead_relu,
+    over_regularization,
+    loss_plateau,
+    overfitting,
+    labels,
+    labels_epoch,
+)
