@@ -325,6 +325,17 @@ def test_overfit_one_batch_names_why_it_fails():
     assert plateau.final_loss == pytest.approx(math.log(10), abs=0.05)  # the best constant: uniform
 
 
+def test_overfit_that_is_still_falling_is_not_a_finding():
+    x, y = zoo.load_digits_tensors()
+    torch.manual_seed(0)
+    model = mlp([64, 64, 10])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    res = overfit_one_batch(model, nn.CrossEntropyLoss(), opt, batch=(x[:64], y[:64]), steps=15)
+    quarter = res.losses[-1 - 15 // 4]
+    assert not res.passed and res.still_falling and res.final_loss < 0.9 * quarter
+    assert res.finding is None and "still falling" in str(res)
+
+
 def test_overfit_on_a_runner_uses_its_first_batch_and_restores():
     runner = zoo.get("cnn-bn-digits").runner()
     try:

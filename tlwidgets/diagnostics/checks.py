@@ -639,9 +639,13 @@ class OverfitResult:
     passed
         ``final_loss <= target_loss``.
     finding
-        Why it failed (``None`` when it passed).
+        Why it failed: ``None`` when it passed, and also when it did not reach the target but the
+        loss was still falling clearly (``still_falling``): that is not a bug, only too few steps
+        or a cautious learning rate.
     target_loss
         The loss the batch had to reach.
+    still_falling
+        The loss dropped by more than 10% over the last quarter of the steps.
     """
 
     losses: np.ndarray
@@ -650,13 +654,17 @@ class OverfitResult:
     passed: bool
     finding: Finding | None
     target_loss: float = math.nan
+    still_falling: bool = False
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        return (
+        text = (
             f"overfit one batch {verdict}: loss {self.initial_loss:.4g} -> {self.final_loss:.4g} in "
             f"{max(len(self.losses) - 1, 0)} steps (target {self.target_loss:.4g})"
         )
+        if not self.passed and self.finding is None and self.still_falling:
+            text += "; still falling: give it more steps or a larger lr"
+        return text
 
 
 def _first_batch(parts: Parts, batch: Any) -> tuple[Any, Any]:
@@ -704,7 +712,8 @@ def overfit_one_batch(
     Returns
     -------
     OverfitResult
-        With a finding when it fails: ``non-finite-loss`` when the loss became
+        With a finding when it fails (unless the loss is still falling clearly, see
+        :class:`OverfitResult`): ``non-finite-loss`` when the loss became
         NaN/Inf, ``lr-too-high`` when it ended above where it started,
         ``lr-too-low`` when the weights barely moved, else ``loss-plateau``
         (the model cannot fit even one batch: a bug in the model or the loss
@@ -743,8 +752,10 @@ def overfit_one_batch(
     initial, final = losses[0], losses[-1]
     target = target_loss if target_loss is not None else target_ratio * abs(initial)
     passed = math.isfinite(final) and final <= target
+    quarter = losses[-1 - max(1, (len(losses) - 1) // 4)]
+    still_falling = math.isfinite(final) and final < 0.9 * quarter
     finding = None
-    if not passed:
+    if not passed and not still_falling:
         finding = _overfit_finding(parts, losses, initial, final, target, moved, norm)
     return OverfitResult(
         losses=np.asarray(losses, dtype=float),
@@ -753,6 +764,7 @@ def overfit_one_batch(
         passed=passed,
         finding=finding,
         target_loss=target,
+        still_falling=still_falling,
     )
 
 
