@@ -132,14 +132,6 @@ def test_rewind_then_replay_is_bit_for_bit(sched, data, start, k):
     assert [(e.epoch, e.step, e.train_loss, e.val_loss) for e in runner.history.epochs] == first_epochs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a checkpoint taken after the last batch of an epoch but before the epoch end (same "
-        "global step) keeps the later EpochRecord on rewind: History.truncate_to_step keeps epochs and "
-        "val_loss rows with step <= checkpoint step, so replaying the epoch end duplicates them"
-    ),
-)
 def test_rewind_to_the_end_of_an_epoch_does_not_duplicate_the_epoch_record():
     runner = make_runner(make_mlp(), make_batches(4), val_data=make_batches(1, seed=2))
     runner.run(steps=4)  # last batch done; the epoch end happens at the next FETCH
@@ -266,15 +258,6 @@ def test_rewind_refuses_a_checkpoint_of_another_model():
         make_runner().rewind(ck)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: activation rows are recorded with the step count before the step completes (the "
-        "forward of step s is stored at s) but History.truncate_to_step keeps rows with step <= the "
-        "checkpoint's step, so a rewind keeps the forward measured after the checkpoint and the replay "
-        "adds it again (duplicate activation rows)"
-    ),
-)
 def test_rewind_then_replay_gives_the_same_activation_history():
     runner = make_runner(make_mlp(), make_batches(6))  # activations measured at steps 0, 1, 2
     runner.run(steps=2)

@@ -247,14 +247,6 @@ def test_set_lr_without_scheduler_and_on_a_later_group():
     np.testing.assert_allclose(runner.history.lr[-1], [0.2, 0.003])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: set_lr(0.0) with a closed-form scheduler (LambdaLR) does not stick: "
-        "rescale_scheduler_group returns early for a factor of 0, so base_lrs keep their value and the "
-        "next scheduler.step() restores a non-zero LR"
-    ),
-)
 def test_set_lr_zero_sticks_under_a_lambda_schedule():
     runner, _, _ = _partial_setup("lambda")
     runner.run(steps=2)

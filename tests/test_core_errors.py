@@ -466,14 +466,6 @@ def test_backward_failure_is_explained_and_retryable():
     assert runner.run(steps=1).stopped_by == "steps" and runner.global_step == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: retrying a failed BACKWARD does not clear the gradients the failed attempt already "
-        "accumulated (autograd accumulates the last layers' grads before it reaches the failing node), "
-        "so after the retry those parameters get the gradient twice (3.weight moves 2x a plain step)"
-    ),
-)
 def test_backward_retry_equals_a_plain_step_bit_for_bit():
     model = _inplace_model()
     runner = make_runner(model)
@@ -504,15 +496,6 @@ def _rng_after_one_forward() -> torch.Tensor:
     return torch.get_rng_state()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: ReduceLROnPlateau with scheduler_interval='step' is accepted, but Runner._stage_step calls "
-        "scheduler.step() without the metric after optimizer.step() has already moved the weights: "
-        "every STEP fails (TypeError), global_step stays 0, and each retry by run() applies the "
-        "optimizer step again (weights move while the runner reports no step done)"
-    ),
-)
 def test_reduce_on_plateau_per_step_is_rejected_or_works():
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

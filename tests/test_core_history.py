@@ -146,9 +146,11 @@ def test_truncate_to_step_drops_later_activation_rows():
     h = History(["w"], capacity=100)  # activation rings hold capacity // 10 rows
     for s in (0, 1, 2, 5, 8):
         h.add_activations(s, {"fc": (0.1 * s, 1.0, 0.5, 0.0)})
+    # Activation rows are stamped with the steps completed *before* their forward pass, so
+    # rewinding to 5 completed steps drops the row of step 5's forward (it will be replayed).
     h.truncate_to_step(5)
-    np.testing.assert_array_equal(h.activations["fc"].values()[:, 0], [0, 1, 2, 5])
-    np.testing.assert_allclose(h.activations["fc"].values()[:, 1], [0.0, 0.1, 0.2, 0.5])
+    np.testing.assert_array_equal(h.activations["fc"].values()[:, 0], [0, 1, 2])
+    np.testing.assert_allclose(h.activations["fc"].values()[:, 1], [0.0, 0.1, 0.2])
 
 
 def test_controls_and_epochs_lists_are_bounded():

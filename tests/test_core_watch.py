@@ -191,15 +191,6 @@ def test_validation_is_not_a_training_step(val_grad):
         assert w.records[Stage.FORWARD].data["training"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Watcher._on_model_post records every forward run with grad enabled as the FORWARD "
-        "record, so a validation pass under model.eval() without torch.no_grad() (never backpropagated) "
-        "replaces the training forward: records[FORWARD] says training=False, eval_modules=['<model>', ...], "
-        "which an eval-mode-training rule would report on a healthy loop"
-    ),
-)
 def test_forward_record_describes_the_last_training_forward_after_grad_enabled_validation():
     model, opt, loss_fn = _setup()
     with tlw.watch(model, opt, loss_fn=loss_fn) as w:
@@ -208,15 +199,6 @@ def test_forward_record_describes_the_last_training_forward_after_grad_enabled_v
     assert w.records[Stage.FORWARD].data["eval_modules"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Watcher detects a backward pass only through the grad pre-hook of the first trainable "
-        "parameter (_first_hooked); when that parameter gets no gradient (an unused/disconnected "
-        "module registered first) no backward is ever seen: loop.backwards stays 0, the pending loss is "
-        "never confirmed and history.loss is all NaN"
-    ),
-)
 def test_first_parameter_unused_still_records_the_loop():
     class Late(nn.Module):
         """The first registered parameter is unused (a disconnected branch, itself a classic bug)."""

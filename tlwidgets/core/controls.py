@@ -79,7 +79,7 @@ def rescale_scheduler_group(
     new level; recursive ones (StepLR, ExponentialLR, ReduceLROnPlateau) work
     from the group's current LR and need nothing.
     """
-    if not math.isfinite(factor) or factor <= 0:
+    if not math.isfinite(factor) or factor < 0:
         return
     g = optimizer.param_groups[group]
     for key in _GROUP_KEYS:
@@ -90,9 +90,33 @@ def rescale_scheduler_group(
             values = getattr(sched, attr, None)
             if isinstance(values, list) and group < len(values):
                 values[group] = values[group] * factor
-        last = getattr(sched, "_last_lr", None)
-        if isinstance(last, list) and group < len(last):
-            last[group] = float(g["lr"]) * factor
+
+
+def group_bases(scheduler: Any, optimizer: torch.optim.Optimizer, group: int) -> dict[Any, Any]:
+    """The per-group schedule bases that :func:`rescale_scheduler_group` scales."""
+    g = optimizer.param_groups[group]
+    out: dict[Any, Any] = {("group", k): g[k] for k in _GROUP_KEYS if k in g}
+    for i, sched in enumerate(iter_schedulers(scheduler)):
+        for attr in ("base_lrs", "max_lrs"):
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and group < len(values):
+                out[(i, attr)] = values[group]
+    return out
+
+
+def set_group_bases(
+    scheduler: Any, optimizer: torch.optim.Optimizer, group: int, bases: dict[Any, Any]
+) -> None:
+    """Put back what :func:`group_bases` returned."""
+    g = optimizer.param_groups[group]
+    for i, sched in enumerate(iter_schedulers(scheduler)):
+        for attr in ("base_lrs", "max_lrs"):
+            values = getattr(sched, attr, None)
+            if (i, attr) in bases and isinstance(values, list) and group < len(values):
+                values[group] = bases[(i, attr)]
+    for (kind, key), value in bases.items():
+        if kind == "group":
+            g[key] = value
 
 
 def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: float) -> None:
@@ -251,14 +275,26 @@ class ControlsMixin:
         g = self.optimizer.param_groups[group]
         old = float(g["lr"])
         if self.scheduler is not None:
+            # Bases saved when the LR was set to 0, so a later non-zero LR resumes the same shape.
+            zeroed: dict[int, tuple[dict[Any, Any], float]] = self.__dict__.setdefault("_zeroed_bases", {})
             if old > 0:
+                if lr == 0:
+                    zeroed[group] = (group_bases(self.scheduler, self.optimizer, group), old)
                 rescale_scheduler_group(self.scheduler, self.optimizer, group, lr / old)
-            else:
+            elif group in zeroed and lr > 0:
+                bases, before = zeroed.pop(group)
+                set_group_bases(self.scheduler, self.optimizer, group, bases)
+                rescale_scheduler_group(self.scheduler, self.optimizer, group, lr / before)
+            elif lr > 0:
                 _reset_scheduler_base(self.scheduler, self.optimizer, group, lr)
         if isinstance(g["lr"], torch.Tensor):
             g["lr"].fill_(lr)
         else:
             g["lr"] = lr
+        for sched in iter_schedulers(self.scheduler):  # get_last_lr() reports the new LR too
+            last = getattr(sched, "_last_lr", None)
+            if isinstance(last, list) and group < len(last):
+                last[group] = lr
         self._after_control(ControlChange("set_lr", self.global_step, {"group": group, "lr": lr, "old": old}))
 
     def _after_control(self, change: ControlChange) -> None:

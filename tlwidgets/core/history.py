@@ -162,18 +162,26 @@ class History:
         self.controls.append(change)
         del self.controls[: -self.capacity]
 
-    def truncate_to_step(self, step: int) -> None:
-        """Drop rows after global step ``step`` (rewind keeps the older past)."""
+    def truncate_to_step(self, step: int, epoch: int | None = None) -> None:
+        """Forget what happened after ``step`` optimizer steps (rewind keeps the older past).
+
+        Step rows are stamped with the step they completed (1, 2, ...) and are
+        kept up to ``step``; activation rows are stamped with the steps
+        completed before their forward pass, so only those below ``step`` are
+        kept; epoch ends are kept when their epoch index is below ``epoch``
+        (an epoch can end after its last step, so its step number alone cannot
+        tell whether it happened before a checkpoint).
+        """
         steps = self._step.values()
         keep = int(np.searchsorted(steps, step, side="right")) if len(steps) else 0
         for ring in (self._loss, self._step, self._epoch, self._exact, self._lr, *self._stats.values()):
             ring.truncate(keep)
-        val = self._val.values()
-        self._val.truncate(int(np.sum(val[:, 0] <= step)) if len(val) else 0)
-        self.epochs = [e for e in self.epochs if e.step <= step]
+        gone = [e for e in self.epochs if (e.epoch >= epoch if epoch is not None else e.step > step)]
+        self.epochs = [e for e in self.epochs if e not in gone]
+        self._val.truncate(len(self._val) - sum(e.val_loss is not None for e in gone))
         for ring in self.activations.values():
             vals = ring.values()
-            ring.truncate(int(np.sum(vals[:, 0] <= step)) if len(vals) else 0)
+            ring.truncate(int(np.sum(vals[:, 0] < step)) if len(vals) else 0)
 
     # -- reading -----------------------------------------------------------
     def __len__(self) -> int:

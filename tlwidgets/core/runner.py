@@ -519,6 +519,7 @@ class Runner(ControlsMixin):
         if self._backward_failed:
             # The failed attempt may have freed the graph: rebuild it from the same batch and RNG state.
             self._backward_failed = False
+            self.optimizer.zero_grad()  # drop what the failed attempt accumulated
             if self._fwd_rng is not None:
                 torch.set_rng_state(self._fwd_rng)
             self._output = self.forward(self.model, self._inputs)
@@ -569,8 +570,6 @@ class Runner(ControlsMixin):
         lrs_used = effective_lrs(self.optimizer)  # before a per-step scheduler moves them
         try:
             self.optimizer.step()
-            if self.scheduler is not None and self.scheduler_interval == "step":
-                self.scheduler.step()
         except Exception:
             if stats.restore() and saved_opt is not None:
                 _restore_opt_state(self.optimizer, saved_opt)
@@ -578,6 +577,13 @@ class Runner(ControlsMixin):
             else:
                 rec.data["rolled_back"] = False
             raise
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            # The weights have moved: a broken scheduler must not make a retry step them twice.
+            try:
+                self.scheduler.step()
+            except Exception as exc:
+                rec.data["scheduler_error"] = f"{type(exc).__name__}: {exc}"
+                rec.findings.append(self._explain(exc, Stage.STEP))
         numbers = self.tracker.record_step(
             step=self.global_step + 1,
             epoch=self.epoch,
@@ -811,7 +817,7 @@ class Runner(ControlsMixin):
             for _ in range(ck.batch_index):
                 next(self._iter)
         restore_rng(ck.rng)
-        self.history.truncate_to_step(ck.step)
+        self.history.truncate_to_step(ck.step, ck.epoch)
         self._after_control(ControlChange("rewind", self.global_step, {"id": ck.id, "label": ck.label}))
         return ck
 
@@ -969,6 +975,11 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     if scheduler is not None and not hasattr(scheduler, "step"):
         raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+    if scheduler_interval == "step" and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ValueError(
+            "ReduceLROnPlateau needs a metric and is stepped per epoch: use scheduler_interval='epoch' "
+            "(the runner passes the validation loss, or the training loss without val_data)"
+        )
     if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
         raise ValueError("the scheduler was built for a different optimizer than the one given")
 

@@ -146,6 +146,9 @@ class Watcher(ControlsMixin):
         self._fingerprint: dict[int, tuple[int, int]] = {}
         self._after_step_fp: dict[int, tuple[int, int]] = {}
         self._clip_pre: list[torch.Tensor | None] = []
+        self._backward_open = False
+        self._backward_seen: set[int] = set()
+        self._pending_forward: StageRecord | None = None
         self._measure_clip = False
         self._install()
         self._refresh_audit()
@@ -165,23 +168,32 @@ class Watcher(ControlsMixin):
             if trainable
             else []
         )
+        self._hooked: list[int] = []
         for j in pick:
             i, p = trainable[j]
-            self._handles.append(p.register_hook(self._grad_pre_hook(i, p)))
+            self._hooked.append(i)
+            self._handles.append(p.register_hook(self._grad_pre_hook(i)))
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_post_hook(i)))
-        self._first_hooked = trainable[pick[0]][0] if len(pick) else None
         self._clip_pre = [None] * len(self.named_params)
         for i, (_, p) in enumerate(self.named_params):
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._clip_hook(i)))
 
-    def _grad_pre_hook(self, i: int, p: torch.Tensor):
+    def _grad_pre_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
-            if i == self._first_hooked:
-                self._begin_backward(p)
+            # Without a hooked loss, the first hooked gradient of a pass opens it;
+            # a parameter seen twice means a new pass (e.g. retain_graph).
+            if not self._backward_open or i in self._backward_seen:
+                self._begin_backward(only=i)
+            self._backward_seen.add(i)
             return None
 
         return hook
+
+    def _on_loss_backward(self, grad: torch.Tensor) -> None:
+        """Backward reached the loss tensor: a pass starts, before any parameter gets its gradient."""
+        if not self._closed:
+            self._begin_backward(only=None)
 
     def _grad_post_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
@@ -198,15 +210,26 @@ class Watcher(ControlsMixin):
 
         return hook
 
-    def _begin_backward(self, p: torch.Tensor) -> None:
-        """First hooked gradient of a backward pass: classify how the loop treated the grads."""
-        i = self._first_hooked
-        g = p.grad
-        untouched = g is not None and self._fingerprint.get(i) == (id(g), g._version)
+    def _begin_backward(self, only: int | None) -> None:
+        """A backward pass starts: classify how the loop treated the gradients since the last one.
+
+        A gradient is *untouched* when it is the very tensor, unmodified, that
+        the previous pass left (not set to None, not zeroed in place). ``only``
+        restricts the look to one parameter (when the pass was detected through
+        that parameter's hook, the others may already hold this pass's gradient).
+        """
+        self._backward_open = True
+        self._backward_seen = set()
+        params = self.tracker.params
+        untouched = stale = False
+        for i in [only] if only is not None else self._hooked:
+            g = params[i].grad
+            if g is not None and self._fingerprint.get(i) == (id(g), g._version):
+                untouched = True
+                stale = stale or self._after_step_fp.get(i) == (id(g), g._version)
         self.loop.backwards += 1
         if self._step_since_backward:
             # A step happened since the last backward: the grads should have been reset.
-            stale = untouched and self._after_step_fp.get(i) == (id(g), g._version)
             self.loop.stale_steps = self.loop.stale_steps + 1 if stale else 0
             self.loop.backwards_without_step = 0
             self.loop.accumulating = False
@@ -223,6 +246,7 @@ class Watcher(ControlsMixin):
     def _on_model_pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        self._backward_open = False
         self._last_inputs = args
         self._fwd_rng = torch.get_rng_state()
         if self.tracker.activations_due(self.global_step):
@@ -245,7 +269,9 @@ class Watcher(ControlsMixin):
             + ([] if module.training else ["<model>"]),
             activations=acts,
         )
-        self.records[Stage.FORWARD] = rec
+        # Only a forward whose loss is backpropagated is training (validation
+        # under eval() without no_grad() is not): committed in _confirm_training_loss.
+        self._pending_forward = rec
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if not isinstance(output, torch.Tensor) or output.numel() != 1:
@@ -255,6 +281,8 @@ class Watcher(ControlsMixin):
             return
         self._pending_loss = output
         self._pending_facts = {"args": args}
+        self._backward_open = False
+        output.register_hook(self._on_loss_backward)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Tell the watcher the loss of this iteration (when ``loss_fn`` is a plain function)."""
@@ -265,6 +293,8 @@ class Watcher(ControlsMixin):
             return
         self._pending_loss = loss
         self._pending_facts = {"args": ()}
+        self._backward_open = False
+        loss.register_hook(self._on_loss_backward)
 
     def _confirm_training_loss(self) -> None:
         """The pending loss is being backpropagated: it is a training loss; record LOSS and FETCH."""
@@ -303,9 +333,13 @@ class Watcher(ControlsMixin):
             self._last_inputs[0] if self._last_inputs and len(self._last_inputs) == 1 else self._last_inputs
         )
         fetch = StageRecord(stage=Stage.FETCH, step=step, epoch=self.epoch, batch=0, exact=False)
-        fetch.data.update(describe(inputs, target))
+        detail = self.tracker.activations_due(step)
+        fetch.data.update(describe(inputs, target, exact=False, stats=detail or not math.isfinite(value)))
         self.records[Stage.FETCH] = fetch
         self.records[Stage.LOSS] = rec
+        forward, self._pending_forward = self._pending_forward, None
+        if forward is not None:
+            self.records[Stage.FORWARD] = forward
         findings = []
         if fetch.data["non_finite"]:
             findings.append(
@@ -321,9 +355,10 @@ class Watcher(ControlsMixin):
             findings.append(self._non_finite_loss_finding(value))
         self._measure_clip = step < 5 or step % 10 == 0
         self._publish(findings)
-        for r in (fetch, rec):
-            self._publish(self._diagnose("on_stage", r))
-            self.events.emit(Event.STAGE, r)
+        for r in (fetch, forward, rec):
+            if r is not None:
+                self._publish(self._diagnose("on_stage", r))
+                self.events.emit(Event.STAGE, r)
 
     def _non_finite_loss_finding(self, value: float) -> Finding:
         origin = None
