@@ -96,10 +96,16 @@ class Runner(ControlsMixin):
     activation_every
         Measure per-module activation statistics every this many steps.
     grad_budget
-        Fraction of step time that exact grad norms may cost (else sampled).
+        ``None`` (default): exact grad norms every step, which also checks every
+        gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
+        caps the exact pass at that share of step time; steps in between use a
+        sampled estimate and check NaN/Inf on the sample only.
     safe_step
-        Snapshot the weights before every STEP so a failing ``optimizer.step()``
-        can be undone (always done for a STEP run by :meth:`step_stage`).
+        Snapshot weights and optimizer state before every STEP so a failing
+        ``optimizer.step()`` leaves the weights as they were. ``None`` (default):
+        for a STEP run by :meth:`step_stage` and for optimizers that are not
+        ``torch.optim``'s own (custom ``step()`` code is what fails half-way;
+        the built-in optimizers validate before they write). ``True``: always.
     freeze_bn_stats
         Default of ``freeze(..., bn_eval=)``: put fully frozen batch-norm layers in eval mode.
     max_checkpoints
@@ -135,8 +141,8 @@ class Runner(ControlsMixin):
         sample_size: int = 1024,
         history_size: int = 10_000,
         activation_every: int = 10,
-        grad_budget: float = 0.02,
-        safe_step: bool = False,
+        grad_budget: float | None = None,
+        safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
         max_checkpoints: int = 20,
         diagnoser: Diagnoser | None = None,
@@ -155,7 +161,7 @@ class Runner(ControlsMixin):
         )
         self.unpack = unpack or default_unpack
         self.forward = forward or call_model
-        self.safe_step = safe_step
+        self.safe_step = _custom_optimizer(optimizer) if safe_step is None else bool(safe_step)
         self.freeze_bn_stats = freeze_bn_stats
         self.tracker = Tracker(
             model,
@@ -261,6 +267,8 @@ class Runner(ControlsMixin):
         call :meth:`step_stage` to apply them anyway).
         """
         self._check_open()
+        if self._holding_non_finite():
+            return self.records[Stage.BACKWARD]
         while True:
             rec = self._do_stage(exact=False)
             if isinstance(rec, EpochRecord):
@@ -297,6 +305,32 @@ class Runner(ControlsMixin):
         except StopIteration as stop:
             return stop.value
 
+    def skip_batch(self) -> None:
+        """Drop the batch in progress (and its gradients) and go back to FETCH.
+
+        The way forward after a run stopped on NaN/Inf gradients: ``run()`` and
+        ``step()`` refuse to apply them (``step_stage()`` at STEP would).
+        """
+        self._check_open()
+        if self._running:
+            raise RuntimeError("pause the run before skipping a batch")
+        if self.stage is Stage.FETCH and not self._have_batch:
+            return
+        self.optimizer.zero_grad()
+        self.stage = Stage.FETCH
+        self._have_batch = False
+        self._raw_batch = self._inputs = self._targets = self._output = self._loss = None
+        self._backward_failed = False
+        self.records = {}
+        change = ControlChange("skip_batch", self.global_step, {"batch": self.batch_index})
+        self.history.add_control(change)
+        self.events.emit(Event.CONTROL, change)
+
+    def _holding_non_finite(self) -> bool:
+        """At STEP with NaN/Inf gradients from BACKWARD (a run stopped there)."""
+        back = self.records.get(Stage.BACKWARD)
+        return self.stage is Stage.STEP and back is not None and bool(back.data.get("non_finite_grad"))
+
     def pause(self) -> None:
         """Ask a running :meth:`run` to stop at the next stage boundary."""
         self._pause.set()
@@ -321,6 +355,15 @@ class Runner(ControlsMixin):
                     break
                 if target is not None and self.global_step >= target and self.stage is Stage.FETCH:
                     result = RunResult(self.global_step - start_step, epochs_done, "steps")
+                    break
+                if self._holding_non_finite():  # never apply NaN/Inf gradients unasked
+                    result = RunResult(
+                        self.global_step - start_step,
+                        epochs_done,
+                        "non-finite-grad",
+                        self._latest_error_finding(),
+                        self.records[Stage.BACKWARD],
+                    )
                     break
                 errors_before = self._new_errors
                 rec = self._do_stage(exact=False)
@@ -982,6 +1025,12 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
         )
     if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
         raise ValueError("the scheduler was built for a different optimizer than the one given")
+
+
+def _custom_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``step()`` is user code (not a torch.optim class's own)."""
+    step = getattr(type(optimizer), "step", None)
+    return not getattr(step, "__module__", "").startswith("torch.optim")
 
 
 def _capture_opt_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:

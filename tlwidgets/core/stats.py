@@ -132,11 +132,12 @@ class GradNormSchedule:
 
     Keeps an exponential average of the exact pass's cost and of the step time
     and runs the pass every ``k`` steps, with ``k`` the smallest interval that
-    keeps the average cost below ``budget`` x step time. On models where the
-    pass is cheap (most), ``k`` is 1.
+    keeps the average cost below ``budget`` x step time. ``budget=None`` (the
+    default) means every step: the exact pass is also the only complete check
+    for NaN/Inf in the gradients, which is what stops a run *before* STEP.
     """
 
-    def __init__(self, budget: float = 0.02) -> None:
+    def __init__(self, budget: float | None = None) -> None:
         self.budget = budget
         self.cost_s: float | None = None
         self.step_s: float | None = None
@@ -144,7 +145,7 @@ class GradNormSchedule:
 
     @property
     def interval(self) -> int:
-        if self.cost_s is None or not self.step_s or self.budget <= 0:
+        if self.budget is None or self.cost_s is None or not self.step_s or self.budget <= 0:
             return 1
         return max(1, math.ceil(self.cost_s / (self.budget * self.step_s)))
 
@@ -182,7 +183,7 @@ class ParamStats:
         self,
         params: Sequence[torch.Tensor],
         sample_size: int = 1024,
-        grad_budget: float = 0.02,
+        grad_budget: float | None = None,
         seed: int = 0,
     ) -> None:
         self.params = list(params)

@@ -41,7 +41,7 @@ class Tracker:
         *,
         sample_size: int = 1024,
         history_size: int = 10_000,
-        grad_budget: float = 0.02,
+        grad_budget: float | None = None,
         activation_every: int = 10,
     ) -> None:
         self.model = model

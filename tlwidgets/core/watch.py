@@ -93,7 +93,7 @@ class Watcher(ControlsMixin):
         sample_size: int = 1024,
         history_size: int = 10_000,
         activation_every: int = 10,
-        grad_budget: float = 0.02,
+        grad_budget: float | None = None,
         scheduler: Any = None,
         diagnoser: Diagnoser | None = None,
     ) -> None:
