@@ -581,7 +581,10 @@ def test_heatmap_click_selects_parameter_and_shows_history(dash, runner):
     for _ in range(3):
         dash.controls.step_button.click()
     row = runner.param_names.index("2.weight")
-    dash.heatmap.grid.selected = np.array([[row, 1]])  # what a click in the browser sets
+    # what a click on a cell sends from the browser
+    dash.heatmap.grid._handle_custom_msgs(
+        None, {"event": "element_click", "data": {"rowNum": row, "columnNum": 1, "color": -3.1}}
+    )
     assert dash.selected_param == "2.weight"
     assert dash.selected_step == 2
     assert dash.heatmap.history_figure.layout.display is None
@@ -589,6 +592,7 @@ def test_heatmap_click_selects_parameter_and_shows_history(dash, runner):
     np.testing.assert_allclose(dash.heatmap.history_lines.y[0], runner.history.update_ratio[:, row])
     assert "2.weight" in dash.heatmap.history_figure.title
     assert list(dash.loss.cursor.x) == [2.0, 2.0]
+    assert dash.heatmap.grid.selected.tolist() == [[row, c] for c in range(3)]  # the row is outlined
 
 
 def test_heatmap_values_are_log10_update_ratio_then_grad_norm(dash, runner):
@@ -610,9 +614,11 @@ def test_heatmap_values_are_log10_update_ratio_then_grad_norm(dash, runner):
     assert lo <= np.percentile(grads, 1) and hi >= np.percentile(grads, 99)
     np.testing.assert_allclose(dash.heatmap.grid.color, np.clip(grads, lo, hi), rtol=1e-6)
     assert "gradient norm" in dash.heatmap.title.value
-    assert dash.heatmap.color_axis.tick_labels == {f"{dash.heatmap.color_scale.min:g}": "no grad"}
+    assert "no grad" in dash.heatmap.legend.value and "healthy" not in dash.heatmap.legend.value
     dash.heatmap.switch.value = "update_ratio"
     assert dash.heatmap.domain == (-6.0, 0.0)
+    legend = dash.heatmap.legend.value
+    assert "frozen" in legend and "healthy ≈ 1e-3" in legend and "1e-6" in legend
 
 
 def test_heatmap_keeps_only_recent_steps(runner):

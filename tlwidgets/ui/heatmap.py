@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,30 @@ def color_domain(lo: float, hi: float, colors: list[str]) -> tuple[float, list[s
     """
     step = (hi - lo) / (len(colors) - 1)
     return lo - step, [NULL_COLOR, *colors]
+
+
+def legend_html(lo: float, hi: float, colors: list[str], none: str, *, healthy: bool) -> str:
+    """A colour bar for [lo, hi] (log10 values, labelled as powers of ten) with a "no value" swatch."""
+    n = len(colors)
+    ticks = [lo + i * (hi - lo) / (n - 1) for i in range(n)]
+    labels = "".join(f"<span>{_power(t)}</span>" for t in ticks)
+    band = ""
+    if healthy:  # 1e-4 .. 1e-2 on the -6 .. 0 bar
+        left, width = 100 * (-4 - lo) / (hi - lo), 100 * 2 / (hi - lo)
+        style = f"margin-left:{left:.1f}%;width:{width:.1f}%"
+        band = f"<div class='tlw-legend-band' style='{style}'>healthy ≈ 1e-3</div>"
+    return (
+        "<div class='tlw-legend'>"
+        f"<span class='tlw-legend-none' style='background:{NULL_COLOR}'>{html.escape(none)}</span>"
+        "<div class='tlw-legend-scale'>"
+        f"<div class='tlw-legend-bar' style='background:linear-gradient(to right,{','.join(colors)})'></div>"
+        f"<div class='tlw-legend-ticks'>{labels}</div>{band}</div>"
+        "<small class='tlw-legend-hint'>click a cell: its parameter's history</small></div>"
+    )
+
+
+def _power(v: float) -> str:
+    return "1" if v == 0 else (f"1e{v:.0f}" if float(v).is_integer() else f"1e{v:.1f}")
 
 
 def short_name(name: str, limit: int = 22) -> str:
@@ -88,7 +113,6 @@ class HeatmapPanel(widgets.VBox):
         self.param_names = list(param_names)
         self._on_select = on_select
         self._columns = np.zeros(0, dtype=np.int64)
-        self._setting_selection = False
         n = max(len(self.param_names), 2)
         self.row_scale = bq.OrdinalScale(reverse=True)
         self.col_scale = bq.OrdinalScale()
@@ -102,7 +126,10 @@ class HeatmapPanel(widgets.VBox):
             scales={"row": self.row_scale, "column": self.col_scale, "color": self.color_scale},
             null_color=NULL_COLOR,
             stroke="white",
-            interactions={"click": "select"},
+            # No "select" interaction: bqplot 0.13.1 cannot deserialize the selection a click sends
+            # back (object array -> "Unsupported dtype object"), which silently drops the change.
+            # A click also sends an element_click message with the cell, which works.
+            interactions={},
             selected_style={"stroke": "black", "stroke-width": "2px"},
             anchor_style={"stroke": "black"},
         )
@@ -116,18 +143,11 @@ class HeatmapPanel(widgets.VBox):
         self.col_axis = bq.Axis(
             scale=self.col_scale, label="step", grid_lines="none", tick_style={"font-size": "10px"}
         )
-        self.color_axis = bq.ColorAxis(
-            scale=self.color_scale,
-            side="right",
-            tick_values=np.arange(vmin, 1),
-            tick_labels={f"{vmin:g}": "frozen"},
-            tick_style={"font-size": "10px"},
-        )
         height = int(min(520, max(220, 16 * n + 90)))
         self.figure = bq.Figure(
             marks=[self.grid],
-            axes=[self.row_axis, self.col_axis, self.color_axis],
-            fig_margin={"top": 8, "bottom": 36, "left": 130, "right": 56},
+            axes=[self.row_axis, self.col_axis],
+            fig_margin={"top": 8, "bottom": 36, "left": 130, "right": 12},
             display_toolbar=False,
             padding_y=0.0,
             layout=widgets.Layout(width="100%", height=f"{height}px", min_width="360px"),
@@ -141,13 +161,12 @@ class HeatmapPanel(widgets.VBox):
                 "log10 of the update/weight ratio (healthy ~1e-3: green)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "auto"},
+            style={"button_width": "96px"},
         )
         self.switch.add_class("tlw-heatmap-switch")
-        self.legend = widgets.HTML(
-            "<small>green ≈ 1e-3 (healthy) · blue: barely moving · red: too fast · "
-            "<span class='tlw-swatch'></span> grey: frozen / not measured · click a cell</small>"
-        )
+        # The colour scale as HTML (bqplot's vertical ColorAxis is cramped at this size).
+        self.legend = widgets.HTML(legend_html(-6.0, 0.0, RATIO_COLORS, "frozen", healthy=True))
+        self.legend.add_class("tlw-heatmap-legend")
         self.history_x = bq.LinearScale()
         self.history_y = bq.LogScale()
         self.history_lines = bq.Lines(
@@ -181,7 +200,7 @@ class HeatmapPanel(widgets.VBox):
         self.add_class("tlw-heatmap")
         self.steps = steps
         self.switch.observe(guard("heatmap switch")(self._switch_changed), names="value")
-        self.grid.observe(guard("heatmap click")(self._grid_selected), names="selected")
+        self.grid.on_element_click(guard("heatmap click")(self._cell_clicked))
         self._frozen: set[str] = set()
         self._session: Any = None
 
@@ -268,10 +287,7 @@ class HeatmapPanel(widgets.VBox):
         with self.color_scale.hold_sync():
             self.color_scale.colors = stops
             self.color_scale.min, self.color_scale.max = float(vmin), float(hi)
-        step = (hi - lo) / (len(colors) - 1)
-        with self.color_axis.hold_sync():
-            self.color_axis.tick_values = np.concatenate([[vmin], np.arange(lo, hi + step / 2, step)])
-            self.color_axis.tick_labels = {f"{vmin:g}": none}
+        self.legend.value = legend_html(lo, hi, colors, none, healthy=self.metric == "update_ratio")
 
     def _switch_changed(self, change: dict[str, Any]) -> None:
         self.metric = change["new"]
@@ -291,30 +307,30 @@ class HeatmapPanel(widgets.VBox):
             self.draw(self._session)
 
     # -- selection ------------------------------------------------------------------------
-    def _grid_selected(self, change: dict[str, Any]) -> None:
-        if self._setting_selection:
+    def _cell_clicked(self, _mark: Any, content: dict[str, Any]) -> None:
+        data = content.get("data") or {}
+        row, col = data.get("rowNum"), data.get("columnNum")
+        if row is None:
             return
-        sel = change["new"]
-        if sel is None or len(sel) == 0:
-            return
-        row, col = (int(v) for v in np.asarray(sel)[-1][:2])
+        self.click(int(row), None if col is None else int(col))
+
+    def click(self, row: int, column: int | None = None) -> None:
+        """What a click on the cell (row, column) does: select the parameter and that step."""
         name = self.param_names[row] if 0 <= row < len(self.param_names) else None
-        step = int(self._columns[col]) if 0 <= col < len(self._columns) and len(self._columns) else None
+        step = None
+        if column is not None and 0 <= column < len(self._columns):
+            step = int(self._columns[column])
         self.select(name)
         self._on_select(name, step)
 
     def select(self, name: str | None) -> None:
         """Select a parameter: highlight its row and show its history."""
         self.selected_param = name
-        self._setting_selection = True
-        try:
-            if name in self.param_names:
-                row = self.param_names.index(name)
-                self.grid.selected = np.array([[row, c] for c in range(max(len(self._columns), 1))])
-            else:
-                self.grid.selected = None
-        finally:
-            self._setting_selection = False
+        if name in self.param_names:
+            row = self.param_names.index(name)
+            self.grid.selected = np.array([[row, c] for c in range(max(len(self._columns), 2))])
+        else:
+            self.grid.selected = None
         if self._session is not None:
             self._draw_history(self._session)
 

@@ -174,7 +174,7 @@ class LossPanel(widgets.VBox):
         with self.markers.hold_sync():
             self.markers.x, self.markers.y, self.markers.colors = xs, ys, colors
         with self.marker_labels.hold_sync():
-            self.marker_labels.x = xs[:, 0] if len(xs) else np.zeros(0)
+            self.marker_labels.x = _spread(xs[:, 0], steps) if len(xs) else np.zeros(0)
             self.marker_labels.y = np.full(len(xs), lo)
             self.marker_labels.text = texts
             self.marker_labels.colors = colors
@@ -197,6 +197,18 @@ class LossPanel(widgets.VBox):
             text = "<b>loss</b>: no steps yet"
         if text != self.summary.value:
             self.summary.value = text
+
+
+def _spread(xs: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Label positions: controls at the same step sit side by side instead of on top of each other."""
+    width = float(steps[-1] - steps[0]) if len(steps) > 1 else 1.0
+    out = xs.astype(np.float64).copy()
+    seen: dict[float, int] = {}
+    for i, x in enumerate(xs):
+        k = seen.get(float(x), 0)
+        seen[float(x)] = k + 1
+        out[i] = x + k * 0.025 * width
+    return out
 
 
 def _short(text: str, limit: int = 28) -> str:

@@ -50,5 +50,17 @@ CSS = """
 .tlw-swatch { display: inline-block; width: 10px; height: 10px; background: #d0d0d0; }
 .tlw-module { font-family: var(--jp-code-font-family, monospace); font-size: 12px; }
 .tlw-finding-row { border-bottom: 1px solid #f5f5f5; }
+.tlw-legend { display: flex; align-items: flex-start; gap: 8px; font-size: 11px; margin-left: 130px; }
+.tlw-legend-none { padding: 0 6px; border-radius: 2px; line-height: 12px; }
+.tlw-legend-scale { flex: 0 1 260px; }
+.tlw-legend-bar { height: 12px; border-radius: 2px; }
+.tlw-legend-ticks { display: flex; justify-content: space-between; color: #616161; }
+.tlw-legend-band {
+  border-top: 2px solid #1f9e50;
+  text-align: center;
+  color: #1f9e50;
+  font-size: 10px;
+}
+.tlw-legend-hint { color: #9e9e9e; margin-left: auto; }
 </style>
 """
