@@ -219,12 +219,12 @@ def test_lr_range_curve_shape_and_suggestion(digits_data):
     assert "suggested lr" in str(res) and res.to_dict()["suggestion"] == res.suggestion
 
 
-def test_smoothed_curve_is_a_forward_backward_ema():
+def test_smoothed_curve_and_suggestion_against_a_naive_computation():
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(5)]
-    res = lr_range_test(model, nn.MSELoss(), opt, data, start_lr=1e-6, end_lr=1e-4, num_steps=12, smooth=0.3)
+    res = lr_range_test(model, nn.MSELoss(), opt, data, start_lr=1e-4, end_lr=3.0, num_steps=40, smooth=0.3)
     beta = 0.7
 
     def ema(x):
@@ -234,8 +234,29 @@ def test_smoothed_curve_is_a_forward_backward_ema():
             out.append(avg / (1 - beta ** (i + 1)))
         return np.array(out)
 
-    expected = ema(ema(res.losses)[::-1])[::-1]
-    assert np.allclose(res.smoothed, expected, rtol=1e-12)
+    assert np.allclose(res.smoothed, ema(res.losses), rtol=1e-12)
+    # suggestion: lag-free smoothing up to the lowest running loss, then min(steepest, min/10)
+    cut = int(np.argmin(res.smoothed)) + 1
+    lagfree = ema(ema(res.losses[:cut])[::-1])[::-1]
+    i_min = int(np.argmin(lagfree))
+    assert res.min_loss_lr == pytest.approx(res.lrs[i_min])
+    skip = min(max(1, cut // 20), i_min)
+    slope = np.gradient(lagfree[skip : i_min + 1], np.log10(res.lrs[skip : i_min + 1]))
+    steepest = res.lrs[skip + int(np.argmin(slope))]
+    assert res.steepest_lr == pytest.approx(steepest)
+    assert res.suggestion == pytest.approx(min(steepest, res.min_loss_lr / 10))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo.names(healthy=True))
+def test_lr_suggestion_is_near_the_lr_that_trains_each_healthy_setup(name):
+    runner = zoo.get(name).runner()
+    try:
+        working = max(runner.lrs)
+        res = lr_range_test(runner)
+        assert working / 10 <= res.suggestion <= working * 10, str(res)
+    finally:
+        runner.close()
 
 
 def test_lr_range_sweeps_only_the_chosen_group_and_each_group():

@@ -387,19 +387,23 @@ class LRRangeResult:
     losses
         Training loss of each step's batch, measured before that step's update.
     smoothed
-        ``losses`` smoothed with a bias-corrected exponential moving average run
-        forwards and then backwards, so the smoothed curve does not lag the raw one.
+        ``losses`` smoothed with a bias-corrected exponential moving average (the
+        running value the sweep stops on; NaN after a non-finite loss).
     suggestion
-        The learning rate at the steepest descent of ``smoothed`` (per decade of
-        LR), looked for between the first steps and the minimum of the curve.
-        When the curve has no descending part, the LR at the minimum divided by
-        10. ``None`` when no finite loss was recorded.
+        Found on the part of the sweep up to the lowest ``smoothed`` value (the
+        divergent tail is left out), smoothed again forwards and backwards so the
+        curve does not lag: the smaller of ``steepest_lr`` (where that curve
+        descends most steeply per decade of LR) and ``min_loss_lr / 10`` (a tenth
+        of the LR at its minimum). Both are common rules; the smaller one is the
+        safer choice, because the loss often starts to fall late in a sweep,
+        which pushes the steepest point to too high a learning rate. ``None`` when
+        no finite loss was recorded.
     per_group
         Optimizer group index -> suggested LR for the groups that were swept.
     min_loss_lr
-        The LR where ``smoothed`` is lowest.
+        The LR where the lag-free smoothed loss is lowest.
     steepest_lr
-        The LR at the steepest descent (``None`` when the curve never descends).
+        The LR at the steepest descent of the lag-free curve (``None`` when it never descends).
     stopped_by
         ``"end"`` (reached ``end_lr``), ``"diverged"`` (the running smoothed loss
         rose above ``diverge_factor`` times its best) or ``"non-finite"``.
@@ -476,7 +480,10 @@ def _suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, float
         slope = np.gradient(seg, np.log10(lrs[skip : i_min + 1]))
         if slope.min() < 0:
             steep = float(lrs[skip + int(np.argmin(slope))])
-    return (steep if steep is not None else min_lr / 10), min_lr, steep
+    # Both classic rules, the cautious one wins: in a sweep, learning often starts late (a GRU,
+    # a cold Adam), which pushes the steepest point to too high a learning rate.
+    suggestion = min(steep, min_lr / 10) if steep is not None else min_lr / 10
+    return suggestion, min_lr, steep
 
 
 def _group_indices(optimizer: torch.optim.Optimizer, group: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -523,8 +530,12 @@ def _sweep(
     lr_arr, loss_arr = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     finite = int(np.argmin(np.isfinite(loss_arr))) if not np.isfinite(loss_arr).all() else len(loss_arr)
     smoothed = np.full(len(loss_arr), np.nan)
-    smoothed[:finite] = _zero_lag(loss_arr[:finite], beta)
-    suggestion, min_lr, steep = _suggest(lr_arr[:finite], smoothed[:finite])
+    smoothed[:finite] = _ema(loss_arr[:finite], beta)
+    # The causal EMA lags behind the raw curve, and a divergent tail would leak into any
+    # two-sided smoothing: look for the suggestion only up to the lowest running loss, on
+    # a lag-free (forward-backward) smoothing of that part.
+    cut = int(np.argmin(smoothed[:finite])) + 1 if finite else 0
+    suggestion, min_lr, steep = _suggest(lr_arr[:cut], _zero_lag(loss_arr[:cut], beta))
     return LRRangeResult(
         lrs=lr_arr,
         losses=loss_arr,
@@ -591,9 +602,9 @@ def lr_range_test(
     Returns
     -------
     LRRangeResult
-        ``suggestion`` is the LR at the steepest descent of the smoothed curve
-        (see :class:`LRRangeResult`); a common practice is to train at about
-        that value, or at ``min_loss_lr / 10`` for a more cautious choice.
+        ``suggestion`` is the smaller of the steepest-descent LR and a tenth of
+        the minimum-loss LR (see :class:`LRRangeResult`); ``steepest_lr`` and
+        ``min_loss_lr`` are there too.
     """
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")

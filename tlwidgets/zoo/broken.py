@@ -438,7 +438,7 @@ _BROKEN: tuple[tuple[str, Any, tuple[str, ...], str, str, str, dict[str, Any], t
         "nothing-trainable",
         _nothing_trainable,
         ("nothing-trainable",),
-        "finetune-digits",
+        "finetune-frozen-digits",
         "model.requires_grad_(False) froze everything, the new head included, so nothing can learn.",
         "Freeze only the backbone: model.backbone.requires_grad_(False).",
         {"steps": 5},
