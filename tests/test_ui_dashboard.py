@@ -453,7 +453,7 @@ def test_lr_range_test_plot_and_apply(dash, runner, monkeypatch):
     dash.lr.range_button.click()
     assert calls == [runner]
     assert len(dash.lr.curve.x) == 20
-    assert dash.lr.figure.layout.display is None
+    assert dash.lr.figure_box.children == (dash.lr.figure,)
     assert dash.lr.suggestion == pytest.approx(3e-3)
     assert not dash.lr.apply_button.disabled
     dash.lr.apply_button.click()
@@ -587,7 +587,8 @@ def test_heatmap_click_selects_parameter_and_shows_history(dash, runner):
     )
     assert dash.selected_param == "2.weight"
     assert dash.selected_step == 2
-    assert dash.heatmap.history_figure.layout.display is None
+    assert dash.heatmap.history_box.children == (dash.heatmap.history_figure,)
+    assert dash.heatmap.history_box.layout.display is None
     np.testing.assert_allclose(dash.heatmap.history_lines.x, runner.history.step)
     np.testing.assert_allclose(dash.heatmap.history_lines.y[0], runner.history.update_ratio[:, row])
     assert "2.weight" in dash.heatmap.history_figure.title

@@ -87,6 +87,8 @@ class Dashboard(widgets.VBox):
         self.last_result: Any = None
         self._stop_on_finding = False
         self._stopped_by_finding: Any = None
+        self._run_start = (0.0, 0)
+        self._last_run_rate = 0.0
         self._ui_s = 0.0
         self._last_lrs: list[float] = [float(g["lr"]) for g in session.optimizer.param_groups]
         self._closed = False
@@ -258,7 +260,8 @@ class Dashboard(widgets.VBox):
             state = "idle"
         self.status.draw(
             s,
-            rate=self.rate.rate(),
+            rate=self.rate.rate() if self.running or not self.is_runner else self._last_run_rate,
+            rate_label="steps/s" if self.running or not self.is_runner else "steps/s (last run)",
             tracking_ms=self.tracking.ms_per_step(),
             ui_ms=1000.0 * self._ui_s / steps,
             state=state,
@@ -305,6 +308,7 @@ class Dashboard(widgets.VBox):
             raise ValueError(f"run mode must be 'steps', 'epoch' or 'finding', got {mode!r}")
         self._stop_on_finding = mode == "finding"
         self._set_running(True)
+        self._run_start = (time.perf_counter(), self.session.global_step)
         self.controls.say("running…")
         try:
             loop = asyncio.get_running_loop()
@@ -339,6 +343,10 @@ class Dashboard(widgets.VBox):
     def _run_finished(self, result: Any, exc: BaseException | None, cancelled: bool = False) -> None:
         self._stop_on_finding = False
         stopped_by, self._stopped_by_finding = self._stopped_by_finding, None
+        t0, step0 = self._run_start
+        elapsed = time.perf_counter() - t0
+        if elapsed > 0 and self.session.global_step > step0:
+            self._last_run_rate = (self.session.global_step - step0) / elapsed
         self.running = False
         if exc is not None:
             self.errors.report("run", exc)

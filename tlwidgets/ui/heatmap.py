@@ -52,7 +52,7 @@ def legend_html(lo: float, hi: float, colors: list[str], none: str, *, healthy: 
         "<div class='tlw-legend-scale'>"
         f"<div class='tlw-legend-bar' style='background:linear-gradient(to right,{','.join(colors)})'></div>"
         f"<div class='tlw-legend-ticks'>{labels}</div>{band}</div>"
-        "<small class='tlw-legend-hint'>click a cell: its parameter's history</small></div>"
+        "<small class='tlw-legend-hint'>click a cell</small></div>"
     )
 
 
@@ -161,7 +161,7 @@ class HeatmapPanel(widgets.VBox):
                 "log10 of the update/weight ratio (healthy ~1e-3: green)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "96px"},
+            style={"button_width": "108px"},
         )
         self.switch.add_class("tlw-heatmap-switch")
         # The colour scale as HTML (bqplot's vertical ColorAxis is cramped at this size).
@@ -187,7 +187,7 @@ class HeatmapPanel(widgets.VBox):
             fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},
             display_toolbar=False,
             legend_location="top-left",
-            layout=widgets.Layout(width="100%", height="200px", display="none"),
+            layout=widgets.Layout(width="100%", height="200px"),
             animation_duration=0,
         )
         self.history_figure.add_class("tlw-param-history")
@@ -196,7 +196,10 @@ class HeatmapPanel(widgets.VBox):
             [self.title, self.switch],
             layout=widgets.Layout(justify_content="space-between", align_items="center"),
         )
-        super().__init__(children=[header, self.figure, self.legend, self.history_figure], **kwargs)
+        # The history figure joins the panel on the first selection: a bqplot figure created
+        # hidden (display: none) renders empty when shown later.
+        self.history_box = widgets.VBox()
+        super().__init__(children=[header, self.figure, self.legend, self.history_box], **kwargs)
         self.add_class("tlw-heatmap")
         self.steps = steps
         self.switch.observe(guard("heatmap switch")(self._switch_changed), names="value")
@@ -272,7 +275,7 @@ class HeatmapPanel(widgets.VBox):
 
     def _title_text(self) -> str:
         what = "update / weight" if self.metric == "update_ratio" else "gradient norm"
-        return f"<b>{what}</b> <small>(log10) per parameter, last {self.steps} steps</small>"
+        return f"<b>{what}</b> <small>per parameter, last {self.steps} steps</small>"
 
     def paint(self, color: np.ndarray) -> np.ndarray:
         """The values sent to bqplot: clipped to the colour domain, no value -> the grey stop."""
@@ -337,7 +340,7 @@ class HeatmapPanel(widgets.VBox):
     def _draw_history(self, session: Any) -> None:
         name = self.selected_param
         if name is None or name not in self.param_names:
-            self.history_figure.layout.display = "none"
+            self.history_box.layout.display = "none"
             return
         hist = session.history
         steps = hist.step.astype(np.float64)
@@ -352,4 +355,6 @@ class HeatmapPanel(widgets.VBox):
             self.history_lines.y = y
         frozen = "" if dict(session.named_params)[name].requires_grad else " (frozen)"
         self.history_figure.title = f"{name}{frozen}"
-        self.history_figure.layout.display = None
+        if not self.history_box.children:
+            self.history_box.children = [self.history_figure]
+        self.history_box.layout.display = None

@@ -81,11 +81,12 @@ class LRPanel(widgets.VBox):
                 bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed"),
             ],
             fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
-            layout=widgets.Layout(width="100%", height="220px", display="none"),
+            layout=widgets.Layout(width="100%", height="220px"),
             animation_duration=0,
             display_toolbar=False,
         )
         self.figure.add_class("tlw-lr-figure")
+        self.figure_box = widgets.VBox()  # the plot joins after the first test (see HeatmapPanel)
         super().__init__(
             children=[
                 self.slider_box,
@@ -93,7 +94,7 @@ class LRPanel(widgets.VBox):
                     [self.range_button, self.apply_button, self.message],
                     layout=widgets.Layout(align_items="center"),
                 ),
-                self.figure,
+                self.figure_box,
             ],
             **kwargs,
         )
@@ -190,7 +191,8 @@ class LRPanel(widgets.VBox):
                 self.pick.y = np.array([finite.min(), finite.max()])
             else:
                 self.pick.x, self.pick.y = np.zeros(0), np.zeros(0)
-        self.figure.layout.display = None
+        if not self.figure_box.children:
+            self.figure_box.children = [self.figure]
         self.apply_button.disabled = self.suggestion is None
         if self.suggestion is not None:
             self.apply_button.description = f"apply {self.suggestion:.2e}"

@@ -28,6 +28,7 @@ class StatusLine(widgets.HTML):
         session: Any,
         *,
         rate: float,
+        rate_label: str = "steps/s",
         tracking_ms: float,
         ui_ms: float,
         state: str,
@@ -37,7 +38,7 @@ class StatusLine(widgets.HTML):
         stage = getattr(session, "stage", None)
         if stage is not None:
             parts.append(f"next: {stage.value}")
-        parts.append(f"{rate:.1f} steps/s")
+        parts.append(f"{rate:.1f} {rate_label}")
         parts.append(f"tracking {tracking_ms:.2f} ms/step")
         parts.append(f"ui {ui_ms:.2f} ms/step")
         parts.append(state)

@@ -60,7 +60,8 @@ CSS = """
   text-align: center;
   color: #1f9e50;
   font-size: 10px;
+  white-space: nowrap;
 }
-.tlw-legend-hint { color: #9e9e9e; margin-left: auto; }
+.tlw-legend-hint { color: #9e9e9e; margin-left: auto; white-space: nowrap; }
 </style>
 """
