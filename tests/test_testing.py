@@ -195,6 +195,29 @@ def test_no_findings_on_runners():
         broken.close()
 
 
+def test_no_findings_on_a_watched_loop(batch):
+    import tlwidgets as tlw
+
+    torch.manual_seed(0)
+    model = mlp([64, 32, 10])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = zoo.load_digits_tensors()
+    with tlw.watch(model, opt, loss_fn=loss_fn) as w:
+        for i in range(0, 640, 64):
+            opt.zero_grad()
+            loss_fn(model(x[i : i + 64]), y[i : i + 64]).backward()
+            opt.step()
+    testing.assert_no_findings(w)
+    lazy = mlp([64, 32, 10])
+    opt2 = torch.optim.SGD(lazy.parameters(), lr=0.05)
+    with tlw.watch(lazy, opt2, loss_fn=loss_fn) as w2:
+        for i in range(0, 640, 64):
+            loss_fn(lazy(x[i : i + 64]), y[i : i + 64]).backward()  # never steps, never zeroes
+    with pytest.raises(AssertionError, match="finding"):
+        testing.assert_no_findings(w2)
+
+
 # ---------------------------------------------------------------------- generators
 def test_make_regression_follows_its_formula():
     x, y = testing.make_regression(200, 1, noise=0.0, seed=3, as_dataset=False)

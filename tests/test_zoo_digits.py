@@ -132,7 +132,7 @@ def test_training_is_deterministic_cached_atomically_and_leaves_the_rng_alone(tm
     cached = digits.pretrained_backbone(cache, use_packaged=False)
     assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), trained.state_dict().values()))
     monkeypatch.setenv("TLWIDGETS_CACHE", str(cache))
-    assert digits.cache_dir() == cache
+    assert digits.default_cache_dir() == cache
     digits.pretrained_backbone(use_packaged=False)  # found through the environment variable
 
 

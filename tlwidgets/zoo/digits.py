@@ -31,7 +31,7 @@ __all__ = [
     "DigitsBackbone",
     "DigitsNet",
     "DigitsSplit",
-    "cache_dir",
+    "default_cache_dir",
     "load_digits_tensors",
     "pretrained_backbone",
     "save_atomic",
@@ -246,7 +246,7 @@ def train_backbone(*, seed: int = 0, epochs: int = 6, lr: float = 3e-3) -> tuple
     return backbone, accuracy
 
 
-def cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
+def default_cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """Where generated weights are cached.
 
     ``path`` if given, else ``$TLWIDGETS_CACHE``, else ``$XDG_CACHE_HOME/tlwidgets``
@@ -285,7 +285,7 @@ def _load_into(model: nn.Module, path: Path) -> bool:
 
 
 def pretrained_backbone(
-    cache: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     *,
     use_packaged: bool = True,
     refresh: bool = False,
@@ -293,14 +293,14 @@ def pretrained_backbone(
     """A :class:`DigitsBackbone` pretrained on digits 0-4 (new object on every call).
 
     Sources, in order: the weights file shipped with the package
-    (:data:`BACKBONE_FILE`), the user cache (:func:`cache_dir`), and finally
+    (:data:`BACKBONE_FILE`), the user cache (:func:`default_cache_dir`), and finally
     training it here (:func:`train_backbone`, deterministic), after which the
     weights are written to the cache atomically (best effort: an unwritable
     cache is skipped). Files are read with ``torch.load(..., weights_only=True)``.
 
     Parameters
     ----------
-    cache
+    cache_dir
         Cache folder (default: ``$TLWIDGETS_CACHE`` or ``~/.cache/tlwidgets``).
     use_packaged
         Prefer the shipped weights file when present.
@@ -310,7 +310,7 @@ def pretrained_backbone(
     model = DigitsBackbone()
     if not refresh and use_packaged and BACKBONE_FILE.exists() and _load_into(model, BACKBONE_FILE):
         return model
-    cached = cache_dir(cache) / _CACHE_NAME
+    cached = default_cache_dir(cache_dir) / _CACHE_NAME
     if not refresh and cached.exists() and _load_into(model, cached):
         return model
     trained, _ = train_backbone()
