@@ -396,7 +396,12 @@ class Watcher(ControlsMixin):
                 non_finite_grad=[n for n, h, g in zip(names, has, grad) if h and not np.isfinite(g)],
             )
             if self._measure_clip:
-                idx = [i for i, t in enumerate(self._clip_pre) if t is not None]
+                params = self.tracker.params
+                # Parameters whose gradient was measured after backward and still exists now
+                # (a zero_grad() between backward and step leaves None).
+                idx = [
+                    i for i, t in enumerate(self._clip_pre) if t is not None and params[i].grad is not None
+                ]
                 if idx:
                     pre = to_host([self._clip_pre[i] for i in idx])
                     post = grad[idx] / self.tracker.stats.sampler.scale[idx] if not exact else None
@@ -427,9 +432,11 @@ class Watcher(ControlsMixin):
                 )
             self._publish(self._diagnose("on_stage", rec))
             self.events.emit(Event.STAGE, rec)
-            self.tracker.stats.before_step(exact=False)
         except Exception:  # never break the user's training loop
             log.exception("watch: pre-step tracking failed")
+        finally:
+            # Always snapshot, so the post-step hook can measure the update.
+            self.tracker.stats.before_step(exact=False)
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
