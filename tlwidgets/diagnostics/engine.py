@@ -53,28 +53,41 @@ class RuleDiagnoser:
                     self._by_stage[s].append(r)
         self._states: weakref.WeakKeyDictionary[Any, SessionState] = weakref.WeakKeyDictionary()
         self._fallback: dict[int, SessionState] = {}
+        self._memo: dict[tuple[Any, str], tuple[Rule, ...]] = {}
+        self._last_session: Any = None
+        self._last_state: SessionState | None = None
 
     # ------------------------------------------------------------------ state
     def state(self, session: Any) -> SessionState:
         """The :class:`SessionState` this diagnoser keeps for ``session``."""
+        if session is self._last_session:  # the common case: one diagnoser per session
+            return self._last_state
         try:
             st = self._states.get(session)
             if st is None:
                 st = self._states[session] = SessionState()
         except TypeError:  # not weak-referenceable
             st = self._fallback.setdefault(id(session), SessionState())
+        self._last_session, self._last_state = session, st
         return st
+
+    def _applicable(self, rules: Sequence[Rule], kind: str, key: Any) -> tuple[Rule, ...]:
+        """``rules`` that apply to sessions of ``kind`` (memoized per hook: these run every stage)."""
+        got = self._memo.get((key, kind))
+        if got is None:
+            got = self._memo[(key, kind)] = tuple(r for r in rules if kind in r.sessions)
+        return got
 
     def _run(self, rules: Sequence[Rule], session: Any, record: Any = None) -> list[Finding]:
         if not rules:
             return []
         st = self.state(session)
-        kind = session.kind
         ctx = RuleContext(session, st, record)
+        data = getattr(record, "data", None) if record is not None else None
         out: list[Finding] = []
         for r in rules:
-            if kind not in r.sessions or (record is not None and not r.applies(record)):
-                continue
+            if r.needs and (data is None or any(data.get(k) is None for k in r.needs)):
+                continue  # the data this rule reads was not measured on this record
             ctx.state = st.of(r.name)
             try:
                 got = r.fn(ctx)
@@ -98,13 +111,16 @@ class RuleDiagnoser:
         if step < st.last_step:
             st.reset_time()
         st.last_step = step
-        return self._run(self._setup, session)
+        return self._run(self._applicable(self._setup, session.kind, "setup"), session)
 
     def on_stage(self, session: Any, record: StageRecord) -> list[Finding]:
         """Stage rules for ``record.stage``; the watcher's loop events go to the own-loop rules."""
         if record.data.get("loop_event"):
-            return self._run(self._loop, session, record)
-        return self._run(self._by_stage.get(record.stage, ()), session, record)
+            return self._run(self._applicable(self._loop, session.kind, "loop"), session, record)
+        stage = record.stage
+        return self._run(
+            self._applicable(self._by_stage.get(stage, ()), session.kind, stage), session, record
+        )
 
     def on_step(self, session: Any) -> list[Finding]:
         """Trend rules due now: each runs every ``rule.every`` steps and on its first ``rule.early``."""
@@ -113,12 +129,16 @@ class RuleDiagnoser:
         if step < st.last_step:
             st.reset_time()
         st.last_step = step
-        due = [r for r in self._trend if step <= r.early or step % r.every == 0]
+        due = [
+            r
+            for r in self._applicable(self._trend, session.kind, "trend")
+            if step <= r.early or step % r.every == 0
+        ]
         return self._run(due, session)
 
     def on_epoch(self, session: Any, record: EpochRecord) -> list[Finding]:
         """Epoch-end rules (validation trends, full-epoch label counts)."""
-        return self._run(self._epoch, session, record)
+        return self._run(self._applicable(self._epoch, session.kind, "epoch"), session, record)
 
     def explain(self, exc: BaseException, stage: Stage | None, context: dict[str, Any], step: int) -> Finding:
         """A plain-words finding for an exception in user code (:mod:`tlwidgets.diagnostics.explain`)."""

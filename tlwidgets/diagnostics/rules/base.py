@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ __all__ = [
     "is_embedding_param",
     "matrix_columns",
     "nanmedian",
+    "rows_identical",
     "rule",
     "short_list",
     "tail",
@@ -364,14 +364,35 @@ def tail(history: Any, key: str, n: int) -> np.ndarray:
 
 
 def nanmedian(values: Any, axis: int | None = None) -> Any:
-    """``np.nanmedian`` without the all-NaN warning (NaN where nothing was measured)."""
+    """Median ignoring NaN (NaN where nothing was measured), without warnings.
+
+    Rules take medians of small windows (tens of values) many times per
+    evaluation, where ``np.nanmedian`` / ``np.median`` overheads (masked
+    arrays, partition) dominate: a 1-D median sorts in plain Python, and
+    ``axis`` (of a 2-D array) sorts once with NaN last and picks the middle
+    of the finite values of each row.
+    """
     values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return math.nan if axis is None else np.full(np.delete(values.shape, axis), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = np.nanmedian(values, axis=axis)
-    return float(out) if axis is None else out
+    if axis is None:
+        flat = values.ravel().tolist()
+        finite = sorted(v for v in flat if v == v)  # v == v is False only for NaN
+        n = len(finite)
+        if not n:
+            return math.nan
+        return 0.5 * (finite[(n - 1) // 2] + finite[n // 2])
+    if values.ndim != 2:
+        raise ValueError("nanmedian(axis=...) takes a 2-D array")
+    rows = values if axis in (1, -1) else values.T
+    if rows.shape[1] == 0:
+        return np.full(rows.shape[0], np.nan)
+    ordered = np.sort(rows, axis=1)
+    count = rows.shape[1] - np.isnan(rows).sum(axis=1)
+    idx = np.arange(rows.shape[0])
+    lo = np.maximum((count - 1) // 2, 0)
+    hi = np.minimum(count // 2, rows.shape[1] - 1)
+    med = 0.5 * (ordered[idx, lo] + ordered[idx, hi])
+    med[count == 0] = np.nan
+    return med
 
 
 def short_list(names: Sequence[str], n: int = 4) -> str:
@@ -380,14 +401,21 @@ def short_list(names: Sequence[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def tensor_rows_identical(t: torch.Tensor, rel: float = 1e-6) -> bool:
-    """True when every row ``t[i]`` (first dimension) holds the same values (up to ``rel`` of the scale)."""
+def rows_identical(tensors: Sequence[torch.Tensor], rel: float = 1e-6) -> list[bool]:
+    """For each tensor: do all rows ``t[i]`` hold the same values (up to ``rel`` of its scale)?
+
+    One reduction per tensor on its own device and one transfer per device for all of them.
+    """
+    if not tensors:
+        return []
     with torch.no_grad():
-        m = t.detach().reshape(t.shape[0], -1)
-        spread = (m.amax(0) - m.amin(0)).abs().max()
-        scale = m.abs().max()
-        vals = torch.stack([spread.float(), scale.float()]).cpu().tolist()
-    spread_v, scale_v = vals
-    if not (math.isfinite(spread_v) and math.isfinite(scale_v)):
-        return False
-    return spread_v <= rel * scale_v + 1e-30
+        stats = []
+        for t in tensors:
+            m = t.detach().reshape(t.shape[0], -1)
+            stats.append(torch.stack([(m.amax(0) - m.amin(0)).abs().max().float(), m.abs().max().float()]))
+        from tlwidgets.core.stats import to_host
+
+        flat = to_host([v for pair in stats for v in pair.unbind()])
+    spread, scale = flat[0::2], flat[1::2]
+    ok = np.isfinite(spread) & np.isfinite(scale)
+    return [bool(o and sp <= rel * sc + 1e-30) for o, sp, sc in zip(ok, spread, scale)]

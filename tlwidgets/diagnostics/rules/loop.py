@@ -62,10 +62,14 @@ def grads_not_zeroed(ctx: RuleContext) -> list[Finding]:
 def optimizer_not_stepping(ctx: RuleContext) -> list[Finding]:
     """Backward passes (with gradients reset in between) but no ``optimizer.step()``."""
     loop = _loop(ctx)
-    if not loop or loop.get("backwards_without_step", 0) < BACKWARDS_WITHOUT_STEP:
+    if not loop:
         return []
-    n = loop["backwards_without_step"]
+    n = loop.get("backwards_without_step", 0)
     never = not loop.get("steps")
+    # When the loop ends, the watcher counts every backward of a loop that never stepped.
+    ended_without_step = never and loop.get("backwards", 0) >= 1 and n >= loop.get("backwards", 0)
+    if n < BACKWARDS_WITHOUT_STEP and not ended_without_step:
+        return []
     return [
         ctx.finding(
             "optimizer-not-stepping",

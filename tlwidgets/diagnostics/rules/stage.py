@@ -25,9 +25,9 @@ from tlwidgets.core.stages import Stage
 from tlwidgets.diagnostics.rules.base import (
     RuleContext,
     is_embedding_param,
+    rows_identical,
     rule,
     short_list,
-    tensor_rows_identical,
 )
 
 __all__ = [
@@ -108,7 +108,13 @@ def _first_leaf(ctx: RuleContext) -> nn.Module | None:
     return ctx.cached("first_leaf", build)
 
 
-@rule("input-not-normalized", ["input-not-normalized"], "stage", stages=[Stage.FETCH], needs=["tensors"])
+@rule(
+    "input-not-normalized",
+    ["input-not-normalized"],
+    "stage",
+    stages=[Stage.FETCH],
+    needs=["tensors", "non_finite"],  # non_finite is None when the batch was not scanned this step
+)
 def input_not_normalized(ctx: RuleContext) -> list[Finding]:
     """Floating-point inputs (per-example feature tensors) far from unit scale."""
     first = _first_leaf(ctx)
@@ -168,8 +174,10 @@ def _loss_name(ctx: RuleContext) -> str:
 def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
     """(Log-)probabilities fed to a loss that applies (log_)softmax itself (or softmax fed to NLL)."""
     d = ctx.data
-    name = _loss_name(ctx)
     prob, logprob = d.get("output_is_probability"), d.get("output_is_log_probability")
+    if not (prob or logprob) and ctx.session.kind != "runner":
+        return []
+    name = _loss_name(ctx)
     if name in _EXPECT_LOGITS and name not in _SIGMOID_LOGIT_LOSSES and (prob or logprob):
         kind = "probabilities (softmax output)" if prob else "log-probabilities (log_softmax output)"
         cause = f"The model's output rows are already {kind}, but {name} applies log_softmax itself" + (
@@ -206,7 +214,7 @@ def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
                 "nn.CrossEntropyLoss.",
             )
         ]
-    if name in _SIGMOID_LOGIT_LOSSES and ctx.session.kind == "runner":
+    if name in _SIGMOID_LOGIT_LOSSES:
         return _sigmoid_before_bce(ctx, name)
     return []
 
@@ -386,6 +394,8 @@ def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
     at ``optimizer.step()`` had its gradient cleared in between (a
     ``zero_grad()`` between ``backward()`` and ``step()``).
     """
+    if not ctx.data["missing_grad"] and not ctx.state.get("streak") and not ctx.state.get("cleared"):
+        return []  # the common case, every step: every trainable parameter got its gradient
     groups = ctx.group_index()
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
     missing = [n for n in ctx.data["missing_grad"] if n in index and groups[index[n]] >= 0]
@@ -465,14 +475,21 @@ def zero_init(ctx: RuleContext) -> list[Finding]:
     st["checks"] = checks + 1
     owners = ctx.param_module()
     hits: dict[str, int] = st.setdefault("hits", {})
+    cands = [
+        (name, p)
+        for name, p in ctx.session.named_params
+        if p.dim() >= 2
+        and p.shape[0] >= 2
+        and p.requires_grad
+        and p.grad is not None
+        and not p.grad.is_sparse
+        and not is_embedding_param(owners[name][1])
+    ]
+    symmetric = rows_identical([t for _, p in cands for t in (p, p.grad)])
     found = []
-    for name, p in ctx.session.named_params:
+    for i, (name, p) in enumerate(cands):
         g = p.grad
-        if p.dim() < 2 or p.shape[0] < 2 or not p.requires_grad or g is None or g.is_sparse:
-            continue
-        if is_embedding_param(owners[name][1]):
-            continue
-        if tensor_rows_identical(p) and tensor_rows_identical(g):
+        if symmetric[2 * i] and symmetric[2 * i + 1]:
             hits[name] = hits.get(name, 0) + 1
         else:
             hits.pop(name, None)
@@ -625,23 +642,25 @@ def frozen_param_changed(ctx: RuleContext) -> list[Finding]:
     needs=["update_norm"],
 )
 def param_not_updating(ctx: RuleContext) -> list[Finding]:
-    """A trainable optimizer parameter with a non-zero gradient but an exactly zero update, step after step."""
+    """A trainable optimizer parameter with a non-zero gradient but a zero update, step after step."""
     s = ctx.session
-    update = np.asarray(ctx.data["update_norm"], dtype=np.float64)
+    st = ctx.state
+    update = ctx.data["update_norm"]
     bwd = s.records.get(Stage.BACKWARD)
     if bwd is None or bwd.step != ctx.step or bwd.data.get("grad_norm") is None:
         return []
-    grad = np.asarray(bwd.data["grad_norm"], dtype=np.float64)
-    if grad.shape != update.shape:
+    grad = bwd.data["grad_norm"]
+    if np.shape(grad) != np.shape(update):
+        return []
+    # Cheap first look (this runs every step): nothing has a gradient and a zero update.
+    stuck = (update == 0) & (grad > 0)
+    if not stuck.any():
+        st.pop("streak", None)
         return []
     groups = ctx.group_index()
-    if groups.shape != update.shape:
+    if groups.shape != stuck.shape:
         return []
-    lrs = [float(g["lr"]) for g in s.optimizer.param_groups]
-    lr = np.array([lrs[g] if 0 <= g < len(lrs) else np.nan for g in groups])
-    trainable = ctx.trainable()
-    stuck = (update == 0) & (grad > 0) & np.isfinite(grad) & (groups >= 0) & trainable
-    st = ctx.state
+    stuck &= np.isfinite(grad) & (groups >= 0) & ctx.trainable()
     streak = st.get("streak")
     if streak is None or streak.shape != stuck.shape:
         streak = np.zeros(stuck.shape, dtype=np.int64)
@@ -649,6 +668,10 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     st["streak"] = streak
     if not stuck.any():
         return []
+    update = np.asarray(update, dtype=np.float64)
+    grad = np.asarray(grad, dtype=np.float64)
+    lrs = [float(g["lr"]) for g in s.optimizer.param_groups]
+    lr = np.array([lrs[g] if 0 <= g < len(lrs) else np.nan for g in groups])
     embed = ctx.cached(
         "embedding_cols",
         lambda: np.array([is_embedding_param(m) for _, m in ctx.param_module().values()], dtype=bool),
@@ -789,21 +812,23 @@ def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
     bns = ctx.cached(
         "bn_modules_obj",
         lambda: [
-            (n, m)
+            (n, m, list(m.parameters(recurse=False)))
             for n, m in ctx.session.model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ],
     )
     if not bns:
         return []
-    eval_names = set(fwd.data.get("eval_modules") or [])
-    drifting = []
-    for name, m in bns:
-        if name in eval_names or not m.track_running_stats or m.momentum == 0:
-            continue
-        own = list(m.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own):
-            drifting.append(name)
+    eval_names = fwd.data.get("eval_modules") or ()
+    drifting = [
+        name
+        for name, m, own in bns
+        if own
+        and name not in eval_names
+        and m.track_running_stats
+        and m.momentum != 0
+        and not any(p.requires_grad for p in own)
+    ]
     if not drifting or not ctx.trainable().any():
         return []
     params = ctx.stable_params("frozen-bn-stats-drift", drifting)

@@ -55,6 +55,8 @@ LR_STILL_HIGH = 0.3
 LR_LOW_RATIO = 3e-5
 #: ... and the fastest-moving weight matrix below this.
 LR_LOW_FASTEST = 3e-4
+#: ... or (with several groups) this fraction of the other groups' median ratio.
+LR_GROUP_LAG = 1e-2
 LR_LOW_MIN_STEPS = 20
 #: Barely moving: newest loss above this fraction of the starting loss.
 LOSS_BARELY_MOVED = 0.95
@@ -171,14 +173,15 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     volatility = nanmedian(np.abs(np.diff(finite))) / abs(last) if last else 0.0
     still_high = not (math.isfinite(loss0) and loss0 > 0) or last > LR_STILL_HIGH * loss0
     found: list[Finding] = []
+    by_group: dict[int, tuple[np.ndarray, float]] = {}
     for gi in range(len(s.optimizer.param_groups)):
         cols = _group_columns(ctx, gi)
         if cols.size == 0 or gi >= len(lrs) or not lrs[gi] > 0:
             continue
-        per_step = nanmedian(ratio[:, cols], axis=1)
-        r = nanmedian(per_step)
-        if not math.isfinite(r):
-            continue
+        r = nanmedian(nanmedian(ratio[:, cols], axis=1))
+        if math.isfinite(r):
+            by_group[gi] = (cols, r)
+    for gi, (cols, r) in by_group.items():
         names = [s.param_names[i] for i in cols]
         label = _group_label(ctx, gi)
         evidence = {
@@ -245,18 +248,23 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         ):
             recent = nanmedian(tail(h, "loss", 10))
             barely = recent > LOSS_BARELY_MOVED * loss0 or (abs(rise) < 0.005 and r < LR_LOW_RATIO / 3)
-            if barely:
+            # With several groups the loss can move thanks to the others: a group far behind them lags.
+            others = [v for g, (_, v) in by_group.items() if g != gi]
+            lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others))
+            if barely or lagging:
                 params = ctx.stable_params("lr-too-low", names, f"g{gi}")
+                if barely:
+                    how = f"the loss barely moved ({loss0:.4g} -> {recent:.4g})"
+                else:
+                    how = f"the other groups move {float(np.median(others)) / r:.3g}x faster"
                 found.append(
                     ctx.finding(
                         "lr-too-low",
                         f"{label}each step changes the weights by only {r:.1e} of their norm (median of the "
-                        "last "
-                        f"{w} steps, healthy is ~1e-3) at lr {lrs[gi]:.3g}, and the loss barely moved "
-                        f"({loss0:.4g} -> {recent:.4g})",
+                        f"last {w} steps, healthy is ~1e-3) at lr {lrs[gi]:.3g}, and {how}",
                         params=params,
                         stage=None,
-                        evidence={**evidence, "loss_recent": recent},
+                        evidence={**evidence, "loss_recent": recent, "lagging": lagging},
                         fix=f"Raise the learning rate 10 to 100 times (runner.set_lr({lrs[gi] * 30:.3g}"
                         f"{', group=' + str(gi) if label else ''}) or optimizer.param_groups[i]['lr']), "
                         "or run an LR range test to find the useful range.",

@@ -1,0 +1,297 @@
+"""Trend rules over a window of steps or epochs: each bug injected into a small run, with its healthy twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_rules_support import classification, codes, digits, find, loader, mlp, problems, run
+from torch import nn
+
+import tlwidgets as tlw
+from tlwidgets.diagnostics.rules import trend
+
+
+def _cls(n: int = 512, **kw) -> torch.utils.data.DataLoader:
+    x, y = classification(n=n)
+    return loader(x, y, **kw)
+
+
+def _sgd(lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _adam(lr: float, weight_decay: float = 0.0, cls=torch.optim.Adam):
+    return lambda m: cls(m.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _ratio_median(r: tlw.Runner, names: tuple[str, ...], rows: int = 20) -> float:
+    """Naive reference: median over steps of the median update/weight ratio of ``names``."""
+    h = r.history
+    cols = [h.param_names.index(n) for n in names]
+    ratio = h.update_norm[-rows:, cols] / h.weight_norm[-rows:, cols]
+    return float(np.median(np.median(ratio, axis=1)))
+
+
+# ------------------------------------------------------------------ lr-too-high
+@pytest.mark.parametrize("opt", [_sgd(3.0, momentum=0.9), _adam(1.0)], ids=["sgd-lr3-momentum", "adam-lr1"])
+def test_lr_too_high(opt) -> None:
+    r = run(mlp(), _cls(), opt=opt, steps=30)
+    (f,) = find(r, "lr-too-high")
+    assert f.params == ("0.weight", "2.weight")
+    assert f.first_step <= 20
+    assert f.evidence["update_ratio"] > trend.LR_HIGH_RATIO
+
+
+def test_lr_too_high_ratio_matches_a_naive_computation() -> None:
+    r = run(mlp(), _cls(), opt=_sgd(3.0, momentum=0.9), steps=20)
+    (f,) = find(r, "lr-too-high")
+    # Evaluated right after step 20 over the last 20 rows: the same numbers as the naive median.
+    assert f.evidence["update_ratio"] == pytest.approx(_ratio_median(r, f.params), rel=1e-6)
+
+
+def test_lr_too_high_per_param_group() -> None:
+    def opt(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [{"params": m[0].parameters(), "lr": 1.0}, {"params": m[2].parameters()}], lr=1e-3
+        )
+
+    r = run(mlp(), _cls(), opt=opt, steps=30)
+    found = find(r, "lr-too-high")
+    assert [f.params for f in found] == [("0.weight",)]
+    assert found[0].evidence["group"] == 0 and "group 0" in found[0].message
+
+
+def test_nan_after_huge_steps_names_the_lr() -> None:
+    r = run(mlp(), _cls(), opt=_sgd(30.0, momentum=0.9), steps=60)
+    assert {"lr-too-high"} <= set(codes(r))
+    assert codes(r)[0].startswith("non-finite")  # the NaN itself ranks first
+
+
+# ------------------------------------------------------------------ lr-too-low
+@pytest.mark.parametrize("opt", [_sgd(1e-6), _adam(1e-7)], ids=["sgd-1e-6", "adam-1e-7"])
+def test_lr_too_low(opt) -> None:
+    r = run(mlp(), _cls(), opt=opt, steps=30)
+    (f,) = find(r, "lr-too-low")
+    assert f.params == ("0.weight", "2.weight") and f.first_step <= 25
+    assert f.evidence["update_ratio"] < trend.LR_LOW_RATIO
+
+
+def test_lr_too_low_for_one_group_that_lags_far_behind() -> None:
+    def opt(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            [{"params": m[0].parameters(), "lr": 1e-8}, {"params": m[2].parameters()}], lr=1e-2
+        )
+
+    r = run(mlp(), _cls(), opt=opt, steps=30)
+    (f,) = find(r, "lr-too-low")
+    assert f.params == ("0.weight",) and f.evidence["lagging"]
+
+
+def test_vanishing_gradients_are_not_blamed_on_the_lr() -> None:
+    # Most layers barely move because their gradients vanish, but the last ones move at a healthy pace.
+    r = run(mlp((20, 32, 32, 32, 32, 32, 32, 32, 4), act=nn.Sigmoid), _cls(), opt=_sgd(0.1), steps=30)
+    assert "vanishing-gradients" in codes(r)
+    assert "lr-too-low" not in codes(r)
+
+
+# ------------------------------------------------------------------ scheduler-too-fast
+def test_epoch_scheduler_stepped_per_batch() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.1)
+    r = run(model, _cls(), opt=opt, scheduler=sched, scheduler_interval="step", steps=40)
+    (f,) = find(r, "scheduler-too-fast")
+    assert f.params == ("lr[0]",) and f.first_step <= 35
+    assert f.evidence["collapse_epoch"] == 0
+
+
+def test_periodic_cosine_with_a_batch_sized_period() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+    r = run(model, _cls(), opt=opt, scheduler=sched, scheduler_interval="step", steps=40)
+    assert find(r, "scheduler-too-fast")[0].evidence["dips"] >= 2
+
+
+@pytest.mark.parametrize(
+    "make, interval",
+    [
+        (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=64), "step"),
+        (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=64), "step"),
+        (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5), "epoch"),
+    ],
+    ids=["cosine-over-the-run", "onecycle", "steplr-per-epoch"],
+)
+def test_schedules_that_end_with_the_run_are_fine(make, interval) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    r = run(model, _cls(), opt=opt, scheduler=make(opt), scheduler_interval=interval, steps=64)
+    assert find(r, "scheduler-too-fast") == [] and problems(r) == []
+
+
+# ------------------------------------------------------------------ exploding / vanishing
+def test_gradients_growing_by_orders_of_magnitude() -> None:
+    r = run(mlp(), _cls(), opt=_sgd(3.0, momentum=0.9), steps=30)
+    (f,) = find(r, "exploding-gradients")
+    assert f.evidence["growth"] > trend.EXPLODE_GROWTH
+    # The LR is the cause, the exploding gradients its consequence.
+    assert codes(r).index("lr-too-high") < codes(r).index("exploding-gradients")
+
+
+def test_gradients_overflowing_from_a_too_large_init() -> None:
+    model = mlp((20, 64, 64, 64, 64, 64, 64, 64, 4))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=1.0)
+    r = run(model, _cls(), opt=_sgd(0.01), steps=5)
+    assert "exploding-gradients" in codes(r)
+    assert find(r, "exploding-gradients")[0].first_step <= 2
+
+
+def test_vanishing_gradients_in_a_deep_sigmoid_stack() -> None:
+    r = run(mlp((20, 32, 32, 32, 32, 32, 32, 32, 4), act=nn.Sigmoid), _cls(), opt=_sgd(0.1), steps=10)
+    (f,) = find(r, "vanishing-gradients")
+    assert f.params == ("0.weight",) and f.evidence["ratio"] < trend.VANISH_RATIO
+    # Reference: the first matrix's grad/weight ratio against the last one's, from the history.
+    h = r.history
+    first = np.median(h.column("grad_norm", "0.weight")[-10:] / h.column("weight_norm", "0.weight")[-10:])
+    last = np.median(h.column("grad_norm", "14.weight")[-10:] / h.column("weight_norm", "14.weight")[-10:])
+    assert first / last < trend.VANISH_RATIO
+
+
+def test_deep_relu_stack_does_not_vanish() -> None:
+    r = run(mlp((20, 32, 32, 32, 32, 32, 4)), _cls(), opt=_adam(1e-3), steps=40)
+    assert find(r, "vanishing-gradients") == [] and problems(r) == []
+
+
+# ------------------------------------------------------------------ dead-relu
+def test_relu_layer_that_never_fires() -> None:
+    model = mlp()
+    nn.init.constant_(model[0].bias, -20.0)
+    r = run(model, _cls(), steps=3)
+    (f,) = find(r, "dead-relu")
+    assert f.params == ("1",) and f.evidence["dead_frac"] == 1.0 and f.first_step <= 2
+
+
+def test_partly_dead_relu_layer_is_fine() -> None:
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias[:16] = -20.0  # half of the units dead: below the 90% threshold
+    r = run(model, _cls(), steps=12)
+    assert find(r, "dead-relu") == []
+
+
+# ------------------------------------------------------------------ over-regularization
+@pytest.mark.parametrize(
+    "opt",
+    [_sgd(0.05, momentum=0.9, weight_decay=1.0), _adam(1e-3, 50.0, torch.optim.AdamW)],
+    ids=["sgd", "adamw"],
+)
+def test_weight_decay_that_dominates(opt) -> None:
+    r = run(mlp(), _cls(), opt=opt, steps=40)
+    (f,) = find(r, "over-regularization")
+    assert f.params == ("0.weight", "2.weight")
+    assert f.evidence["share"] > trend.REG_SHARE and f.evidence["shrink"] < 1
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [_sgd(0.05, momentum=0.9, weight_decay=5e-4), _adam(1e-3, 0.05, torch.optim.AdamW)],
+    ids=["sgd", "adamw"],
+)
+def test_usual_weight_decay_is_fine(opt) -> None:
+    r = run(mlp(), _cls(), opt=opt, steps=60)
+    assert find(r, "over-regularization") == [] and problems(r) == []
+
+
+# ------------------------------------------------------------------ loss-plateau
+def test_loss_stuck_at_chance_level() -> None:
+    # Labels unrelated to the inputs: nothing to learn, the loss stays at ln(4), the uniform guess.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2048, 20, generator=g), torch.randint(0, 4, (2048,), generator=g)
+    model = nn.Linear(20, 4)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    r = run(model, loader(x, y, batch_size=64), opt=_sgd(0.05), steps=110)
+    (f,) = find(r, "loss-plateau")
+    assert f.severity == "warning" and codes(r) == ["loss-plateau"]
+    assert f.evidence["recent"] == pytest.approx(np.median(r.history.loss[-50:]))
+
+
+def test_plateau_stays_silent_when_a_specific_cause_is_known() -> None:
+    r = run(mlp(), _cls(), opt=_sgd(1e-7), steps=110)
+    assert "lr-too-low" in codes(r) and "loss-plateau" not in codes(r)
+
+
+# ------------------------------------------------------------------ overfitting
+def test_validation_loss_rising_while_training_loss_falls() -> None:
+    x, y = digits(64)
+    xv, yv = digits(300, offset=1000)
+    model = mlp((64, 256, 10))
+    r = tlw.Runner(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        loader(x, y, batch_size=16),
+        val_data=loader(xv, yv, shuffle=False),
+    )
+    r.run(epochs=15)
+    (f,) = find(r, "overfitting")
+    val = f.evidence["val"]
+    assert val[0] < val[1] < val[2] and f.evidence["train"][-1] < f.evidence["train"][0]
+
+
+def test_validation_improving_is_not_overfitting() -> None:
+    x, y = digits(600)
+    xv, yv = digits(300, offset=1000)
+    model = mlp((64, 32, 10))
+    r = tlw.Runner(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        loader(x, y),
+        val_data=loader(xv, yv, shuffle=False),
+    )
+    r.run(epochs=4)
+    assert find(r, "overfitting") == [] and problems(r) == []
+
+
+# ------------------------------------------------------------------ class-imbalance / unshuffled-data
+def test_heavily_skewed_labels() -> None:
+    x, y = classification(n=1024)
+    y = torch.where(torch.rand(1024, generator=torch.Generator().manual_seed(0)) < 0.95, 0, y)
+    r = run(mlp(), loader(x, y), steps=40)
+    (f,) = find(r, "class-imbalance")
+    assert f.evidence["majority"] == 0 and f.evidence["ratio"] > trend.IMBALANCE_RATIO
+
+
+def test_weighted_loss_handles_the_imbalance() -> None:
+    x, y = classification(n=1024)
+    y = torch.where(torch.rand(1024, generator=torch.Generator().manual_seed(0)) < 0.95, 0, y)
+    r = run(
+        mlp(), loader(x, y), loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([0.05, 1.0, 1.0, 1.0])), steps=40
+    )
+    assert find(r, "class-imbalance") == []
+
+
+def test_batches_sorted_by_class() -> None:
+    x, y = classification(n=1024)
+    order = torch.argsort(y, stable=True)
+    r = run(mlp(), loader(x[order], y[order], shuffle=False), steps=40)
+    (f,) = find(r, "unshuffled-data")
+    assert f.evidence["observed_single_class"] >= 0.5 and f.evidence["p_value"] < trend.PURE_P_VALUE
+    assert "class-imbalance" not in codes(r)  # the sorted stream is not mistaken for skewed labels
+
+
+def test_shuffled_balanced_batches_are_fine() -> None:
+    r = run(mlp(), _cls(1024), steps=60)
+    assert find(r, "unshuffled-data") == [] and find(r, "class-imbalance") == []
+
+
+def test_binomial_tail_matches_a_direct_sum() -> None:
+    from math import comb
+
+    p = np.array([0.1, 0.5, 0.9])
+    direct = [sum(comb(12, k) * q**k * (1 - q) ** (12 - k) for k in range(10, 13)) for q in p]
+    assert trend._binom_tail(12, p, 10) == pytest.approx(direct, rel=1e-9)
