@@ -10,6 +10,7 @@ import torch
 
 from tlwidgets.core.findings import Finding, Severity
 from tlwidgets.core.runner import Runner, RunResult
+from tlwidgets.core.watch import Watcher, watch
 
 __all__ = ["CHECKS", "Diagnosis", "Setup", "get", "names", "register", "setups"]
 
@@ -41,9 +42,13 @@ class Setup:
         alone cannot (e.g. ``"data-leakage"``).
     run
         Keyword arguments of ``Runner.run`` for the default run (kept short:
-        most setups run well under 100 steps).
+        most setups run well under 100 steps); for an own-loop setup, of ``loop``.
     fix
         One sentence: the change that turns it into its twin.
+    loop
+        For bugs that live in the user's own training loop: ``loop(parts, **run)``
+        is that loop, run under ``tlw.watch`` by :meth:`watch` and :meth:`diagnose`
+        (a Runner owns its loop, so :meth:`runner` does not show these bugs).
     """
 
     name: str
@@ -55,6 +60,7 @@ class Setup:
     checks: tuple[str, ...] = ()
     run: dict[str, Any] = dataclasses.field(default_factory=lambda: {"epochs": 1})
     fix: str = ""
+    loop: Callable[..., None] | None = None
 
     def build(self, seed: int = 0) -> dict[str, Any]:
         """Fresh model, loss, optimizer, data, scheduler: ``tlw.Runner(**setup.build())`` works.
@@ -78,6 +84,22 @@ class Setup:
         parts.update(kwargs)
         return Runner(**parts)
 
+    def watch(self, seed: int = 0, **watch_kwargs: Any) -> Watcher:
+        """Run :attr:`loop` on a fresh build under ``tlw.watch``; return the finished watcher.
+
+        Raises
+        ------
+        ValueError
+            When this setup has no own loop (use :meth:`runner`).
+        """
+        if self.loop is None:
+            raise ValueError(f"setup {self.name!r} has no own training loop; use setup.runner()")
+        parts = self.build(seed)
+        watcher = watch(parts["model"], parts["optimizer"], loss_fn=parts["loss_fn"], **watch_kwargs)
+        with watcher:
+            self.loop(parts, **self.run)
+        return watcher
+
     def diagnose(
         self,
         seed: int = 0,
@@ -98,8 +120,12 @@ class Setup:
         train
             Also run the default training (:attr:`run`).
         **runner_kwargs
-            Passed to the Runner.
+            Passed to the Runner (or to ``tlw.watch`` for an own-loop setup).
         """
+        if self.loop is not None:
+            if checks:
+                raise ValueError("explicit checks need a Runner; own-loop setups have none")
+            return Diagnosis(self, self.watch(seed, **runner_kwargs), None, [])
         runner = self.runner(seed, **runner_kwargs)
         found = []
         for name in self.checks if checks is None else tuple(checks):
@@ -112,10 +138,13 @@ class Setup:
 
 @dataclasses.dataclass
 class Diagnosis:
-    """What :meth:`Setup.diagnose` found: the runner's findings plus the explicit checks'."""
+    """What :meth:`Setup.diagnose` found: the session's findings plus the explicit checks'.
+
+    ``runner`` is the :class:`Runner` (or, for an own-loop setup, the finished :class:`Watcher`).
+    """
 
     setup: Setup
-    runner: Runner
+    runner: Runner | Watcher
     result: RunResult | None
     check_findings: list[Finding]
 
