@@ -22,7 +22,7 @@ from tlwidgets.zoo.healthy import (
     build_rgb,
     build_sequence,
 )
-from tlwidgets.zoo.models import DetachedMLP, mlp
+from tlwidgets.zoo.models import DetachedMLP, InplaceMLP, mlp
 from tlwidgets.zoo.registry import Setup, register
 
 __all__ = ["InPlaceZeroGradSGD"]
@@ -383,6 +383,11 @@ def _dtype_mismatch(seed: int) -> dict[str, Any]:
     return _mlp_parts(
         model, torch.optim.SGD(model.parameters(), lr=0.05), train_data=train_loader, val_data=val_loader
     )
+
+
+def _inplace(seed: int) -> dict[str, Any]:
+    model = InplaceMLP(64, 64, 10)
+    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
 
 
 def _loss_plateau(seed: int) -> dict[str, Any]:
@@ -760,6 +765,17 @@ _BROKEN: tuple[tuple[str, Any, tuple[str, ...], str, str, str, dict[str, Any], t
         "mlp-digits",
         "The training images are float64 (straight from numpy) while the model is float32.",
         "Convert the inputs with .float().",
+        {"steps": 1},
+        (),
+    ),
+    (
+        "inplace-modification",
+        _inplace,
+        ("inplace-modification",),
+        "mlp-digits",
+        "forward() subtracts in place (h -= 0.5) from a sigmoid output that autograd saved for backward, so "
+        "backward() fails.",
+        "Use the out-of-place form: h = h - 0.5.",
         {"steps": 1},
         (),
     ),

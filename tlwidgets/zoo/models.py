@@ -10,6 +10,7 @@ from torch import nn
 
 __all__ = [
     "DetachedMLP",
+    "InplaceMLP",
     "PatchNet",
     "RGBNet",
     "SequenceNet",
@@ -67,6 +68,24 @@ class DetachedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.fc1(x.flatten(1))).detach()  # the bug: cuts fc1 out of the graph
+        return self.fc2(h)
+
+
+class InplaceMLP(nn.Module):
+    """A two-layer MLP whose forward shifts the sigmoid output in place: backward() then fails.
+
+    ``torch.sigmoid`` saves its output for the backward pass; ``h += ...``
+    overwrites it, so autograd raises "modified by an inplace operation".
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, out_features: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.fc1(x.flatten(1)))
+        h -= 0.5  # the bug: in place on a tensor autograd saved (write h = h - 0.5)
         return self.fc2(h)
 
 
