@@ -22,7 +22,7 @@ from tlwidgets.zoo.healthy import (
     build_rgb,
     build_sequence,
 )
-from tlwidgets.zoo.models import DetachedMLP, InplaceMLP, mlp
+from tlwidgets.zoo.models import DetachedMLP, InplaceMLP, SqrtMLP, mlp
 from tlwidgets.zoo.registry import Setup, register
 
 __all__ = ["InPlaceZeroGradSGD"]
@@ -190,6 +190,28 @@ def _non_finite_input(seed: int) -> dict[str, Any]:
         train_data=train_loader,
         val_data=val_loader,
     )
+
+
+def _nan_grad(seed: int) -> dict[str, Any]:
+    train, val = digits_datasets(_DATA_SEED, standardize=False)  # raw counts 0..16, many exact zeros
+    train_loader, val_loader = loaders(train, val, batch_size=64)
+    model = SqrtMLP(64, 64, 10)
+    return _mlp_parts(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        train_data=train_loader,
+        val_data=val_loader,
+    )
+
+
+def _typo_in_loss(seed: int) -> dict[str, Any]:
+    parts = build_mlp_digits(seed)
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output, target.lables)  # the bug: a typo, raises AttributeError
+
+    parts["loss_fn"] = loss_fn
+    return parts
 
 
 def _exploding(seed: int) -> dict[str, Any]:
@@ -532,6 +554,17 @@ _BROKEN: tuple[tuple[str, Any, tuple[str, ...], str, str, str, dict[str, Any], t
         (),
     ),
     (
+        "nan-grad",
+        _nan_grad,
+        ("non-finite-grad",),
+        "mlp-digits",
+        "A learnable square-root transform of raw pixel counts, sqrt(gain * x), without an eps: the forward "
+        "pass is finite, but at the zero counts the gradient of gain is 0 * inf = NaN.",
+        "Add an eps inside the sqrt: torch.sqrt(gain * x + 1e-6).",
+        {"steps": 5},
+        (),
+    ),
+    (
         "exploding-gradients",
         _exploding,
         ("exploding-gradients",),
@@ -776,6 +809,16 @@ _BROKEN: tuple[tuple[str, Any, tuple[str, ...], str, str, str, dict[str, Any], t
         "forward() subtracts in place (h -= 0.5) from a sigmoid output that autograd saved for backward, so "
         "backward() fails.",
         "Use the out-of-place form: h = h - 0.5.",
+        {"steps": 1},
+        (),
+    ),
+    (
+        "loss-typo",
+        _typo_in_loss,
+        ("stage-error",),
+        "mlp-digits",
+        "The loss function reads target.lables (a typo), so the LOSS stage raises AttributeError.",
+        "Fix the typo: use the target tensor itself.",
         {"steps": 1},
         (),
     ),

@@ -15,6 +15,7 @@ __all__ = [
     "RGBNet",
     "SequenceNet",
     "SmallCNN",
+    "SqrtMLP",
     "mlp",
 ]
 
@@ -87,6 +88,25 @@ class InplaceMLP(nn.Module):
         h = torch.sigmoid(self.fc1(x.flatten(1)))
         h -= 0.5  # the bug: in place on a tensor autograd saved (write h = h - 0.5)
         return self.fc2(h)
+
+
+class SqrtMLP(nn.Module):
+    """An MLP on raw counts with a learnable square-root transform, ``sqrt(gain * x)``, without an eps.
+
+    The forward pass is finite (``sqrt(0) = 0``), but where a count is 0 the
+    derivative of ``sqrt`` is infinite and the chain rule multiplies it by
+    ``x = 0``: ``gain`` gets a NaN gradient.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, out_features: int = 10) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sqrt(self.gain * x.flatten(1))  # the bug: no eps inside the sqrt, and x has zeros
+        return self.fc2(torch.relu(self.fc1(h)))
 
 
 class SmallCNN(nn.Module):
