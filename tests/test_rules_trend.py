@@ -213,14 +213,16 @@ def test_loss_stuck_at_chance_level() -> None:
     model = nn.Linear(20, 4)
     nn.init.zeros_(model.weight)
     nn.init.zeros_(model.bias)
-    r = run(model, loader(x, y, batch_size=64), opt=_sgd(0.05), steps=110)
+    r = run(model, loader(x, y, batch_size=64), opt=_sgd(0.05), steps=160)
     (f,) = find(r, "loss-plateau")
     assert f.severity == "warning" and codes(r) == ["loss-plateau"]
+    assert f.first_step == 3 * trend.PLATEAU_WINDOW
+    # The finding carries the numbers of its latest evaluation (after step 160): the last 50 losses.
     assert f.evidence["recent"] == pytest.approx(np.median(r.history.loss[-50:]))
 
 
 def test_plateau_stays_silent_when_a_specific_cause_is_known() -> None:
-    r = run(mlp(), _cls(), opt=_sgd(1e-7), steps=110)
+    r = run(mlp(), _cls(), opt=_sgd(1e-7), steps=160)
     assert "lr-too-low" in codes(r) and "loss-plateau" not in codes(r)
 
 

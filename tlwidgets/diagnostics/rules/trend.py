@@ -60,11 +60,14 @@ LR_GROUP_LAG = 1e-2
 LR_LOW_MIN_STEPS = 20
 #: Barely moving: newest loss above this fraction of the starting loss.
 LOSS_BARELY_MOVED = 0.95
-#: scheduler-too-fast: LR below this fraction of its peak counts as collapsed ...
-SCHED_COLLAPSE = 1e-3
-#: ... a dip below this fraction counts as one "near zero" excursion (periodic schedules) ...
-SCHED_DIP = 1e-2
-#: ... and it must happen within this many epochs (Runner) or steps (own loop).
+#: scheduler-too-fast: LR at or below this fraction of its peak counts as collapsed, ...
+SCHED_COLLAPSE = 1e-2
+#: ... for at least this share of the steps so far (schedules that end at zero spend the last
+#: ~5% of the run, polynomial ones up to ~20%, below 1e-2 of the peak) ...
+SCHED_LOW_SHARE = 0.25
+#: ... or after this many separate dips there (a period counted in batches) ...
+SCHED_DIPS = 2
+#: ... and the first collapse happens within this many epochs (Runner) or steps (own loop).
 SCHED_EPOCHS = 2
 SCHED_STEPS = 1000
 #: exploding: total grad norm this many times its starting level ...
@@ -353,9 +356,10 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
         peak = g["peak"]
         if peak <= 0:
             continue
-        collapsed = lr < SCHED_COLLAPSE * peak
+        # A hair of tolerance: MultiStepLR-style products (0.1 * 0.1) land just above 1e-2.
+        collapsed = lr <= SCHED_COLLAPSE * peak * 1.001
         g["low"] = g["low"] + 1 if collapsed else 0
-        if lr < SCHED_DIP * peak:
+        if collapsed:
             if not g["in_dip"]:
                 g["dips"] += 1
                 g["in_dip"] = True
@@ -367,12 +371,12 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
             continue
         first_step, first_epoch = g["first"]
         early = first_epoch < SCHED_EPOCHS if s.kind == "runner" else first_step <= SCHED_STEPS
-        long_low = g["low"] >= max(10, int(0.1 * step))
-        if early and (long_low or g["dips"] >= 2):
+        long_low = g["low"] >= max(10, int(SCHED_LOW_SHARE * step))
+        if early and (long_low or g["dips"] >= SCHED_DIPS):
             how = (
                 f"has stayed below {SCHED_COLLAPSE:g}x its peak for {g['low']} steps"
                 if long_low
-                else f"has dropped below {SCHED_DIP:g}x its peak {g['dips']} times"
+                else f"has dropped below {SCHED_COLLAPSE:g}x its peak {g['dips']} times"
             )
             interval = getattr(s, "scheduler_interval", None)
             found.append(
@@ -723,19 +727,24 @@ _EXPLAINS_PLATEAU = {
 
 @rule("loss-plateau", ["loss-plateau"], "trend", every=10)
 def loss_plateau(ctx: RuleContext) -> list[Finding]:
-    """No improvement between two long windows, when no more specific finding explains it."""
+    """No improvement over three long windows, when no more specific finding explains it.
+
+    The newest window's median must be within 1% of the one before and within
+    2% of the one before that: a slow but steady learner (noisy small-batch
+    losses included) improves by more than that over 100 steps.
+    """
     s = ctx.session
     h = s.history
     n = len(h)
-    if n < 2 * PLATEAU_WINDOW:
-        return []
     half = PLATEAU_WINDOW
-    losses = tail(h, "loss", 2 * half)
-    prev, recent = _halves(losses)
-    if not (math.isfinite(prev) and math.isfinite(recent)) or prev <= 0:
+    if n < 3 * half:
         return []
-    improvement = (prev - recent) / abs(prev)
-    if improvement >= PLATEAU_IMPROVEMENT:
+    losses = tail(h, "loss", 3 * half)
+    older, prev, recent = (nanmedian(losses[i * half : (i + 1) * half]) for i in range(3))
+    if not all(math.isfinite(v) and v > 0 for v in (older, prev, recent)):
+        return []
+    improvement = (prev - recent) / prev
+    if improvement >= PLATEAU_IMPROVEMENT or (older - recent) / older >= 2 * PLATEAU_IMPROVEMENT:
         return []
     loss0 = _loss0(ctx)
     if math.isfinite(loss0) and loss0 > 0 and recent < 0.05 * loss0:
@@ -750,12 +759,13 @@ def loss_plateau(ctx: RuleContext) -> list[Finding]:
     return [
         ctx.finding(
             "loss-plateau",
-            f"the loss has not improved over the last {half} steps (median {prev:.4g} -> {recent:.4g})"
+            f"the loss has not improved over the last {3 * half} steps (medians of {half}-step windows "
+            f"{older:.4g} -> {prev:.4g} -> {recent:.4g})"
             + (f", and it is still {recent / loss0:.0%} of where it started" if math.isfinite(loss0) else "")
             + (f"; ln(classes) = {chance:.3g} is the loss of a uniform guess" if at_chance else ""),
             stage=None,
             severity="warning" if never_learned else "info",
-            evidence={"previous": prev, "recent": recent, "window": half, "start": loss0},
+            evidence={"older": older, "previous": prev, "recent": recent, "window": half, "start": loss0},
         )
     ]
 
