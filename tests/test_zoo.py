@@ -182,6 +182,24 @@ def test_broken_setup_produces_its_code(name):
         d.runner.close()
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Using a target size:UserWarning")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_setup_holds_for_other_seeds(seed):
+    failures = []
+    for setup in zoo.setups():
+        d = setup.diagnose(seed)
+        try:
+            if setup.healthy and _problems(d.findings):
+                failures.append(f"{setup.name}: {_problems(d.findings)}")
+            missing = set(setup.expected) - d.codes
+            if missing & _claimed_codes():
+                failures.append(f"{setup.name}: missing {sorted(missing)}")
+        finally:
+            d.runner.close()
+    assert failures == []
+
+
 def test_runner_and_checks_agree_on_the_twin_pairs():
     # The explicit-check bugs are invisible to a plain run of the twin and visible in the broken one.
     for name in WITH_CHECKS:
