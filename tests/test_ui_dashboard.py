@@ -853,3 +853,25 @@ def test_record_html_formats_every_stage(runner):
         assert "Traceback" not in html
     assert "update/weight" in record_html(runner.records[Stage.STEP], runner.param_names)
     assert "grad norm" in record_html(runner.records[Stage.BACKWARD], runner.param_names)
+
+
+def test_refresher_part_intervals_defer_costly_parts():
+    from tlwidgets.ui.refresh import Refresher
+
+    clock = FakeClock()
+    drawn: list[set[str]] = []
+    r = Refresher(
+        lambda parts: drawn.append(set(parts)), max_rate=10, clock=clock, part_intervals={"heatmap": 0.25}
+    )
+    r.mark("heatmap", "status")
+    assert drawn == [{"heatmap", "status"}]
+    clock.t += 0.1
+    r.mark("heatmap", "status")
+    assert drawn[-1] == {"status"} and r.dirty == {"heatmap"}  # the heatmap waits for its own interval
+    clock.t += 0.16
+    r.mark("status")
+    assert drawn[-1] == {"heatmap", "status"} and not r.dirty
+    clock.t += 0.01
+    r.dirty.add("heatmap")
+    r.flush()  # a forced redraw (a click, the end of a run) draws everything
+    assert drawn[-1] == {"heatmap"}

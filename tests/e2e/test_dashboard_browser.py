@@ -124,6 +124,15 @@ _JS_NULL_CELLS = """
 """
 
 
+_JS_HISTORY_DRAWN = """
+() => {
+  const area = document.querySelector('.tlw-param-history .plotarea_background');
+  const line = document.querySelector('.tlw-param-history path.line');
+  return !!area && area.getBoundingClientRect().width > 100 && !!line && (line.getAttribute('d') || '').length > 20;
+}
+"""
+
+
 def status_step(page) -> int:
     return page.evaluate(_JS_STATUS_STEP)
 
@@ -196,12 +205,16 @@ def test_dashboard_in_jupyterlab(lab, record_property):
     stopped_at = status_step(page)
     time.sleep(1.0)  # the counter must not move any more
     assert status_step(page) == stopped_at, "the step counter kept increasing after Pause"
+    kernel_pause_ms = 1000 * float(kernel_value(lab, page, "dashboard.pause_latency_s"))
     kernel_step = int(kernel_value(lab, page, "runner.global_step"))
     assert kernel_step == stopped_at
     assert kernel_value(lab, page, "runner.running") == "False"
     assert kernel_value(lab, page, "dashboard.last_result.stopped_by") == "pause"
     step_ms = 1000.0 / rate if rate > 0 else float("inf")
-    print(f"Run at {rate:.0f} steps/s ({step_ms:.1f} ms/step); Pause click -> run stopped: {pause_ms:.0f} ms")
+    print(
+        f"Run at {rate:.0f} steps/s ({step_ms:.1f} ms/step); Pause click -> run stopped: {pause_ms:.0f} ms "
+        f"(in the kernel: {kernel_pause_ms:.0f} ms)"
+    )
 
     # -- The heatmap and the loss render as SVG.
     heat_cells = page.locator(".tlw-heatmap svg rect.heatmapcell")
@@ -249,9 +262,21 @@ def test_dashboard_in_jupyterlab(lab, record_property):
     # Select a parameter by clicking a cell in row 4 (4.weight): its history appears.
     page.locator(".tlw-heatmap svg rect.heatmapcell").nth(4 * 50 + 25).click()
     expect(page.locator(".tlw-param-history svg path.line").first).to_be_attached(timeout=TIMEOUT_MS)
+    expect(page.locator(".tlw-param-history")).to_contain_text("4.weight")
+    page.wait_for_function(_JS_HISTORY_DRAWN, timeout=TIMEOUT_MS)  # laid out, not just attached
     assert kernel_value(lab, page, "dashboard.selected_param") == "4.weight"
     assert kernel_value(lab, page, "dashboard.errors.count") == "0"
+    # For the screenshot: the loss on a log scale and the freeze tree (with the frozen module).
+    page.locator(".tlw-loss input[type=checkbox]").check()
+    expect(page.locator(".tlw-loss svg path.line").first).to_be_attached()
+    page.locator(".tlw-tabs .lm-TabBar-tab", has_text="Freeze").click()
+    expect(page.locator("button.tlw-freeze-2")).to_be_visible()
+    page.wait_for_function(_JS_HISTORY_DRAWN, timeout=TIMEOUT_MS)
 
+    # A tall viewport so the whole dashboard is on screen (no Lab toolbar over it).
+    page.set_viewport_size({"width": 1400, "height": 1800})
+    page.wait_for_function(_JS_HISTORY_DRAWN, timeout=TIMEOUT_MS)
+    dash.scroll_into_view_if_needed()
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     dash.screenshot(path=str(SCREENSHOT), animations="disabled")
     size_kb = SCREENSHOT.stat().st_size / 1024
@@ -266,6 +291,7 @@ def test_dashboard_in_jupyterlab(lab, record_property):
         },
         "pause_ms": {
             "measured": round(pause_ms, 1),
+            "kernel_side": round(kernel_pause_ms, 1),
             "step_ms": round(step_ms, 2),
             "steps_per_s": rate,
             "budget": round(step_ms + PAUSE_EXTRA_MS, 1),

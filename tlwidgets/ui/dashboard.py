@@ -88,6 +88,9 @@ class Dashboard(widgets.VBox):
         self._stop_on_finding = False
         self._stopped_by_finding: Any = None
         self._run_start = (0.0, 0)
+        self._pause_t: float | None = None
+        #: Seconds from the last Pause to the end of the run it stopped (kernel side).
+        self.pause_latency_s: float | None = None
         self._last_run_rate = 0.0
         self._ui_s = 0.0
         self._last_lrs: list[float] = [float(g["lr"]) for g in session.optimizer.param_groups]
@@ -110,6 +113,8 @@ class Dashboard(widgets.VBox):
             max_rate=max_redraws_per_s,
             clock=clock,
             on_error=lambda e: self.errors.report("redraw", e),
+            # The plots cost the browser most to re-render: during a run they follow at ~4/s.
+            part_intervals={"heatmap": 0.25, "loss": 0.25},
         )
         self.rate = RateMeter(clock=clock)
         self.tracking = TrackingTimer(session)
@@ -158,6 +163,7 @@ class Dashboard(widgets.VBox):
         for rec in (getattr(session, "records", {}) or {}).values():
             self.pipeline.remember(rec)
         self.refresh()
+        self._ui_s = 0.0  # the status reports the cost per step of following the run, not of building
 
     # ------------------------------------------------------------------ events (cheap: mark dirty)
     def _timed(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -359,11 +365,16 @@ class Dashboard(widgets.VBox):
             if stopped_by is not None and result.stopped_by == "pause":
                 text += f" (new finding: {stopped_by.code})"
             self.controls.say(text)
+        if self._pause_t is not None:
+            self.pause_latency_s = time.perf_counter() - self._pause_t
+            self._pause_t = None
         try:
+            # Status first, then the buttons: when Run is enabled again in the browser, the status
+            # line already shows where the run stopped; the heavier panels follow.
+            self._draw_status()
+            self.controls.running = False
             self.refresh()
         finally:
-            # Buttons last: when Run is enabled again in the browser, the panels already show
-            # where the run stopped.
             self.controls.running = False
 
     def _set_running(self, value: bool) -> None:
@@ -376,6 +387,7 @@ class Dashboard(widgets.VBox):
             return
         self.session.pause()
         if self.running:
+            self._pause_t = time.perf_counter()
             self.controls.say("pausing…")
 
     def checkpoint(self) -> Any:

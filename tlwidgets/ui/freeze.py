@@ -123,7 +123,7 @@ class FreezePanel(widgets.VBox):
             toggle.observe(guard(f"freeze toggle {name}")(self._toggled(name)), names="value")
             label = widgets.HTML(
                 f"<span class='tlw-module' style='padding-left:{14 * depth}px'>{html.escape(name)}</span>",
-                layout=widgets.Layout(width="260px"),
+                layout=widgets.Layout(width="200px"),
             )
             info = widgets.HTML(layout=widgets.Layout(width="auto"))
             self.toggles[name] = toggle

@@ -161,7 +161,8 @@ class HeatmapPanel(widgets.VBox):
                 "log10 of the update/weight ratio (healthy ~1e-3: green)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "108px"},
+            style={"button_width": "128px"},
+            layout=widgets.Layout(flex="0 0 auto", width="auto"),
         )
         self.switch.add_class("tlw-heatmap-switch")
         # The colour scale as HTML (bqplot's vertical ColorAxis is cramped at this size).
@@ -186,12 +187,12 @@ class HeatmapPanel(widgets.VBox):
             title="click a heatmap row",
             fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},
             display_toolbar=False,
-            legend_location="top-left",
+            legend_location="top-right",
             layout=widgets.Layout(width="100%", height="200px"),
             animation_duration=0,
         )
         self.history_figure.add_class("tlw-param-history")
-        self.title = widgets.HTML(self._title_text())
+        self.title = widgets.HTML(self._title_text(), layout=widgets.Layout(flex="1 1 auto"))
         header = widgets.HBox(
             [self.title, self.switch],
             layout=widgets.Layout(justify_content="space-between", align_items="center"),
@@ -275,7 +276,7 @@ class HeatmapPanel(widgets.VBox):
 
     def _title_text(self) -> str:
         what = "update / weight" if self.metric == "update_ratio" else "gradient norm"
-        return f"<b>{what}</b> <small>per parameter, last {self.steps} steps</small>"
+        return f"<b>{what}</b> <small>· last {self.steps} steps</small>"
 
     def paint(self, color: np.ndarray) -> np.ndarray:
         """The values sent to bqplot: clipped to the colour domain, no value -> the grey stop."""
@@ -353,6 +354,13 @@ class HeatmapPanel(widgets.VBox):
         with self.history_lines.hold_sync():
             self.history_lines.x = steps[::stride]
             self.history_lines.y = y
+        positive = y[np.isfinite(y)]
+        if positive.size:  # one tick per power of ten (bqplot's log ticks crowd small ranges)
+            lo, hi = math.floor(np.log10(positive.min())), math.ceil(np.log10(positive.max()))
+            ticks = 10.0 ** np.arange(lo, hi + 1, max(1, (hi - lo) // 6 + 1))
+            axis = self.history_figure.axes[1]
+            if not np.array_equal(np.asarray(axis.tick_values), ticks):
+                axis.tick_values = ticks
         frozen = "" if dict(session.named_params)[name].requires_grad else " (frozen)"
         self.history_figure.title = f"{name}{frozen}"
         if not self.history_box.children:

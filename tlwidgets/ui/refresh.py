@@ -35,6 +35,10 @@ class Refresher:
     on_error
         ``on_error(exc)`` for an exception raised by a deferred redraw (which
         has no caller to raise to).
+    part_intervals
+        Longer minimum intervals for parts that are costly to render in the
+        browser (e.g. ``{"heatmap": 0.25}``): a throttled redraw leaves them
+        dirty until their own interval has passed. :meth:`flush` draws all.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class Refresher:
         max_fraction: float = 0.05,
         clock: Callable[[], float] = time.perf_counter,
         on_error: Callable[[BaseException], None] | None = None,
+        part_intervals: dict[str, float] | None = None,
     ) -> None:
         if max_rate <= 0:
             raise ValueError(f"max_rate must be > 0, got {max_rate}")
@@ -60,6 +65,8 @@ class Refresher:
         self.total_cost = 0.0
         self.last_cost = 0.0
         self.last_draw = -math.inf
+        self.part_intervals = dict(part_intervals or {})
+        self._part_last: dict[str, float] = {}
         self._deferred: Any = None
 
     @property
@@ -79,18 +86,33 @@ class Refresher:
         """Redraw now when the interval has passed; else make sure a deferred redraw is pending."""
         if not self.dirty:
             return False
-        waited = self.clock() - self.last_draw
-        if waited >= self.interval:
-            self.flush()
-            return True
-        self._defer(self.interval - waited)
-        return False
+        now = self.clock()
+        waited = now - self.last_draw
+        if waited < self.interval:
+            self._defer(self.interval - waited)
+            return False
+        ready = {
+            p
+            for p in self.dirty
+            if now - self._part_last.get(p, -math.inf) >= self.part_intervals.get(p, 0.0)
+        }
+        if ready:
+            self._flush(ready)
+        if self.dirty:  # parts on a longer interval: their turn comes later
+            wait = min(
+                self.part_intervals.get(p, 0.0) - (now - self._part_last.get(p, -math.inf))
+                for p in self.dirty
+            )
+            self._defer(max(wait, self.interval))
+        return bool(ready)
 
     def flush(self) -> None:
         """Redraw every dirty part now (after a click, at the end of a run)."""
-        if not self.dirty:
-            return
-        parts, self.dirty = self.dirty, set()
+        if self.dirty:
+            self._flush(set(self.dirty))
+
+    def _flush(self, parts: set[str]) -> None:
+        self.dirty -= parts
         t0 = self.clock()
         try:
             self._draw(parts)
@@ -100,6 +122,8 @@ class Refresher:
             self.total_cost += self.last_cost
             self.redraws += 1
             self.last_draw = t1
+            for p in parts:
+                self._part_last[p] = t1
 
     def cancel(self) -> None:
         """Drop a pending deferred redraw (the dashboard is closing)."""
