@@ -875,3 +875,18 @@ def test_refresher_part_intervals_defer_costly_parts():
     r.dirty.add("heatmap")
     r.flush()  # a forced redraw (a click, the end of a run) draws everything
     assert drawn[-1] == {"heatmap"}
+
+
+def test_lr_range_test_with_the_real_check_restores_the_weights(dash, runner):
+    pytest.importorskip("tlwidgets.diagnostics.checks")
+    before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    lr_before = runner.optimizer.param_groups[0]["lr"]
+    result = dash.lr.range_test(num_steps=20)
+    assert result is not None and len(dash.lr.curve.x) == len(result.lrs)
+    for k, v in runner.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert runner.optimizer.param_groups[0]["lr"] == lr_before
+    assert runner.global_step == 0 and len(runner.history) == 0
+    if result.suggestion is not None:
+        dash.lr.apply_button.click()
+        assert runner.optimizer.param_groups[0]["lr"] == pytest.approx(result.suggestion)

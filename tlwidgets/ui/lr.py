@@ -65,7 +65,10 @@ class LRPanel(widgets.VBox):
         self.x = bq.LogScale()
         self.y = bq.LinearScale()
         self.curve = bq.Lines(
-            x=np.zeros(0), y=np.zeros(0), scales={"x": self.x, "y": self.y}, colors=["#08519c"]
+            x=np.zeros(0),
+            y=np.zeros((1, 0)),
+            scales={"x": self.x, "y": self.y},
+            colors=["#9ecae1", "#08519c"],
         )
         self.pick = bq.Lines(
             x=np.zeros(0),
@@ -182,8 +185,14 @@ class LRPanel(widgets.VBox):
         losses = np.where(np.isfinite(losses), losses, np.nan)
         suggestion = getattr(result, "suggestion", None)
         self.suggestion = float(suggestion) if suggestion is not None and math.isfinite(suggestion) else None
+        smoothed = getattr(result, "smoothed", None)
+        if smoothed is not None and len(smoothed) == len(lrs):
+            smoothed = np.asarray(smoothed, dtype=np.float64)
+            y = np.vstack([losses, np.where(np.isfinite(smoothed), smoothed, np.nan)])
+        else:
+            y = losses[None, :]
         with self.curve.hold_sync():
-            self.curve.x, self.curve.y = lrs, losses
+            self.curve.x, self.curve.y = lrs, y
         finite = losses[np.isfinite(losses)]
         with self.pick.hold_sync():
             if self.suggestion is not None and finite.size:
