@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import dataclasses
 import logging
 import math
@@ -194,7 +195,8 @@ class Runner(ControlsMixin):
         self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
         self._iter: Any = None
         self._epoch_rng = None
-        self._one_shot = iter(train_data) is train_data
+        # Not iter(train_data): creating a DataLoader iterator draws from the global RNG.
+        self._one_shot = isinstance(train_data, collections.abc.Iterator)
         self._raw_batch: Any = None
         self._have_batch = False
         self._inputs: Any = None
@@ -1002,12 +1004,12 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if data is None and name == "val_data":
             continue
-        try:
-            iter(data)
-        except TypeError:
+        # Checked without calling iter(): a DataLoader iterator would consume the global RNG
+        # (and the shuffle order would no longer match a plain loop's).
+        if not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")) or isinstance(data, (str, bytes)):
             raise TypeError(
                 f"{name} must be an iterable of batches (e.g. a DataLoader), got {type(data).__name__}"
-            ) from None
+            )
         try:
             size = len(data)
         except TypeError:
