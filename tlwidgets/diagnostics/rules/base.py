@@ -263,8 +263,17 @@ class RuleContext:
         return self.cached("weight_matrices", lambda: matrix_columns(self.session))
 
     def trainable(self) -> np.ndarray:
-        """Boolean mask (history column order) of parameters with ``requires_grad`` now."""
-        return np.array([p.requires_grad for _, p in self.session.named_params], dtype=bool)
+        """Mask (history column order) of parameters with ``requires_grad`` now, memoized per step."""
+        cache = self.session_state.cache
+        step = self.session.global_step
+        got = cache.get("trainable")
+        if got is None or got[0] != step:
+            named = self.session.named_params
+            got = cache["trainable"] = (
+                step,
+                np.fromiter((p.requires_grad for _, p in named), dtype=bool, count=len(named)),
+            )
+        return got[1]
 
     # -- findings ----------------------------------------------------------------
     def finding(
@@ -354,13 +363,18 @@ def tail(history: Any, key: str, n: int) -> np.ndarray:
         return values[-n:] if n else values[:0]
     length = len(ring)
     n = min(n, length)
-    idx = (ring._start + np.arange(length - n, length)) % ring.capacity
-    out = ring._data[idx]
+    cap = ring.capacity
+    first = (ring._start + length - n) % cap
+    data = ring._data
+    if first + n <= cap:  # contiguous: a view, copied once by the conversion below
+        out = data[first : first + n]
+    else:
+        out = np.concatenate([data[first:], data[: first + n - cap]])
     if key in ("grad_norm", "weight_norm", "update_norm"):
         out = out[:, : len(history.param_names)]
-    if out.dtype != np.float64 and key not in ("step", "epoch"):
-        out = out.astype(np.float64)
-    return out
+    if key in ("step", "epoch"):
+        return out.copy()
+    return out.astype(np.float64)  # always a copy
 
 
 def nanmedian(values: Any, axis: int | None = None) -> Any:

@@ -652,10 +652,14 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     grad = bwd.data["grad_norm"]
     if np.shape(grad) != np.shape(update):
         return []
-    # Cheap first look (this runs every step): nothing has a gradient and a zero update.
+    # Cheap first looks (this runs every step): every update is non-zero, or nothing has a
+    # gradient and a zero update.
+    if not st.get("streak_any") and update.min() > 0:
+        return []
     stuck = (update == 0) & (grad > 0)
     if not stuck.any():
         st.pop("streak", None)
+        st["streak_any"] = False
         return []
     groups = ctx.group_index()
     if groups.shape != stuck.shape:
@@ -666,7 +670,8 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
         streak = np.zeros(stuck.shape, dtype=np.int64)
     streak = np.where(stuck, streak + 1, 0)
     st["streak"] = streak
-    if not stuck.any():
+    st["streak_any"] = bool(stuck.any())
+    if not st["streak_any"]:
         return []
     update = np.asarray(update, dtype=np.float64)
     grad = np.asarray(grad, dtype=np.float64)

@@ -154,7 +154,7 @@ def _group_label(ctx: RuleContext, gi: int) -> str:
 
 
 # ================================================================================ learning rate
-@rule("lr-rate", ["lr-too-high", "lr-too-low"], "trend", every=5)
+@rule("lr-rate", ["lr-too-high", "lr-too-low"], "trend", every=10)
 def lr_rate(ctx: RuleContext) -> list[Finding]:
     """Update/weight ratio of each optimizer group against the ~1e-3 band, together with the loss trend."""
     s = ctx.session
@@ -185,7 +185,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         if math.isfinite(r):
             by_group[gi] = (cols, r)
     for gi, (cols, r) in by_group.items():
-        names = [s.param_names[i] for i in cols]
+        names = [s.param_names[i] for i in cols.tolist()]
         label = _group_label(ctx, gi)
         evidence = {
             "group": gi,
@@ -241,10 +241,9 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             continue
         # Too low an LR slows every layer; if some layers move at a healthy pace the cause is elsewhere
         # (vanishing gradients, dead units), so the fastest layer must be slow too.
-        fastest = nanmedian(np.nanmax(np.where(np.isnan(ratio[:, cols]), -np.inf, ratio[:, cols]), axis=1))
         if (
             r < LR_LOW_RATIO
-            and fastest < LR_LOW_FASTEST
+            and _fastest(ratio[:, cols]) < LR_LOW_FASTEST
             and n >= LR_LOW_MIN_STEPS
             and math.isfinite(loss0)
             and loss0 > 0
@@ -276,6 +275,11 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     return found
 
 
+def _fastest(ratio: np.ndarray) -> float:
+    """Median over steps of the largest ratio among the columns (NaN ignored)."""
+    return nanmedian(np.where(np.isnan(ratio), -np.inf, ratio).max(axis=1))
+
+
 @rule("lr-at-nan", ["lr-too-high"], "stage", stages=[Stage.LOSS, Stage.BACKWARD])
 def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     """The loss or the gradients turned NaN/Inf right after steps that moved the weights a lot."""
@@ -293,7 +297,7 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     s = ctx.session
     h = s.history
     n = len(h)
-    if n < 2:
+    if n < 1:  # even one huge step before the NaN is telling
         return []
     w = min(5, n)
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
@@ -332,7 +336,8 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
     if s.kind == "runner" and getattr(s, "scheduler", None) is None:
         return []
     st = ctx.state
-    row = tail(h, "lr", 1)[-1]
+    # The LR each group will use next: what the history's newest row holds, read without a copy.
+    row = [float(g["lr"]) for g in s.optimizer.param_groups]
     step = int(s.global_step)
     epoch = int(getattr(s, "epoch", 0) or 0)
     # A set_lr is the user's choice, not the schedule's: restart the peak of that group.
@@ -412,7 +417,7 @@ def _total_grad(gn: np.ndarray) -> np.ndarray:
     return total
 
 
-@rule("exploding-gradients", ["exploding-gradients"], "trend", every=5, early=5)
+@rule("exploding-gradients", ["exploding-gradients"], "trend", every=10, early=5)
 def exploding_gradients(ctx: RuleContext) -> list[Finding]:
     """Total gradient norm grows by orders of magnitude, or is huge relative to the weights from the start."""
     s = ctx.session
@@ -510,7 +515,7 @@ def exploding_at_overflow(ctx: RuleContext) -> list[Finding]:
     ]
 
 
-@rule("vanishing-gradients", ["vanishing-gradients"], "trend", every=5, early=0)
+@rule("vanishing-gradients", ["vanishing-gradients"], "trend", every=10)
 def vanishing_gradients(ctx: RuleContext) -> list[Finding]:
     """The first layers' grad/weight ratio is orders of magnitude below the last layers' (several steps)."""
     s = ctx.session
@@ -872,13 +877,14 @@ def _unshuffled(ctx: RuleContext, st: dict, found: list[Finding]) -> bool:
     total = st["counts"]
     if len(recent) < PURE_MIN_BATCHES or np.count_nonzero(total) < 2:
         return len(recent) < PURE_MIN_BATCHES
-    sizes = np.array([b for b, _, _ in recent])
-    b = int(np.median(sizes))
+    b = int(nanmedian([bb for bb, _, _ in recent]))
     if b < 2:
         return False
     flags = [share >= PURE_SHARE for bb, share, _ in recent if bb >= 2]
     m, k = len(flags), int(sum(flags))
     observed = k / m if m else 0.0
+    if observed <= 0.3:
+        return False  # the usual shuffled case: few single-class batches, nothing to test
     p = total[total > 0] / total.sum()
     p = np.sort(p)[-50:]  # classes with tiny shares cannot fill a batch
     expected = min(1.0, float(_binom_tail(b, p, math.ceil(PURE_SHARE * b)).sum()))
