@@ -7,9 +7,12 @@ stage, step and finding event reaches its handlers, and the throttled refresher
 redraws the panels inline (at most ~10 times a second, less when a redraw is
 slow) exactly as it would in a notebook; only the front end is missing.
 
-Times are wall-clock (``time.perf_counter``): the dashboard throttles on wall
-time, so that is the honest clock here; run it on an otherwise quiet machine
-(the median over repeats damps noise from other processes).
+The budget is judged on CPU time of this process (``time.process_time``): on
+one thread that is the cost of the steps plus everything the dashboard does,
+and it stays meaningful when other processes share the machine (wall-clock
+ratios on a shared 2-core machine swing by +-15% from run to run). Wall-clock
+steps/s are printed too; the dashboard throttles redraws on wall time, so on a
+loaded machine it redraws more often per step, which the CPU figure includes.
 
 Run: ``python benchmarks/bench_dashboard.py`` (about a minute on 2 cores;
 ``--quick`` for a smoke run).
@@ -58,26 +61,26 @@ def timed_run(spec: tuple, steps: int, with_dashboard: bool) -> tuple[float, dic
     dash = tlw.Dashboard(runner) if with_dashboard else None
     gc.collect()
     redraws0 = dash.refresher.redraws if dash else 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = runner.run(steps=steps)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert result.steps == steps, result
-    info = {}
+    info: dict = {"wall_rate": steps / elapsed}
     if dash is not None:
-        info = {
+        info |= {
             "redraws": dash.refresher.redraws - redraws0,
             "redraw_s": dash.refresher.total_cost,
             "errors": dash.errors.count,
         }
         dash.close()
     runner.close()
-    return steps / elapsed, info
+    return steps / cpu, info
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="200 steps, 2 repeats")
     args = parser.parse_args()
     if args.quick:
@@ -86,12 +89,13 @@ def main() -> int:
     print(f"headless runner.run(steps={args.steps}), {args.repeats} interleaved repeats, 1 thread")
     worst = float("inf")
     for name, spec in MODELS.items():
-        bare, dashed, infos = [], [], []
+        bare, dashed, infos, walls = [], [], [], {False: [], True: []}
         for i in range(args.repeats):
             order = (False, True) if i % 2 == 0 else (True, False)
             for with_dash in order:
                 rate, info = timed_run(spec, args.steps, with_dash)
                 (dashed if with_dash else bare).append(rate)
+                walls[with_dash].append(info["wall_rate"])
                 if with_dash:
                     infos.append(info)
         ratio = statistics.median(d / b for d, b in zip(dashed, bare))
@@ -99,13 +103,15 @@ def main() -> int:
         redraws = statistics.median(i["redraws"] for i in infos)
         draw_ms = 1000 * statistics.median(i["redraw_s"] / max(i["redraws"], 1) for i in infos)
         errors = sum(i["errors"] for i in infos)
+        wall_ratio = statistics.median(d / b for d, b in zip(walls[True], walls[False]))
         print(
-            f"{name:9s}  without: {statistics.median(bare):8.1f} steps/s   with Dashboard: "
-            f"{statistics.median(dashed):8.1f} steps/s   ratio {ratio:.3f}   "
-            f"({redraws:.0f} redraws per run, {draw_ms:.1f} ms each, {errors} dashboard errors)"
+            f"{name:9s}  CPU: without {statistics.median(bare):7.1f} steps/s, with Dashboard "
+            f"{statistics.median(dashed):7.1f} steps/s, ratio {ratio:.3f} | wall: "
+            f"{statistics.median(walls[False]):7.1f} vs {statistics.median(walls[True]):7.1f} steps/s, "
+            f"ratio {wall_ratio:.3f} | {redraws:.0f} redraws per run, {draw_ms:.1f} ms each, {errors} errors"
         )
     verdict = "OK" if worst >= 0.85 else "OVER BUDGET"
-    print(f"budget: with/without >= 0.85 -> worst ratio {worst:.3f}: {verdict}")
+    print(f"budget: with/without >= 0.85 (CPU steps/s) -> worst ratio {worst:.3f}: {verdict}")
     return 0 if worst >= 0.85 else 1
 
 
