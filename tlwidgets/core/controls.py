@@ -167,6 +167,15 @@ class ControlsMixin:
     (deque), ``_check_open()`` and ``_refresh_audit()``.
     """
 
+    def frozen(self) -> list[str]:
+        """Names of the parameters with ``requires_grad=False``."""
+        return [n for n, p in self.named_params if not p.requires_grad]
+
+    def param_group_of(self) -> dict[str, int | None]:
+        """Optimizer group index of each parameter (None when not in the optimizer)."""
+        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        return {n: where.get(id(p)) for n, p in self.named_params}
+
     def freeze(self, *names: str, bn_eval: bool | None = None) -> list[str]:
         """Stop training the named modules/parameters (a name matches its dotted subtree).
 

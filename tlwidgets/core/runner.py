@@ -242,15 +242,6 @@ class Runner(ControlsMixin):
         """Effective learning rate of each optimizer group."""
         return effective_lrs(self.optimizer)
 
-    def frozen(self) -> list[str]:
-        """Names of the parameters with ``requires_grad=False``."""
-        return [n for n, p in self.named_params if not p.requires_grad]
-
-    def param_group_of(self) -> dict[str, int | None]:
-        """Optimizer group index of each parameter (None when not in the optimizer)."""
-        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        return {n: where.get(id(p)) for n, p in self.named_params}
-
     # ------------------------------------------------------------------ stepping
     def step_stage(self) -> StageRecord | EpochRecord:
         """Run exactly one stage (exact statistics) and return its record.
