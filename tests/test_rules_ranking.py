@@ -76,7 +76,7 @@ def test_ranking_is_stable_and_total() -> None:
 def test_runner_findings_come_ranked(sizes, consequence) -> None:
     # Too high an LR makes the gradients explode (or kills ReLUs); the LR is named first.
     opt = lambda m: torch.optim.SGD(m.parameters(), lr=3.0, momentum=0.9)  # noqa: E731
-    r = run(mlp(sizes), loader(*classification()), opt=opt, steps=40)
+    r = run(mlp(sizes), loader(*classification()), opt=opt, steps=60)
     got = codes(r)
     assert got[0] == "lr-too-high" and consequence in got
     # Seen later, listed later; and listed later even if it had been seen first.

@@ -86,12 +86,16 @@ REG_SHARE = 0.5
 REG_SHARE_STRONG = 2.0
 REG_SHRINK = 0.95
 REG_STUCK = 0.2
+#: ... without weight decay: weight matrices below this share of their starting norm, loss stalled.
+REG_PENALTY_SHRINK = 0.5
 #: loss-plateau: improvement below this fraction between two windows of PLATEAU_WINDOW steps.
 PLATEAU_IMPROVEMENT = 0.01
 PLATEAU_WINDOW = 50
 #: overfitting: validation loss rising this many epochs in a row, by at least this fraction of its best.
 OVERFIT_RISES = 2
 OVERFIT_MARGIN = 0.05
+#: ... a warning unless validation accuracy (when measured) is still within this of its best.
+OVERFIT_ACCURACY_SLACK = 0.005
 #: class-imbalance: majority/minority count ratio and the samples it needs.
 IMBALANCE_RATIO = 10.0
 IMBALANCE_MIN_SAMPLES = 150
@@ -137,15 +141,31 @@ def _ratios(upd: np.ndarray, wn: np.ndarray) -> np.ndarray:
     return r
 
 
-def _group_columns(ctx: RuleContext, gi: int) -> np.ndarray:
-    """Trainable weight matrices of optimizer group ``gi`` (or its other trainable params if it has none)."""
+def _group_columns(ctx: RuleContext, gi: int, usable: np.ndarray | None = None) -> np.ndarray:
+    """Trainable weight matrices of optimizer group ``gi`` (or its other trainable params if it has none).
+
+    ``usable`` (a mask over all parameters) leaves out columns the caller cannot judge.
+    """
     groups = ctx.group_index()
-    trainable = ctx.trainable()
+    keep = ctx.trainable() if usable is None else ctx.trainable() & usable
     mats = ctx.weight_matrices()
-    cols = mats[(groups[mats] == gi) & trainable[mats]] if mats.size else mats
+    cols = mats[(groups[mats] == gi) & keep[mats]] if mats.size else mats
     if cols.size == 0:
-        cols = np.flatnonzero((groups == gi) & trainable)
+        cols = np.flatnonzero((groups == gi) & keep)
     return cols
+
+
+def _not_grown_from_zero(ctx: RuleContext, h: Any) -> np.ndarray:
+    """Mask of parameters whose first recorded norm (taken before the first update) was not 0.
+
+    A zero-initialized tensor (a zero last layer, a LoRA B matrix) changes by about 1/t of its
+    norm at step t while it grows from nothing: its update/weight ratio says nothing about the LR.
+    """
+    st = ctx.state
+    first = st.get("first_norm")
+    if first is None or len(first) != len(ctx.session.param_names):
+        first = st["first_norm"] = tail(h, "weight_norm", len(h))[0]
+    return ~(first <= 0)
 
 
 def _group_label(ctx: RuleContext, gi: int) -> str:
@@ -177,8 +197,9 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     still_high = not (math.isfinite(loss0) and loss0 > 0) or last > LR_STILL_HIGH * loss0
     found: list[Finding] = []
     by_group: dict[int, tuple[np.ndarray, float]] = {}
+    usable = _not_grown_from_zero(ctx, h)
     for gi in range(len(s.optimizer.param_groups)):
-        cols = _group_columns(ctx, gi)
+        cols = _group_columns(ctx, gi, usable)
         if cols.size == 0 or gi >= len(lrs) or not lrs[gi] > 0:
             continue
         r = nanmedian(nanmedian(ratio[:, cols], axis=1))
@@ -200,7 +221,12 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         }
         # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
         # another class) or the gradients were huge from initialization on (the init, not the LR).
-        explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init")
+        labels = ctx.shared.get("labels")
+        explained = (
+            ctx.shared.get("unshuffled")
+            or ctx.shared.get("explode_init")
+            or (labels is not None and labels.get("suspect"))  # batch order not known to be random yet
+        )
         high = (
             r > LR_HIGH_RATIO
             and not explained
@@ -208,10 +234,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
                 rise > LOSS_RISE or diverged or (volatility > LOSS_VOLATILITY and still_high and rise > -0.5)
             )
         )
-        # Sustained: the same verdict on two evaluations in a row (5 steps apart), unless extreme.
-        streak = ctx.state.setdefault("high", {})
-        streak[gi] = streak.get(gi, 0) + 1 if high else 0
-        if r > LR_EXTREME_RATIO or streak[gi] >= 2:
+        if r > LR_EXTREME_RATIO or high:
             if diverged:
                 how = f"the loss is {last / loss0:.3g}x its starting value"
             elif rise > LOSS_RISE:
@@ -303,8 +326,9 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
     lrs = tail(h, "lr", 1)[-1]
     found = []
+    usable = _not_grown_from_zero(ctx, h)
     for gi in range(len(s.optimizer.param_groups)):
-        cols = _group_columns(ctx, gi)
+        cols = _group_columns(ctx, gi, usable)
         if cols.size == 0:
             continue
         r = nanmedian(nanmedian(ratio[:, cols], axis=1))
@@ -635,17 +659,22 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
     if not (math.isfinite(loss0) and loss0 > 0):
         return []
     recent = nanmedian(tail(h, "loss", 10))
-    if not (recent > REG_STUCK * loss0):
+    chance = _chance_loss(s)
+    # Not converged: still a fair share of the starting loss, or (a penalty inflates the starting
+    # loss) a class loss no better than a uniform guess.
+    high = recent > REG_STUCK * loss0
+    if not high and not (chance is not None and recent > 0.9 * chance):
         return []
     st = ctx.state
     w = min(LR_WINDOW, n)
     gn_all, wn_all, up_all = tail(h, "grad_norm", w), tail(h, "weight_norm", w), tail(h, "update_norm", w)
     lrs = tail(h, "lr", w)
     found = []
+    losses = tail(h, "loss", w)
+    first_half, last_half = _halves(losses)
+    stalled = math.isfinite(first_half) and last_half > (1 - 2 * PLATEAU_IMPROVEMENT) * first_half
     for gi, group in enumerate(s.optimizer.param_groups):
         wd = float(group.get("weight_decay", 0) or 0)
-        if wd <= 0:
-            continue
         cols = _group_columns(ctx, gi)
         if cols.size == 0:
             continue
@@ -656,6 +685,34 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
             start[gi] = float(np.sqrt(np.nansum(first**2)))
         now = float(np.sqrt(np.nansum(wn[-1] ** 2)))
         shrink = now / start[gi] if start[gi] > 0 else 1.0
+        if wd <= 0 or not high:
+            # No weight decay, yet the weights collapse while the loss stalls: a penalty term
+            # added to the loss (an explicit L2/L1 sum) is doing what weight decay would.
+            at_chance = chance is not None and 0.9 * chance < recent < 1.05 * chance
+            if wd <= 0 and shrink < REG_PENALTY_SHRINK and (stalled or at_chance):
+                names = [s.param_names[i] for i in cols.tolist()]
+                params = ctx.stable_params("over-regularization", names, f"g{gi}")
+                found.append(
+                    ctx.finding(
+                        "over-regularization",
+                        f"{_group_label(ctx, gi)}the weights shrank to {shrink:.0%} of their starting norm "
+                        "without weight decay, and the loss stopped improving "
+                        f"({first_half:.4g} -> {last_half:.4g} over the last {w} steps)",
+                        params=params,
+                        stage=None,
+                        evidence={
+                            "group": gi,
+                            "weight_decay": 0.0,
+                            "shrink": shrink,
+                            "loss_ratio": recent / loss0,
+                        },
+                        cause="A penalty added to the loss (lambda * sum of w**2, say) is so large that "
+                        "minimizing it shrinks the weights toward zero instead of fitting the data.",
+                        fix="Scale the penalty down (1e-5 to 1e-3 of the data loss is typical) or replace it "
+                        "with a small weight_decay in the optimizer.",
+                    )
+                )
+            continue
         with np.errstate(divide="ignore", invalid="ignore"):
             if _decoupled(s.optimizer, group):
                 lr = lrs[:, gi : gi + 1] if gi < lrs.shape[1] else np.full((w, 1), np.nan)
@@ -782,7 +839,9 @@ def _chance_loss(session: Any) -> float | None:
     return float(value) if value is not None else None
 
 
-def _overfit_finding(ctx: RuleContext, val: list[float], train: list[float], where: str) -> list[Finding]:
+def _overfit_finding(
+    ctx: RuleContext, val: list[float], train: list[float], where: str, accuracy: list[float] | None = None
+) -> list[Finding]:
     k = OVERFIT_RISES
     if len(val) < k + 1 or len(train) < k + 1:
         return []
@@ -793,14 +852,23 @@ def _overfit_finding(ctx: RuleContext, val: list[float], train: list[float], whe
     best = min(x for x in val if math.isfinite(x))
     if not (rising and v[-1] > (1 + OVERFIT_MARGIN) * best and t[-1] < t[0]):
         return []
+    # Validation loss can rise from over-confidence while validation accuracy still improves; with
+    # the accuracy at its best the model is not (yet) getting worse at the task: a note, not a warning.
+    benign = bool(accuracy) and accuracy[-1] >= max(accuracy) - OVERFIT_ACCURACY_SLACK
+    acc_text = f"; validation accuracy {accuracy[-1]:.3g} (best {max(accuracy):.3g})" if accuracy else ""
     return [
         ctx.finding(
             "overfitting",
             f"validation loss rose for {k} {where}s in a row ({' -> '.join(f'{x:.4g}' for x in v)}; best "
-            f"{best:.4g}) "
-            f"while training loss fell ({t[0]:.4g} -> {t[-1]:.4g})",
+            f"{best:.4g}) while training loss fell ({t[0]:.4g} -> {t[-1]:.4g}){acc_text}",
             stage=None,
-            evidence={"val": v, "train": t, "best_val": best},
+            severity="info" if benign else None,
+            evidence={
+                "val": v,
+                "train": t,
+                "best_val": best,
+                "accuracy": accuracy[-(k + 1) :] if accuracy else None,
+            },
         )
     ]
 
@@ -811,7 +879,9 @@ def overfitting(ctx: RuleContext) -> list[Finding]:
     epochs = [e for e in ctx.session.history.epochs if e.val_loss is not None and e.ok]
     val = [float(e.val_loss) for e in epochs]
     train = [float(e.train_loss) for e in epochs]
-    return _overfit_finding(ctx, val, train, "epoch")
+    acc = [e.val_metrics.get("accuracy") for e in epochs]
+    accuracy = [float(a) for a in acc] if acc and all(a is not None for a in acc) else None
+    return _overfit_finding(ctx, val, train, "epoch", accuracy)
 
 
 # ================================================================================ labels
