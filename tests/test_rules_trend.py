@@ -195,6 +195,30 @@ def test_weight_decay_that_dominates(opt) -> None:
     assert f.evidence["share"] > trend.REG_SHARE and f.evidence["shrink"] < 1
 
 
+def _penalized(model: nn.Module, lam: float):
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        l2 = sum((p**2).sum() for n, p in model.named_parameters() if n.endswith("weight"))
+        return nn.functional.cross_entropy(out, target) + lam * l2
+
+    return loss_fn
+
+
+def test_explicit_penalty_in_the_loss_that_dominates() -> None:
+    model = mlp()
+    r = run(model, _cls(), loss_fn=_penalized(model, 1.0), opt=_sgd(0.05, momentum=0.9), steps=60)
+    (f,) = find(r, "over-regularization")
+    assert f.evidence["weight_decay"] == 0.0 and f.evidence["shrink"] < trend.REG_PENALTY_SHRINK
+    assert "penalty" in f.cause
+    # The penalty makes the loss exceed any mean cross-entropy, but it does not scale with the batch.
+    assert find(r, "loss-sum-reduction") == []
+
+
+def test_small_explicit_penalty_is_fine() -> None:
+    model = mlp()
+    r = run(model, _cls(), loss_fn=_penalized(model, 1e-3), opt=_sgd(0.05, momentum=0.9), steps=60)
+    assert find(r, "over-regularization") == [] and problems(r) == []
+
+
 @pytest.mark.parametrize(
     "opt",
     [_sgd(0.05, momentum=0.9, weight_decay=5e-4), _adam(1e-3, 0.05, torch.optim.AdamW)],
