@@ -326,6 +326,25 @@ def test_weighted_loss_handles_the_imbalance() -> None:
     assert find(r, "class-imbalance") == []
 
 
+@pytest.mark.parametrize("pos_weight, expected", [(None, True), (19.0, False)], ids=["plain", "pos_weight"])
+def test_rare_positives_with_a_binary_loss(pos_weight, expected) -> None:
+    x, _ = classification(n=1024)
+    y = (torch.rand(1024, 1, generator=torch.Generator().manual_seed(0)) < 0.04).float()
+    weight = None if pos_weight is None else torch.tensor([pos_weight])
+    r = run(mlp((20, 16, 1)), loader(x, y), loss_fn=nn.BCEWithLogitsLoss(pos_weight=weight), steps=40)
+    found = find(r, "class-imbalance")
+    assert bool(found) is expected
+    if expected:
+        assert found[0].evidence["majority"] == 0 and found[0].evidence["ratio"] > trend.IMBALANCE_RATIO
+
+
+def test_balanced_binary_labels_are_fine() -> None:
+    x, _ = classification(n=1024)
+    y = (x[:, :1] > 0).float()
+    r = run(mlp((20, 16, 1)), loader(x, y), loss_fn=nn.BCEWithLogitsLoss(), steps=40)
+    assert find(r, "class-imbalance") == [] and problems(r) == []
+
+
 def test_batches_sorted_by_class() -> None:
     x, y = classification(n=1024)
     order = torch.argsort(y, stable=True)

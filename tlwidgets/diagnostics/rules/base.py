@@ -252,11 +252,13 @@ class RuleContext:
     def group_index(self) -> np.ndarray:
         """Optimizer group of each tracked parameter (-1 when in no group), in history column order."""
 
-        def build() -> np.ndarray:
-            where = {id(p): i for i, g in enumerate(self.session.optimizer.param_groups) for p in g["params"]}
-            return np.array([where.get(id(p), -1) for _, p in self.session.named_params], dtype=np.int64)
-
-        return self.cached("group_index", build)
+        groups = self.session.optimizer.param_groups
+        got = self.session_state.cache.get("group_index")
+        if got is None or got[0] != len(groups):  # add_param_group() in an own loop invalidates it too
+            where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+            index = np.array([where.get(id(p), -1) for _, p in self.session.named_params], dtype=np.int64)
+            got = self.session_state.cache["group_index"] = (len(groups), index)
+        return got[1]
 
     def weight_matrices(self) -> np.ndarray:
         """History columns of the weight matrices/kernels (dim >= 2, not embeddings)."""

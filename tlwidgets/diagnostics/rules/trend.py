@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
@@ -22,6 +23,7 @@ from tlwidgets.diagnostics.rules.base import RuleContext, nanmedian, rule, short
 
 __all__ = [
     "TREND_RULES",
+    "binary_labels",
     "dead_relu",
     "exploding_at_overflow",
     "exploding_gradients",
@@ -1016,6 +1018,44 @@ def _imbalance(ctx: RuleContext, counts: np.ndarray, when: str) -> list[Finding]
     ]
 
 
+_BINARY_LOSSES = {"BCEWithLogitsLoss", "BCELoss", "binary_cross_entropy_with_logits", "binary_cross_entropy"}
+
+
+def _session_loss_name(session: Any) -> str:
+    fn = getattr(session, "loss_fn", None)
+    return type(fn).__name__ if isinstance(fn, nn.Module) else str(getattr(fn, "__name__", ""))
+
+
+@rule(
+    "binary-labels",
+    ["class-imbalance"],
+    "stage",
+    stages=[Stage.FETCH],
+    needs=["tensors", "non_finite"],  # scanned batches only
+)
+def binary_labels(ctx: RuleContext) -> list[Finding]:
+    """Binary 0/1 float targets of a BCE loss: the share of positives is the mean of the targets."""
+    info = ctx.data["tensors"].get("targets")
+    if not info or info.get("mean") is None or _session_loss_name(ctx.session) not in _BINARY_LOSSES:
+        return []
+    shape = tuple(info.get("shape", ()))
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or not shape[0]:
+        return []  # multi-label targets: rare positives per label are normal there
+    if info.get("min") not in (0.0, 1.0) or info.get("max") not in (0.0, 1.0):
+        return []  # soft or smoothed labels
+    rec = ctx.record
+    st = ctx.state
+    key = (rec.epoch, rec.batch, rec.step)
+    if st.get("key") == key:
+        return []
+    st["key"] = key
+    n = shape[0]
+    pos = round(float(info["mean"]) * n)
+    counts = st.setdefault("counts", np.zeros(2, np.int64))
+    counts += (n - pos, pos)
+    return _imbalance(ctx, counts, "so far")
+
+
 @rule("labels-epoch", ["class-imbalance"], "epoch")
 def labels_epoch(ctx: RuleContext) -> list[Finding]:
     """At an epoch end the epoch's label counts are the full distribution, whatever the batch order."""
@@ -1038,4 +1078,5 @@ TREND_RULES = (
     overfitting,
     labels,
     labels_epoch,
+    binary_labels,
 )
