@@ -189,6 +189,22 @@ def test_every_default_rule_declares_known_codes_and_kind() -> None:
         assert isinstance(r, Rule) and r.codes and r.kind in ("setup", "stage", "trend", "epoch", "loop")
 
 
+def test_every_rule_owned_code_is_declared_by_a_default_rule() -> None:
+    from tlwidgets.core.findings import Code
+
+    not_rules = {
+        # the core's own checks (runner / watcher)
+        "param-not-in-optimizer", "non-finite-input", "non-finite-loss", "non-finite-grad",
+        # explicit checks (tlwidgets.diagnostics.checks)
+        "batch-mixing", "channel-order", "labels-decoupled", "data-leakage", "train-val-shift",
+        # exceptions explained by tlwidgets.diagnostics.explain
+        "shape-mismatch", "device-mismatch", "dtype-mismatch", "inplace-modification", "out-of-memory",
+        "target-out-of-range", "stage-error",
+    }  # fmt: skip
+    declared = {c for r in DEFAULT_RULES for c in r.codes}
+    assert declared == {c.value for c in Code} - not_rules
+
+
 def test_rule_rejects_unknown_code_and_kind() -> None:
     with pytest.raises(ValueError):
         Rule("x", ("no-such-code",), "setup", lambda ctx: [])
@@ -217,3 +233,34 @@ def test_disable_leaves_out_rules_by_code() -> None:
 
 def test_healthy_setup_audit_is_silent() -> None:
     assert problems(_runner(mlp(dropout=0.3))) == []
+
+
+def test_rewind_forgets_step_ordered_state() -> None:
+    x, y = classification()
+    model = mlp()
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=1e-7), loader(x, y))
+    start = r.checkpoint()
+    r.run(steps=30)
+    st = r.diagnoser.state(r)
+    assert st.last_step == 30 and st.rules  # trend rules hold counters and windows now
+    r.rewind(start)
+    assert st.last_step == 0 and "labels" not in st.shared and "lr-rate" not in st.rules
+    r.run(steps=30)
+    assert find(r, "lr-too-low") and r.diagnostic_errors == []
+
+
+def test_one_diagnoser_keeps_separate_state_per_session() -> None:
+    diag = RuleDiagnoser()
+    x, y = classification()
+    slow, fine = mlp(), mlp(seed=1)
+    a = tlw.Runner(
+        slow, nn.CrossEntropyLoss(), torch.optim.SGD(slow.parameters(), lr=1e-7), loader(x, y), diagnoser=diag
+    )
+    b = tlw.Runner(
+        fine, nn.CrossEntropyLoss(), torch.optim.SGD(fine.parameters(), lr=0.05), loader(x, y), diagnoser=diag
+    )
+    for _ in range(3):  # interleaved, as two notebooks' runners would be
+        a.run(steps=10)
+        b.run(steps=10)
+    assert diag.state(a) is not diag.state(b)
+    assert "lr-too-low" in codes(a) and problems(b) == []
