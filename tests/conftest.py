@@ -35,3 +35,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         )
         for nodeid in _skipped_e2e:
             terminalreporter.line(f"  {nodeid}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Run the browser tests last.
+
+    Playwright's sync API keeps an asyncio event loop running in the main thread for as long as
+    its (session-wide) browser lives; any test collected after them would then see a running loop
+    (``asyncio.run`` refuses to start, the dashboard runs as a task instead of synchronously).
+    """
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
