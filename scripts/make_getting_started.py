@@ -145,7 +145,7 @@ position exactly).""",
     (
         "code",
         """model = fresh_model()
-optimizer = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9)
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
 runner = tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader)
 start = runner.checkpoint("before")
 too_high = runner.run(steps=30)
@@ -162,7 +162,7 @@ runner.rewind(start)
 runner.set_lr(0.01)
 runner.run(steps=30)
 loss_fixed = runner.history.loss
-print(f"mean loss of the last 10 steps: lr=3.0 -> {loss_too_high[-10:].mean():.3f}, lr=0.01 -> {loss_fixed[-10:].mean():.3f}")""",
+print(f"mean loss of the last 10 steps: lr=1.0 -> {loss_too_high[-10:].mean():.3f}, lr=0.01 -> {loss_fixed[-10:].mean():.3f}")""",
     ),
     (
         "md",
