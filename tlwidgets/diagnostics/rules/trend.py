@@ -90,6 +90,8 @@ REG_SHRINK = 0.95
 REG_STUCK = 0.2
 #: ... without weight decay: weight matrices below this share of their starting norm, loss stalled.
 REG_PENALTY_SHRINK = 0.5
+#: ... and a class loss that started above this multiple of ln(C) (the penalty inflates it).
+REG_PENALTY_START = 1.5
 #: loss-plateau: improvement below this fraction between two windows of PLATEAU_WINDOW steps.
 PLATEAU_IMPROVEMENT = 0.01
 PLATEAU_WINDOW = 50
@@ -110,6 +112,8 @@ PURE_MIN_BATCHES = 4
 PURE_OBSERVED = 0.5
 #: Chance of seeing that many single-class batches under random order must be below this.
 PURE_P_VALUE = 1e-6
+#: ... and below this the order is suspect: label statistics wait (the stream may be sorted).
+PURE_SUSPECT = 1e-2
 
 
 # ================================================================================ helpers
@@ -682,9 +686,6 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
     gn_all, wn_all, up_all = tail(h, "grad_norm", w), tail(h, "weight_norm", w), tail(h, "update_norm", w)
     lrs = tail(h, "lr", w)
     found = []
-    losses = tail(h, "loss", w)
-    first_half, last_half = _halves(losses)
-    stalled = math.isfinite(first_half) and last_half > (1 - 2 * PLATEAU_IMPROVEMENT) * first_half
     for gi, group in enumerate(s.optimizer.param_groups):
         wd = float(group.get("weight_decay", 0) or 0)
         cols = _group_columns(ctx, gi)
@@ -700,16 +701,21 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
         if wd <= 0 or not high:
             # No weight decay, yet the weights collapse while the loss stalls: a penalty term
             # added to the loss (an explicit L2/L1 sum) is doing what weight decay would.
+            # Only recognisable for a class loss: an untrained classifier starts near ln(C), so a start
+            # far above it means the loss holds more than the data term, and with the weights collapsed
+            # the model is back at a uniform guess. (A regression that settles at small weights looks
+            # the same as a penalized one from the numbers recorded; it is not judged.)
             at_chance = chance is not None and 0.9 * chance < recent < 1.05 * chance
-            if wd <= 0 and shrink < REG_PENALTY_SHRINK and (stalled or at_chance):
+            inflated = chance is not None and loss0 > REG_PENALTY_START * chance
+            if wd <= 0 and shrink < REG_PENALTY_SHRINK and at_chance and inflated:
                 names = [s.param_names[i] for i in cols.tolist()]
                 params = ctx.stable_params("over-regularization", names, f"g{gi}")
                 found.append(
                     ctx.finding(
                         "over-regularization",
                         f"{_group_label(ctx, gi)}the weights shrank to {shrink:.0%} of their starting norm "
-                        "without weight decay, and the loss stopped improving "
-                        f"({first_half:.4g} -> {last_half:.4g} over the last {w} steps)",
+                        f"without weight decay, and the loss fell from {loss0:.4g} to {recent:.4g}, the "
+                        f"{chance:.4g} of a uniform guess: a penalty term outweighs the data",
                         params=params,
                         stage=None,
                         evidence={
@@ -970,9 +976,9 @@ def _unshuffled(ctx: RuleContext, st: dict, found: list[Finding]) -> bool:
     p = total[total > 0] / total.sum()
     p = np.sort(p)[-50:]  # classes with tiny shares cannot fill a batch
     expected = min(1.0, float(_binom_tail(b, p, math.ceil(PURE_SHARE * b)).sum()))
-    suspect = observed > max(0.3, expected + 0.2)
     # How likely are k or more single-class batches out of m if the order were random?
     p_value = float(_binom_tail(m, np.array([expected]), k)[0]) if 0 < expected < 1 else float(expected >= 1)
+    suspect = p_value < PURE_SUSPECT
     if observed >= PURE_OBSERVED and p_value < PURE_P_VALUE:
         classes = sorted({m for _, _, m in recent})
         found.append(
