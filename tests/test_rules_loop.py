@@ -186,3 +186,23 @@ def test_overfitting_seen_through_the_validation_losses_of_an_own_loop() -> None
 def test_healthy_own_loop_with_batch_norm() -> None:
     w = train(cnn_bn(), opt=lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), features=64, epochs=2)
     assert problems(w) == []
+
+
+def test_frozen_warning_then_error_and_the_error_survives_a_later_audit() -> None:
+    model = mlp((20, 32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    x, y = classification(n=128)
+    criterion(model(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    model[0].requires_grad_(False)  # frozen, but its zeroed grad and momentum buffer stay
+    with tlw.watch(model, opt, loss_fn=criterion) as w:
+        assert [f.severity for f in find(w, "frozen-param-changed")] == ["warning"]
+        for xb, yb in loader(x, y):
+            opt.zero_grad(set_to_none=False)
+            criterion(model(xb), yb).backward()
+            opt.step()
+        w.set_lr(0.01)  # a control: the audit runs again
+    severities = sorted(f.severity for f in find(w, "frozen-param-changed"))
+    assert severities == ["error", "warning"]

@@ -160,7 +160,8 @@ def test_watch_warns_about_frozen_params_an_optimizer_can_still_move() -> None:
     model, opt = _stale_frozen_model()
     with tlw.watch(model, opt, loss_fn=nn.CrossEntropyLoss()) as w:
         (f,) = find(w, "frozen-param-changed")
-        assert f.severity == "warning" and set(f.params) == {"0.weight", "0.bias"}
+        assert f.severity == "warning" and f.params == ("0",)
+        assert set(f.evidence["params"]) == {"0.weight", "0.bias"}
 
 
 def test_no_frozen_warning_when_frozen_params_hold_no_gradient() -> None:

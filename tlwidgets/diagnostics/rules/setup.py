@@ -180,12 +180,15 @@ def frozen_in_optimizer(ctx: RuleContext) -> list[Finding]:
                 risky.append(names[id(p)])
     if not risky:
         return []
+    # Keyed by module, so the error reported when such a parameter really moves (keyed by parameter)
+    # stays a separate entry that a later audit cannot retract.
+    modules = sorted({n.rpartition(".")[0] or n for n in risky})
     return [
         ctx.finding(
             "frozen-param-changed",
             f"{len(risky)} frozen parameter(s) still hold a gradient inside an optimizer group whose "
             f"momentum or weight decay can move them: {short_list(risky)}",
-            params=risky,
+            params=modules,
             severity="warning",
             evidence={"params": risky},
             cause="These parameters have requires_grad=False but keep a (zeroed) .grad in an optimizer "
