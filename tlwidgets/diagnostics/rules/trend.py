@@ -227,12 +227,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         }
         # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
         # another class) or the gradients were huge from initialization on (the init, not the LR).
-        labels = ctx.shared.get("labels")
-        explained = (
-            ctx.shared.get("unshuffled")
-            or ctx.shared.get("explode_init")
-            or (labels is not None and labels.get("suspect"))  # batch order not known to be random yet
-        )
+        explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init") or _order_unknown(ctx)
         high = (
             r > LR_HIGH_RATIO
             and not explained
@@ -302,6 +297,18 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
                     )
                 )
     return found
+
+
+def _order_unknown(ctx: RuleContext) -> bool:
+    """Class labels are seen but the batch order is not yet known to be random (or looks sorted).
+
+    Waits for the few scanned batches the order test needs, but not forever (a session that
+    scans batches rarely must not silence the LR rules).
+    """
+    labels = ctx.shared.get("labels")
+    if labels is None or not labels.get("suspect"):
+        return False
+    return len(labels["recent"]) >= PURE_MIN_BATCHES or ctx.session.global_step < 50
 
 
 def _fastest(ratio: np.ndarray) -> float:
