@@ -104,6 +104,7 @@ def test_epoch_scheduler_stepped_per_batch() -> None:
     (f,) = find(r, "scheduler-too-fast")
     assert f.params == ("lr[0]",) and f.first_step <= 35
     assert f.evidence["collapse_epoch"] == 0
+    assert "lr-too-low" not in codes(r)  # the collapse explains the tiny steps; no "raise the LR"
 
 
 def test_periodic_cosine_with_a_batch_sized_period() -> None:

@@ -46,6 +46,7 @@ def grads_not_zeroed(ctx: RuleContext) -> list[Finding]:
     loop = _loop(ctx)
     if not loop or loop.get("stale_steps", 0) < STALE_STEPS:
         return []
+    ctx.shared["stale_grads"] = True
     return [
         ctx.finding(
             "grads-not-zeroed",
@@ -111,6 +112,7 @@ def grad_clipping_too_strong(ctx: RuleContext) -> list[Finding]:
     med = nanmedian(recent)
     if not med < CLIP_RATIO or _powers_of_two(recent):
         return []
+    ctx.shared["clipping"] = True
     return [
         ctx.finding(
             "grad-clipping-too-strong",

@@ -228,6 +228,8 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
         # another class) or the gradients were huge from initialization on (the init, not the LR).
         explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init") or _order_unknown(ctx)
+        if ctx.shared.get("stale_grads"):
+            continue  # gradients summed over steps make every step grow: grads-not-zeroed says why
         high = (
             r > LR_HIGH_RATIO
             and not explained
@@ -265,8 +267,12 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             continue
         # Too low an LR slows every layer; if some layers move at a healthy pace the cause is elsewhere
         # (vanishing gradients, dead units), so the fastest layer must be slow too.
+        # A collapsed schedule or clipping that cuts every step explains tiny updates: those findings
+        # name the cause, and "raise the LR" would be the wrong fix.
+        held_back = ctx.shared.get("clipping") or gi in ctx.shared.get("sched_collapsed", ())
         if (
-            r < LR_LOW_RATIO
+            not held_back
+            and r < LR_LOW_RATIO
             and _fastest(ratio[:, cols]) < LR_LOW_FASTEST
             and n >= LR_LOW_MIN_STEPS
             and math.isfinite(loss0)
@@ -415,6 +421,7 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
         early = first_epoch < SCHED_EPOCHS if s.kind == "runner" else first_step <= SCHED_STEPS
         long_low = g["low"] >= max(10, int(SCHED_LOW_SHARE * step))
         if early and (long_low or g["dips"] >= SCHED_DIPS):
+            ctx.shared.setdefault("sched_collapsed", set()).add(gi)
             how = (
                 f"has stayed below {SCHED_COLLAPSE:g}x its peak for {g['low']} steps"
                 if long_low
