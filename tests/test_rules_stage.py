@@ -89,6 +89,7 @@ def test_matching_output_and_loss_is_silent(make, loss_fn, binary) -> None:
 
 
 # ------------------------------------------------------------------ shape-broadcast
+@pytest.mark.filterwarnings("ignore:Using a target size:UserWarning")  # torch warns too; the rule explains
 def test_n1_prediction_against_n_target_broadcasts() -> None:
     x, y = regression()
     r = run(mlp((10, 16, 1)), loader(x, y.squeeze(1)), loss_fn=nn.MSELoss(), steps=2)
