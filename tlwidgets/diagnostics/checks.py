@@ -534,7 +534,10 @@ def _sweep(
     # The causal EMA lags behind the raw curve, and a divergent tail would leak into any
     # two-sided smoothing: look for the suggestion only up to the lowest running loss, on
     # a lag-free (forward-backward) smoothing of that part.
-    cut = int(np.argmin(smoothed[:finite])) + 1 if finite else 0
+    # The first points are noisy and carry no information (the LR is still tiny): a lucky low
+    # first batch must not be taken as the lowest loss (that would suggest start_lr / 10).
+    head = min(max(1, finite // 20), finite - 1) if finite else 0
+    cut = head + int(np.argmin(smoothed[head:finite])) + 1 if finite else 0
     suggestion, min_lr, steep = _suggest(lr_arr[:cut], _zero_lag(loss_arr[:cut], beta))
     return LRRangeResult(
         lrs=lr_arr,
