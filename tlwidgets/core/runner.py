@@ -10,7 +10,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import numpy as np
@@ -31,13 +31,13 @@ from tlwidgets.core.controls import (
     ControlsMixin,
     effective_lrs,
     optimizer_param_ids,
-    params_missing_from_optimizer,
 )
 from tlwidgets.core.events import Event, EventBus
-from tlwidgets.core.findings import Finding, FindingLog
+from tlwidgets.core.findings import Finding
 from tlwidgets.core.graph import locate_non_finite, reached_params
 from tlwidgets.core.plugins import Diagnoser, default_diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StepSummary
+from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
 from tlwidgets.core.tracker import Tracker
@@ -62,7 +62,7 @@ class RunResult:
         return text + (f": {self.finding.code}" if self.finding is not None else "")
 
 
-class Runner(ControlsMixin):
+class Runner(FindingsMixin, ControlsMixin):
     """Step through training one stage or one batch at a time.
 
     Parameters
@@ -180,19 +180,14 @@ class Runner(ControlsMixin):
         #: Stage records of the current (or last completed) step.
         self.records: dict[Stage, StageRecord] = {}
         self.last_record: StageRecord | EpochRecord | None = None
-        #: Exceptions raised by rules (kept, not raised: a rule bug must not stop training).
-        self.diagnostic_errors: list[str] = []
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
 
         self.stage = Stage.FETCH
         self.global_step = 0
         self.epoch = 0
         self.batch_index = 0
-        self._log = FindingLog()
-        self._error_seq = 0
-        self._last_error: Finding | None = None
+        self._init_findings()
         self._backward_failed = False
-        self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
         self._iter: Any = None
         self._epoch_rng = None
         # Not iter(train_data): creating a DataLoader iterator draws from the global RNG.
@@ -223,15 +218,6 @@ class Runner(ControlsMixin):
         self._refresh_audit()
 
     # ------------------------------------------------------------------ public state
-    @property
-    def findings(self) -> list[Finding]:
-        """Current findings, most likely root cause first (one per code and parameters)."""
-        try:
-            return self.diagnoser.rank(list(self._log))
-        except Exception:  # a broken ranking must not hide findings
-            self.diagnostic_errors.append("rank failed")
-            return list(self._log)
-
     @property
     def running(self) -> bool:
         """True while :meth:`run` or :meth:`run_async` is in progress."""
@@ -872,47 +858,6 @@ class Runner(ControlsMixin):
     def _new_errors(self) -> int:
         return self._error_seq
 
-    def _publish(self, findings: Iterable[Finding]) -> None:
-        for f in findings:
-            stored, new = self._log.add(f)
-            if new:
-                if stored.severity == "error":
-                    self._error_seq += 1
-                    self._last_error = stored
-                self.events.emit(Event.FINDING, stored)
-
-    def _latest_error_finding(self) -> Finding | None:
-        return self._last_error
-
-    def _refresh_audit(self) -> None:
-        found: list[Finding] = []
-        missing = params_missing_from_optimizer(self.named_params, self.optimizer)
-        if missing:
-            found.append(
-                make_finding(
-                    "param-not-in-optimizer",
-                    f"{len(missing)} trainable parameter(s) are in no optimizer group: {_short(missing)}",
-                    step=self.global_step,
-                    params=tuple(missing),
-                    evidence={"missing": missing, "groups": len(self.optimizer.param_groups)},
-                )
-            )
-        found.extend(self._diagnose("audit"))
-        keys = {f.key for f in found}
-        for code, params in self._audit_keys - keys:
-            self._log.discard(code, params)
-        self._audit_keys = keys
-        self._publish(found)
-
-    def _diagnose(self, hook: str, *args: Any) -> list[Finding]:
-        try:
-            return list(getattr(self.diagnoser, hook)(self, *args) or [])
-        except Exception as exc:
-            log.exception("diagnoser.%s raised", hook)
-            self.diagnostic_errors.append(f"{hook}: {type(exc).__name__}: {exc}")
-            del self.diagnostic_errors[:-50]
-            return []
-
     def _explain(self, exc: BaseException, stage: Stage | None) -> Finding:
         context = {
             "input_shapes": {k: tuple(t.shape) for k, t in tensors_in(self._inputs, "inputs")},
@@ -1103,7 +1048,3 @@ def _probability_facts(out: torch.Tensor) -> dict[str, Any]:
         "output_row_sum_dev": sum_dev,
         "output_logsumexp_dev": lse_dev,
     }
-
-
-def _short(names: Sequence[str], n: int = 6) -> str:
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")

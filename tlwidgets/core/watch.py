@@ -18,10 +18,11 @@ from tlwidgets.core.batches import describe
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.controls import ControlsMixin
 from tlwidgets.core.events import Event, EventBus
-from tlwidgets.core.findings import Finding, FindingLog
+from tlwidgets.core.findings import Finding
 from tlwidgets.core.graph import locate_non_finite, reached_params
 from tlwidgets.core.plugins import Diagnoser, default_diagnoser
 from tlwidgets.core.records import StageRecord, StepSummary
+from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
 from tlwidgets.core.tracker import Tracker
@@ -66,7 +67,7 @@ class LoopFacts:
     val_losses: list[float] = dataclasses.field(default_factory=list)
 
 
-class Watcher(ControlsMixin):
+class Watcher(FindingsMixin, ControlsMixin):
     """Tracks a training loop the user writes; see :func:`watch`.
 
     Attributes
@@ -124,7 +125,6 @@ class Watcher(ControlsMixin):
         self.diagnoser: Diagnoser = diagnoser if diagnoser is not None else default_diagnoser()
         self.records: dict[Stage, StageRecord] = {}
         self.loop = LoopFacts()
-        self.diagnostic_errors: list[str] = []
         self.global_step = 0
         self.epoch = 0
         self.scheduler = scheduler
@@ -132,8 +132,7 @@ class Watcher(ControlsMixin):
         self._bn_eval: dict[str, nn.Module] = {}
         self._in_stage = False
         self._pending: collections.deque[Any] = collections.deque()
-        self._log = FindingLog()
-        self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
+        self._init_findings()
         self._handles: list[Any] = []
         self._closed = False
         self._pending_loss: torch.Tensor | None = None
@@ -491,50 +490,6 @@ class Watcher(ControlsMixin):
         self._publish(self._diagnose("on_stage", rec))
 
     # ------------------------------------------------------------------ findings
-    @property
-    def findings(self) -> list[Finding]:
-        """Current findings, most likely root cause first."""
-        try:
-            return self.diagnoser.rank(list(self._log))
-        except Exception:
-            return list(self._log)
-
-    def _publish(self, findings: Any) -> None:
-        for f in findings:
-            stored, new = self._log.add(f)
-            if new:
-                self.events.emit(Event.FINDING, stored)
-
-    def _diagnose(self, hook: str, *args: Any) -> list[Finding]:
-        try:
-            return list(getattr(self.diagnoser, hook)(self, *args) or [])
-        except Exception as exc:
-            log.exception("diagnoser.%s raised", hook)
-            self.diagnostic_errors.append(f"{hook}: {type(exc).__name__}: {exc}")
-            return []
-
-    def _refresh_audit(self) -> None:
-        from tlwidgets.core.controls import params_missing_from_optimizer
-
-        found: list[Finding] = []
-        missing = params_missing_from_optimizer(self.named_params, self.optimizer)
-        if missing:
-            found.append(
-                make_finding(
-                    "param-not-in-optimizer",
-                    f"{len(missing)} trainable parameter(s) are in no optimizer group",
-                    step=self.global_step,
-                    params=tuple(missing),
-                    evidence={"missing": missing},
-                )
-            )
-        found.extend(self._diagnose("audit"))
-        keys = {f.key for f in found}
-        for code, params in self._audit_keys - keys:
-            self._log.discard(code, params)
-        self._audit_keys = keys
-        self._publish(found)
-
     def finish(self) -> None:
         """Final checks (the loop ended): e.g. backward passes that never led to a step."""
         if self.loop.backwards and not self.loop.steps:

@@ -1,0 +1,87 @@
+"""What a Runner and a watcher share: their findings and the rules that produce them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.controls import params_missing_from_optimizer
+from tlwidgets.core.events import Event
+from tlwidgets.core.findings import Finding, FindingLog
+
+__all__ = ["FindingsMixin"]
+
+log = logging.getLogger(__name__)
+
+
+class FindingsMixin:
+    """Findings of a session (Runner or Watcher), fed by its diagnoser.
+
+    The host sets ``events``, ``diagnoser``, ``named_params``, ``optimizer`` and
+    ``global_step`` and calls :meth:`_init_findings` in its constructor.
+    """
+
+    def _init_findings(self) -> None:
+        self._log = FindingLog()
+        self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
+        self._error_seq = 0  # counts new error findings: run() stops when it grows
+        self._last_error: Finding | None = None
+        #: Exceptions raised by rules (kept, not raised: a rule bug must not stop training).
+        self.diagnostic_errors: list[str] = []
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Current findings, most likely root cause first (one per code and parameters)."""
+        try:
+            return self.diagnoser.rank(list(self._log))
+        except Exception:  # a broken ranking must not hide findings
+            self.diagnostic_errors.append("rank failed")
+            return list(self._log)
+
+    def _publish(self, findings: Iterable[Finding]) -> None:
+        for f in findings:
+            stored, new = self._log.add(f)
+            if new:
+                if stored.severity == "error":
+                    self._error_seq += 1
+                    self._last_error = stored
+                self.events.emit(Event.FINDING, stored)
+
+    def _latest_error_finding(self) -> Finding | None:
+        return self._last_error
+
+    def _diagnose(self, hook: str, *args: Any) -> list[Finding]:
+        try:
+            return list(getattr(self.diagnoser, hook)(self, *args) or [])
+        except Exception as exc:
+            log.exception("diagnoser.%s raised", hook)
+            self.diagnostic_errors.append(f"{hook}: {type(exc).__name__}: {exc}")
+            del self.diagnostic_errors[:-50]
+            return []
+
+    def _refresh_audit(self) -> None:
+        """Setup checks, again: findings that no longer hold are dropped, new ones published."""
+        found: list[Finding] = []
+        missing = params_missing_from_optimizer(self.named_params, self.optimizer)
+        if missing:
+            found.append(
+                make_finding(
+                    "param-not-in-optimizer",
+                    f"{len(missing)} trainable parameter(s) are in no optimizer group: {_short(missing)}",
+                    step=self.global_step,
+                    params=tuple(missing),
+                    evidence={"missing": missing, "groups": len(self.optimizer.param_groups)},
+                )
+            )
+        found.extend(self._diagnose("audit"))
+        keys = {f.key for f in found}
+        for code, params in self._audit_keys - keys:
+            self._log.discard(code, params)
+        self._audit_keys = keys
+        self._publish(found)
+
+
+def _short(names: Sequence[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
