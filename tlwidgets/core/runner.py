@@ -32,15 +32,14 @@ from tlwidgets.core.controls import (
     effective_lrs,
     optimizer_param_ids,
 )
-from tlwidgets.core.events import Event, EventBus
+from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.graph import locate_non_finite, reached_params
-from tlwidgets.core.plugins import Diagnoser, default_diagnoser
+from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StepSummary
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
-from tlwidgets.core.tracker import Tracker
 
 __all__ = ["RunResult", "Runner"]
 
@@ -164,21 +163,15 @@ class Runner(FindingsMixin, ControlsMixin):
         self.forward = forward or call_model
         self.safe_step = _custom_optimizer(optimizer) if safe_step is None else bool(safe_step)
         self.freeze_bn_stats = freeze_bn_stats
-        self.tracker = Tracker(
+        self._init_session(
             model,
             optimizer,
+            diagnoser,
             sample_size=sample_size,
             history_size=history_size,
             grad_budget=grad_budget,
             activation_every=activation_every,
         )
-        self.named_params = self.tracker.named_params
-        self.param_names = self.tracker.param_names
-        self.history = self.tracker.history
-        self.events = EventBus()
-        self.diagnoser: Diagnoser = diagnoser if diagnoser is not None else default_diagnoser()
-        #: Stage records of the current (or last completed) step.
-        self.records: dict[Stage, StageRecord] = {}
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
 
@@ -186,7 +179,6 @@ class Runner(FindingsMixin, ControlsMixin):
         self.global_step = 0
         self.epoch = 0
         self.batch_index = 0
-        self._init_findings()
         self._backward_failed = False
         self._iter: Any = None
         self._epoch_rng = None

@@ -23,6 +23,22 @@ class FindingsMixin:
     ``global_step`` and calls :meth:`_init_findings` in its constructor.
     """
 
+    def _init_session(self, model: Any, optimizer: Any, diagnoser: Any, **tracking: Any) -> None:
+        """Tracking, history, events and rules: the parts a Runner and a watcher set up alike."""
+        from tlwidgets.core.events import EventBus
+        from tlwidgets.core.plugins import default_diagnoser
+        from tlwidgets.core.tracker import Tracker
+
+        self.tracker = Tracker(model, optimizer, **tracking)
+        self.named_params = self.tracker.named_params
+        self.param_names = self.tracker.param_names
+        self.history = self.tracker.history
+        self.events = EventBus()
+        self.diagnoser = diagnoser if diagnoser is not None else default_diagnoser()
+        #: Latest record of each stage (a Runner: of the current or last completed step).
+        self.records: dict[Any, Any] = {}
+        self._init_findings()
+
     def _init_findings(self) -> None:
         self._log = FindingLog()
         self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()

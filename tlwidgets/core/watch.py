@@ -17,15 +17,14 @@ from torch import nn
 from tlwidgets.core.batches import describe
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.controls import ControlsMixin
-from tlwidgets.core.events import Event, EventBus
+from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.graph import locate_non_finite, reached_params
-from tlwidgets.core.plugins import Diagnoser, default_diagnoser
+from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import StageRecord, StepSummary
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.stats import to_host, update_ratio
-from tlwidgets.core.tracker import Tracker
 
 __all__ = ["LoopFacts", "Watcher", "watch"]
 
@@ -110,20 +109,15 @@ class Watcher(FindingsMixin, ControlsMixin):
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.tracker = Tracker(
+        self._init_session(
             model,
             optimizer,
+            diagnoser,
             sample_size=sample_size,
             history_size=history_size,
             grad_budget=grad_budget,
             activation_every=activation_every,
         )
-        self.named_params = self.tracker.named_params
-        self.param_names = self.tracker.param_names
-        self.history = self.tracker.history
-        self.events = EventBus()
-        self.diagnoser: Diagnoser = diagnoser if diagnoser is not None else default_diagnoser()
-        self.records: dict[Stage, StageRecord] = {}
         self.loop = LoopFacts()
         self.global_step = 0
         self.epoch = 0
@@ -132,7 +126,6 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._bn_eval: dict[str, nn.Module] = {}
         self._in_stage = False
         self._pending: collections.deque[Any] = collections.deque()
-        self._init_findings()
         self._handles: list[Any] = []
         self._closed = False
         self._pending_loss: torch.Tensor | None = None
