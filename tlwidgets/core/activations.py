@@ -1,12 +1,15 @@
 """Forward hooks that summarise each leaf module's output.
 
-The hooks are registered once and are nearly free while inactive (one Python
-call that checks a flag); when active they queue a few reductions on the
-output's device, collected with one host transfer by :meth:`collect`.
+The hooks exist only while a pass is measured (:meth:`ActivationProbe.start`
+to :meth:`ActivationProbe.collect`): a module with a forward hook takes
+PyTorch's slower call path, which would cost every unmeasured step too. While
+measuring they queue four reductions per module on the output's device,
+collected with one host transfer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -15,7 +18,7 @@ from torch import nn
 
 from tlwidgets.core.stats import to_host
 
-__all__ = ["ActivationProbe", "first_tensor", "leaf_modules"]
+__all__ = ["ActivationProbe", "finish", "first_tensor", "leaf_modules", "summarize"]
 
 #: Statistics per module, in this order.
 FIELDS = ("mean", "std", "frac_zero", "dead_frac", "non_finite")
@@ -45,24 +48,41 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def summarize(out: torch.Tensor) -> torch.Tensor:
-    """``[mean, std, frac_zero, dead_frac, non_finite]`` of an activation, on its device.
+    """``[mean, std, nonzero, alive]`` of an activation, on its device (4 reductions).
 
-    ``dead_frac`` is the fraction of units (channel dimension 1, or the last
-    dimension of a 2-D output) that are never positive anywhere in the batch.
+    ``nonzero`` counts non-zero elements; ``alive`` counts units (channel
+    dimension 1, or the last dimension of a 2-D output) positive somewhere in
+    the batch. :func:`finish` turns them into fractions on the host.
     """
     x = out.detach()
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    finite = torch.isfinite(x)
-    non_finite = (~finite).sum().to(x.dtype)
+    if x.numel() > 1:
+        std, mean = torch.std_mean(x)
+    else:
+        mean, std = x.mean(), torch.zeros((), dtype=x.dtype, device=x.device)
+    nonzero = torch.count_nonzero(x).to(x.dtype)
     if x.dim() >= 2 and x.shape[0] > 0:
         dims = [d for d in range(x.dim()) if d != 1]
-        alive = x.amax(dim=dims) > 0
-        dead = 1.0 - alive.to(x.dtype).mean()
+        alive = (x.amax(dim=dims) > 0).sum().to(x.dtype)
     else:
-        dead = torch.zeros((), dtype=x.dtype, device=x.device)
-    std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.stack([x.mean(), std, (x == 0).to(x.dtype).mean(), dead, non_finite])
+        alive = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.stack([mean, std, nonzero, alive])
+
+
+def finish(row: np.ndarray, out: torch.Tensor) -> dict[str, float]:
+    """Host-side fractions from :func:`summarize`'s row; NaN/Inf counted only when the mean shows some."""
+    mean, std, nonzero, alive = (float(v) for v in row)
+    units = out.shape[1] if out.dim() >= 2 and out.shape[0] > 0 else 0
+    # A NaN/Inf anywhere makes the mean NaN/Inf: count them exactly only then (rare).
+    non_finite = 0.0 if math.isfinite(mean) else float((~torch.isfinite(out.detach())).sum())
+    return {
+        "mean": mean,
+        "std": std,
+        "frac_zero": 1.0 - nonzero / out.numel(),
+        "dead_frac": 1.0 - alive / units if units else 0.0,
+        "non_finite": non_finite,
+    }
 
 
 class ActivationProbe:
@@ -71,31 +91,42 @@ class ActivationProbe:
     Parameters
     ----------
     model
-        The model; hooks go on its leaf modules.
+        The model; hooks go on its leaf modules while measuring.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = leaf_modules(model)
         self.kinds = {name: type(m).__name__ for name, m in self.modules}
-        self.active = False
-        self._pending: list[tuple[str, torch.Tensor]] = []
-        self._order: list[str] = []
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._handles: list[Any] = []
+        self._closed = False
+
+    @property
+    def active(self) -> bool:
+        """True while a pass is being measured (hooks installed)."""
+        return bool(self._handles)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.active:
-                return
             t = first_tensor(output)
             if t is not None and t.numel():
-                self._pending.append((name, summarize(t)))
+                self._pending.append((name, summarize(t), t))
 
         return hook
 
     def start(self) -> None:
-        """Measure the following forward pass(es)."""
+        """Measure the following forward pass(es): install the hooks."""
         self._pending.clear()
-        self.active = True
+        if self._closed or self._handles:
+            return
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+
+    def stop(self) -> None:
+        """Remove the hooks and drop what was queued (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._pending.clear()
 
     def collect(self) -> dict[str, dict[str, float]]:
         """Stop measuring; return ``{module: {mean, std, frac_zero, dead_frac, non_finite}}``.
@@ -103,25 +134,22 @@ class ActivationProbe:
         A module called several times in one pass keeps its last call. The dict
         keeps execution order.
         """
-        self.active = False
-        if not self._pending:
+        pending = list(self._pending)
+        self.stop()
+        if not pending:
             return {}
-        names = [n for n, _ in self._pending]
-        flat = to_host([v for _, s in self._pending for v in s.unbind()])
-        rows = flat.reshape(len(names), len(FIELDS))
+        flat = to_host([v for _, s, _ in pending for v in s.unbind()])
+        rows = flat.reshape(len(pending), 4)
         out: dict[str, dict[str, float]] = {}
-        for name, row in zip(names, rows):
+        for (name, _, t), row in zip(pending, rows):
             out.pop(name, None)
-            out[name] = {k: float(v) for k, v in zip(FIELDS, row)}
-        self._pending.clear()
+            out[name] = finish(row, t)
         return out
 
     def close(self) -> None:
-        """Remove the hooks (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.active = False
+        """Remove the hooks for good (idempotent)."""
+        self.stop()
+        self._closed = True
 
 
 def as_table(stats: dict[str, dict[str, float]]) -> dict[str, tuple[float, float, float, float]]:

@@ -27,12 +27,13 @@ class RingBuffer:
         fill = np.nan if np.issubdtype(np.dtype(dtype), np.floating) else 0
         self._data = np.full(shape, fill, dtype=dtype)
         self._fill = fill
+        self._cap = capacity
         self._start = 0
         self._len = 0
 
     @property
     def capacity(self) -> int:
-        return self._data.shape[0]
+        return self._cap
 
     @property
     def nbytes(self) -> int:
@@ -47,12 +48,13 @@ class RingBuffer:
         return self._len
 
     def append(self, row: Any) -> None:
-        i = (self._start + self._len) % self.capacity
-        self._data[i] = row
-        if self._len < self.capacity:
-            self._len += 1
+        cap = self._cap
+        n = self._len
+        self._data[(self._start + n) % cap] = row
+        if n < cap:
+            self._len = n + 1
         else:
-            self._start = (self._start + 1) % self.capacity
+            self._start = (self._start + 1) % cap
 
     def widen(self, width: int) -> None:
         """Add columns (filled with NaN) so rows can hold ``width`` values."""

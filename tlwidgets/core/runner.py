@@ -362,23 +362,21 @@ class Runner(FindingsMixin, ControlsMixin):
     # ------------------------------------------------------------------ stages
     def _do_stage(self, exact: bool) -> StageRecord | EpochRecord:
         stage = self.stage
-        if stage is Stage.FETCH and not self._have_batch:
-            end = self._maybe_end_epoch()
-            if end is not None:
-                return end
         if stage is Stage.FETCH:
+            if not self._have_batch:
+                end = self._maybe_end_epoch()
+                if end is not None:
+                    return end
             self.records = {}
             self._step_exact = exact
             self._step_t0 = time.perf_counter()
-        else:
-            self._step_exact = self._step_exact or exact
-        rec = StageRecord(
-            stage=stage, step=self.global_step, epoch=self.epoch, batch=self.batch_index, exact=exact
-        )
+        elif exact:
+            self._step_exact = True
+        rec = StageRecord(stage, self.global_step, self.epoch, self.batch_index, exact=exact)
         t0 = time.perf_counter()
         self._in_stage = True
         try:
-            getattr(self, f"_stage_{stage.value}")(rec, exact)
+            getattr(self, _STAGE_METHODS[stage])(rec, exact)
         except Exception as exc:  # user code failed: record, explain, stay at this stage
             rec.ok = False
             rec.error = ErrorInfo.from_exception(exc)
@@ -444,17 +442,22 @@ class Runner(FindingsMixin, ControlsMixin):
         )
 
     def _stage_to_device(self, rec: StageRecord, exact: bool) -> None:
-        before = sorted({str(t.device) for _, t in tensors_in((self._inputs, self._targets))})
+        # Where tensors were and went: on the detail schedule (a batch's devices rarely change
+        # between steps, and a device mismatch raises in FORWARD, which the explainer names).
+        detail = exact or self.tracker.activations_due(self.global_step)
+        if detail:
+            before = sorted({str(t.device) for _, t in tensors_in((self._inputs, self._targets))})
         self._inputs = to_device(self._inputs, self.device)
         self._targets = to_device(self._targets, self.device)
-        leaves = tensors_in(self._inputs, "inputs") + tensors_in(self._targets, "targets")
-        rec.data.update(
-            device=str(self.device) if self.device is not None else None,
-            devices_before=before,
-            devices=sorted({str(t.device) for _, t in leaves}),
-            bytes=int(sum(t.numel() * t.element_size() for _, t in leaves)),
-            param_devices=sorted({str(p.device) for p in self.tracker.params}),
-        )
+        rec.data["device"] = str(self.device) if self.device is not None else None
+        if detail:
+            leaves = tensors_in(self._inputs, "inputs") + tensors_in(self._targets, "targets")
+            rec.data.update(
+                devices_before=before,
+                devices=sorted({str(t.device) for _, t in leaves}),
+                bytes=int(sum(t.numel() * t.element_size() for _, t in leaves)),
+                param_devices=sorted({str(p.device) for p in self.tracker.params}),
+            )
 
     def _stage_forward(self, rec: StageRecord, exact: bool) -> None:
         for m in self._bn_eval.values():
@@ -644,7 +647,7 @@ class Runner(FindingsMixin, ControlsMixin):
 
     def _on_stage_failure(self, stage: Stage) -> None:
         if stage is Stage.FORWARD:
-            self.tracker.probe.active = False
+            self.tracker.probe.stop()
         if stage in (Stage.FORWARD, Stage.LOSS):
             self._output = None if stage is Stage.FORWARD else self._output
         if stage is Stage.BACKWARD:
@@ -914,6 +917,9 @@ class Runner(FindingsMixin, ControlsMixin):
 
 
 # ---------------------------------------------------------------------- helpers
+_STAGE_METHODS: dict[Stage, str] = {s: f"_stage_{s.value}" for s in Stage}
+
+
 def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, scheduler_interval) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

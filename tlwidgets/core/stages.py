@@ -28,11 +28,11 @@ class Stage(str, enum.Enum):
     @property
     def index(self) -> int:
         """Position of the stage within a step (0 for FETCH)."""
-        return _ORDER.index(self)
+        return _INDEX[self]
 
     def next(self) -> Stage:
         """The stage that follows this one (STEP wraps around to FETCH)."""
-        return _ORDER[(self.index + 1) % len(_ORDER)]
+        return _NEXT[self]
 
     @classmethod
     def ordered(cls) -> tuple[Stage, ...]:
@@ -41,3 +41,5 @@ class Stage(str, enum.Enum):
 
 
 _ORDER: tuple[Stage, ...] = tuple(Stage)
+_INDEX: dict[Stage, int] = {s: i for i, s in enumerate(_ORDER)}
+_NEXT: dict[Stage, Stage] = {s: _ORDER[(i + 1) % len(_ORDER)] for i, s in enumerate(_ORDER)}

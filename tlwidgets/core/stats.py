@@ -37,10 +37,11 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
     """Stack 0-d tensors (possibly on several devices) and copy them to the host once per device."""
     if not values:
         return np.zeros(0, dtype=np.float64)
+    try:  # the common case: one device (torch.stack promotes mixed float dtypes)
+        return torch.stack(list(values)).cpu().double().numpy()
+    except RuntimeError:
+        pass
     devices = {v.device for v in values}
-    if len(devices) == 1:
-        stacked = torch.stack([v if v.dtype == torch.float32 else v.float() for v in values])
-        return stacked.cpu().numpy().astype(np.float64)
     # A model split over devices: one transfer per device, then reassemble.
     out = np.empty(len(values), dtype=np.float64)
     for dev in devices:
@@ -191,6 +192,7 @@ class ParamStats:
         self.schedule = GradNormSchedule(grad_budget)
         self._snap: list[torch.Tensor] = []
         self._snap_bufs: list[torch.Tensor] | None = None
+        self._snap_for: list[torch.Tensor] | None = None  # the views the buffers were made for
         self._exact = False
         self._grad: np.ndarray | None = None
         self._grad_exact = False
@@ -230,11 +232,10 @@ class ParamStats:
                 self._snap = [p.detach().clone() for p in self.params]
             else:
                 views = self.sampler.weight_views()
-                if self._snap_bufs is None or any(
-                    b.shape != v.shape or b.device != v.device or b.dtype != v.dtype
-                    for b, v in zip(self._snap_bufs, views)
-                ):
+                if self._snap_bufs is None or self._snap_for is not views:
+                    # New views (first step, or a weight's storage was replaced): new buffers.
                     self._snap_bufs = [torch.empty_like(v) for v in views]
+                    self._snap_for = views
                 torch._foreach_copy_(self._snap_bufs, views)
                 self._snap = self._snap_bufs
 

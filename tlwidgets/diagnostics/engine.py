@@ -114,13 +114,15 @@ class RuleDiagnoser:
         return self._run(self._applicable(self._setup, session.kind, "setup"), session)
 
     def on_stage(self, session: Any, record: StageRecord) -> list[Finding]:
-        """Stage rules for ``record.stage``; the watcher's loop events go to the own-loop rules."""
-        if record.data.get("loop_event"):
+        """Stage rules of ``record.stage`` due at its step; loop events go to the own-loop rules."""
+        data = record.data
+        if data.get("loop_event"):
             return self._run(self._applicable(self._loop, session.kind, "loop"), session, record)
-        stage = record.stage
-        return self._run(
-            self._applicable(self._by_stage.get(stage, ()), session.kind, stage), session, record
-        )
+        rules = self._applicable(self._by_stage.get(record.stage, ()), session.kind, record.stage)
+        if not record.exact:
+            step = record.step
+            rules = [r for r in rules if r.every == 1 or step < r.early or step % r.every == 0]
+        return self._run(rules, session, record)
 
     def on_step(self, session: Any) -> list[Finding]:
         """Trend rules due now: each runs every ``rule.every`` steps and on its first ``rule.early``."""

@@ -74,10 +74,14 @@ class Rule:
     needs
         Record data keys that must be present and not ``None``; otherwise the rule is skipped.
     every
-        For ``kind="trend"``: run when ``global_step % every == 0`` (and on each of the
-        first ``early`` steps), so heavier window statistics cost ``1/every`` per step.
+        Run when the step is a multiple of ``every`` (and on each of the first
+        ``early`` steps), so a rule costs ``1/every`` of its price per step. Trend
+        rules: heavier window statistics. Stage rules: facts that persist over
+        steps (a layer left in eval mode, a loss reduction); a stage rule always
+        runs on an exact record (a stage stepped alone). Rules for process bugs
+        that must be named within two steps keep ``every=1``.
     early
-        Steps at the start during which a trend rule runs after every step.
+        Steps at the start during which the rule runs after every step.
     sessions
         Which sessions the rule applies to (``"runner"``, ``"watch"``).
     """

@@ -67,6 +67,11 @@ DEAD_CHECKS = 3
 ZERO_INIT_CHECKS = 2
 ZERO_INIT_MAX_CHECKS = 3
 
+#: Schedule of stage rules about facts that persist over steps (a loss reduction, a layer left in
+#: eval mode, batch shapes): checked on the first 3 steps and every 5th, so a run pays a fifth of
+#: their price; rules about process bugs that must be named within two steps run every step.
+_PERSISTENT = {"every": 5, "early": 3}
+
 # Losses that apply log_softmax / sigmoid themselves and so expect raw logits.
 _EXPECT_LOGITS = {
     "CrossEntropyLoss",
@@ -169,6 +174,7 @@ def _loss_name(ctx: RuleContext) -> str:
     ["softmax-before-loss"],
     "stage",
     stages=[Stage.LOSS],
+    **_PERSISTENT,
     needs=["output_shape"],
 )
 def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
@@ -249,6 +255,7 @@ def _sigmoid_before_bce(ctx: RuleContext, name: str) -> list[Finding]:
     ["shape-broadcast"],
     "stage",
     stages=[Stage.LOSS],
+    **_PERSISTENT,
     needs=["output_shape", "target_shape"],
 )
 def shape_broadcast(ctx: RuleContext) -> list[Finding]:
@@ -281,7 +288,9 @@ def shape_broadcast(ctx: RuleContext) -> list[Finding]:
     ]
 
 
-@rule("loss-sum-reduction", ["loss-sum-reduction"], "stage", stages=[Stage.LOSS], needs=["loss"])
+@rule(
+    "loss-sum-reduction", ["loss-sum-reduction"], "stage", stages=[Stage.LOSS], needs=["loss"], **_PERSISTENT
+)
 def loss_sum_reduction(ctx: RuleContext) -> list[Finding]:
     """``reduction='sum'``, or a class loss larger than any mean over the batch could be."""
     d = ctx.data
@@ -341,7 +350,7 @@ def _bn_train_modules(ctx: RuleContext, fwd: Any) -> list[str]:
     return [n for n in bns if n not in eval_names]
 
 
-@rule("bn-small-batch", ["bn-small-batch"], "stage", stages=[Stage.LOSS])
+@rule("bn-small-batch", ["bn-small-batch"], "stage", stages=[Stage.LOSS], **_PERSISTENT)
 def bn_small_batch(ctx: RuleContext) -> list[Finding]:
     """Batch norm in train mode on a batch of 1 or 2 examples."""
     fetch = ctx.session.records.get(Stage.FETCH)
@@ -534,7 +543,14 @@ def _relu_like(m: nn.Module) -> bool:
     )
 
 
-@rule("dead-units-from-grads", ["dead-relu"], "stage", stages=[Stage.BACKWARD], needs=["grad_norm"])
+@rule(
+    "dead-units-from-grads",
+    ["dead-relu"],
+    "stage",
+    stages=[Stage.BACKWARD],
+    needs=["grad_norm"],
+    **_PERSISTENT,
+)
 def dead_units_from_grads(ctx: RuleContext) -> list[Finding]:
     """Layers whose bias gradient is exactly zero for most units on several checks: units behind a dead ReLU.
 
@@ -741,7 +757,9 @@ def _has_trainable_under(ctx: RuleContext, module_name: str) -> bool:
     return any(p.requires_grad for n, p in ctx.session.named_params if n.startswith(prefix))
 
 
-@rule("eval-mode-training", ["eval-mode-training"], "stage", stages=[Stage.FORWARD, Stage.STEP])
+@rule(
+    "eval-mode-training", ["eval-mode-training"], "stage", stages=[Stage.FORWARD, Stage.STEP], **_PERSISTENT
+)
 def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     """A training forward ran with the model, or dropout / batch-norm layers that train, in eval mode.
 
@@ -810,7 +828,13 @@ def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     return []
 
 
-@rule("frozen-bn-stats-drift", ["frozen-bn-stats-drift"], "stage", stages=[Stage.FORWARD, Stage.STEP])
+@rule(
+    "frozen-bn-stats-drift",
+    ["frozen-bn-stats-drift"],
+    "stage",
+    stages=[Stage.FORWARD, Stage.STEP],
+    **_PERSISTENT,
+)
 def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
     """Batch-norm layers with frozen parameters that run in train mode, so their running statistics move."""
     fwd = _forward_of_step(ctx)
