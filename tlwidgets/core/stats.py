@@ -96,7 +96,7 @@ class ParamSampler:
             n = p.numel()
             # A weight we cannot view as 1-D (odd strides) is taken whole: its
             # live view must see in-place updates, which a reshaped copy would not.
-            stride = max(1, n // sample_size) if _flat_view(p) is not None else 1
+            stride = _coprime_stride(p, sample_size) if _flat_view(p) is not None else 1
             offset = int(gen.integers(stride)) if stride > 1 else 0
             self.strides.append(stride)
             self.offsets.append(offset)
@@ -106,6 +106,9 @@ class ParamSampler:
         self.scale = np.sqrt(numels / np.array(counts, dtype=np.float64))
         self._views: list[torch.Tensor] | None = None
         self._ptrs: list[int] = []
+        self._segments: torch.Tensor | None = None
+        # One device for all parameters: the samples can be gathered into one flat tensor.
+        self.fused = len({p.device for p in self.params}) == 1 and bool(self.params)
 
     def _sample(self, i: int, t: torch.Tensor) -> torch.Tensor:
         if self.strides[i] == 1:
@@ -121,7 +124,21 @@ class ParamSampler:
         if self._views is None or ptrs != self._ptrs:  # storage replaced (p.data = ...)
             self._views = [self._sample(i, p) for i, p in enumerate(self.params)]
             self._ptrs = ptrs
+            self._segments = None
         return self._views
+
+    def gather_weights(self) -> torch.Tensor:
+        """The sampled weight elements of every parameter, concatenated (a copy, float32 or wider)."""
+        flat = torch.cat([v.reshape(-1) for v in self.weight_views()])
+        return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+    def segments(self) -> torch.Tensor:
+        """Parameter index of each element of :meth:`gather_weights` (on the parameters' device)."""
+        views = self.weight_views()
+        if self._segments is None:
+            lengths = torch.tensor([v.numel() for v in views], device=views[0].device)
+            self._segments = torch.repeat_interleave(torch.arange(len(views), device=lengths.device), lengths)
+        return self._segments
 
     def grad_views(self) -> list[torch.Tensor | None]:
         """Views of the sampled gradient elements (None where there is no grad)."""
@@ -230,6 +247,10 @@ class ParamStats:
         with torch.no_grad():
             if exact:
                 self._snap = [p.detach().clone() for p in self.params]
+            elif self.sampler.fused:
+                # One gather of every sampled element: a handful of ops whatever the number of
+                # parameters (per-tensor ops on strided views cost ~10 us each).
+                self._snap = [self.sampler.gather_weights()]
             else:
                 views = self.sampler.weight_views()
                 if self._snap_bufs is None or self._snap_for is not views:
@@ -249,11 +270,18 @@ class ParamStats:
 
     def after_step(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """Weight norms (before the step) and update norms; and whether exact."""
-        with torch.no_grad():
-            current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
-            diff = torch._foreach_sub(current, self._snap)
-            vals = to_host(_foreach_norm([*self._snap, *diff]))
         n = len(self.params)
+        with torch.no_grad():
+            if not self._exact and self.sampler.fused and len(self._snap) == 1:
+                before = self._snap[0]
+                both = torch.stack([before, self.sampler.gather_weights() - before])
+                sums = torch.zeros((2, n), dtype=both.dtype, device=both.device)
+                sums.index_add_(1, self.sampler.segments(), both * both)
+                vals = sums.sqrt_().reshape(-1).cpu().double().numpy()
+            else:
+                current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
+                diff = torch._foreach_sub(current, self._snap)
+                vals = to_host(_foreach_norm([*self._snap, *diff]))
         weight, update = vals[:n], vals[n:]
         if not self._exact:
             weight = weight * self.sampler.scale
@@ -267,6 +295,24 @@ class ParamStats:
         """Exact weight norms, now."""
         with torch.no_grad():
             return to_host(_foreach_norm([p.detach() for p in self.params]))
+
+
+def _coprime_stride(p: torch.Tensor, sample_size: int) -> int:
+    """A stride of about ``numel / sample_size`` that shares no factor with the row length.
+
+    Rows are the elements after the first dimension (a matrix row, a conv
+    filter). A stride sharing a factor with that length would sample the same
+    few columns of every row (784 inputs, stride 392: two columns); a coprime
+    one walks through every column as it goes down the rows.
+    """
+    n = p.numel()
+    stride = max(1, n // sample_size)
+    if stride == 1 or p.dim() < 2 or not p.shape[0]:
+        return stride
+    row = n // p.shape[0]
+    while math.gcd(stride, row) != 1:
+        stride += 1
+    return stride
 
 
 def _foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -142,6 +142,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._backward_seen: set[int] = set()
         self._pending_forward: StageRecord | None = None
         self._measure_clip = False
+        self._clip_handles: list[Any] = []
         self._install()
         self._refresh_audit()
 
@@ -167,9 +168,24 @@ class Watcher(FindingsMixin, ControlsMixin):
             self._handles.append(p.register_hook(self._grad_pre_hook(i)))
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_post_hook(i)))
         self._clip_pre = [None] * len(self.named_params)
-        for i, (_, p) in enumerate(self.named_params):
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._clip_hook(i)))
+
+    def _start_clip_measure(self) -> None:
+        """Hook every trainable parameter's gradient for this pass (on a schedule: a hook per
+        parameter costs a Python call per parameter and step, so they exist only when used)."""
+        self._measure_clip = True
+        if self._clip_handles:
+            return
+        self._clip_handles = [
+            p.register_post_accumulate_grad_hook(self._clip_hook(i))
+            for i, (_, p) in enumerate(self.named_params)
+            if p.requires_grad
+        ]
+
+    def _stop_clip_measure(self) -> None:
+        self._measure_clip = False
+        for h in self._clip_handles:
+            h.remove()
+        self._clip_handles = []
 
     def _grad_pre_hook(self, i: int):
         def hook(grad: torch.Tensor) -> None:
@@ -241,8 +257,11 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._backward_open = False
         self._last_inputs = args
         self._fwd_rng = torch.get_rng_state()
-        if self.tracker.activations_due(self.global_step):
+        step = self.global_step
+        if self.tracker.activations_due(step):
             self.tracker.probe.start()
+        if step < 5 or step % 10 == 0:
+            self._start_clip_measure()
 
     def _on_model_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
@@ -345,7 +364,6 @@ class Watcher(FindingsMixin, ControlsMixin):
             )
         if not math.isfinite(value):
             findings.append(self._non_finite_loss_finding(value))
-        self._measure_clip = step < 5 or step % 10 == 0
         self._publish(findings)
         for r in (fetch, forward, rec):
             if r is not None:
@@ -406,7 +424,7 @@ class Watcher(FindingsMixin, ControlsMixin):
                         del self.loop.clip_ratio[:-50]
                     rec.data["clip_ratio"] = total_post / total_pre if total_pre > 0 else None
                 self._clip_pre = [None] * len(self._clip_pre)
-                self._measure_clip = False
+                self._stop_clip_measure()
             self.records[Stage.BACKWARD] = rec
             if rec.data["non_finite_grad"]:
                 self._publish(
@@ -478,7 +496,12 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     def _diagnose_loop(self) -> None:
         rec = StageRecord(stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=False)
-        rec.data["loop"] = dataclasses.asdict(self.loop)
+        loop = self.loop  # a snapshot (not dataclasses.asdict: a deep copy every backward pass)
+        rec.data["loop"] = {
+            **vars(loop),
+            "clip_ratio": list(loop.clip_ratio),
+            "val_losses": list(loop.val_losses),
+        }
         rec.data["loop_event"] = True
         self._publish(self._diagnose("on_stage", rec))
 
@@ -495,6 +518,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         if self._closed:
             return
         self._closed = True
+        self._stop_clip_measure()
         for h in self._handles:
             h.remove()
         self._handles = []

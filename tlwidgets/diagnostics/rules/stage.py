@@ -67,8 +67,8 @@ DEAD_CHECKS = 3
 ZERO_INIT_CHECKS = 2
 ZERO_INIT_MAX_CHECKS = 3
 
-#: Schedule of stage rules about facts that persist over steps (a loss reduction, a layer left in
-#: eval mode, batch shapes): checked on the first 3 steps and every 5th, so a run pays a fifth of
+#: Schedule of stage rules about facts that persist over steps (a loss reduction, prediction and
+#: target shapes): checked on the first 3 steps and every 5th, so a run pays a fifth of
 #: their price; rules about process bugs that must be named within two steps run every step.
 _PERSISTENT = {"every": 5, "early": 3}
 
@@ -757,9 +757,7 @@ def _has_trainable_under(ctx: RuleContext, module_name: str) -> bool:
     return any(p.requires_grad for n, p in ctx.session.named_params if n.startswith(prefix))
 
 
-@rule(
-    "eval-mode-training", ["eval-mode-training"], "stage", stages=[Stage.FORWARD, Stage.STEP], **_PERSISTENT
-)
+@rule("eval-mode-training", ["eval-mode-training"], "stage", stages=[Stage.FORWARD, Stage.STEP])
 def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     """A training forward ran with the model, or dropout / batch-norm layers that train, in eval mode.
 
@@ -833,7 +831,6 @@ def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     ["frozen-bn-stats-drift"],
     "stage",
     stages=[Stage.FORWARD, Stage.STEP],
-    **_PERSISTENT,
 )
 def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
     """Batch-norm layers with frozen parameters that run in train mode, so their running statistics move."""
