@@ -64,39 +64,52 @@ def bare_steps(model, opt, loss_fn, data) -> None:
         opt.step()
 
 
-def measure(width: int, depth: int, steps: int, rounds: int) -> dict[str, float]:
-    data = batches(steps)
+def measure(width: int, depth: int, chunk: int, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of paired per-chunk ratios (runner / bare, watch / bare).
+
+    The three modes alternate every ``chunk`` steps (a multiple of 10, so each
+    chunk holds the same share of scheduled work: activation statistics, trend
+    rules); a ratio of neighbouring chunks cancels the slow drifts of a shared
+    machine, and the median drops the chunks a neighbour disturbed.
+    """
+    data = batches(chunk)
     parts = {k: make(width, depth) for k in ("bare", "runner", "watch")}
     n_params = sum(p.numel() for p in parts["bare"][0].parameters())
     runner = tlw.Runner(parts["runner"][0], parts["runner"][2], parts["runner"][1], data)
     wm, wo, wl = parts["watch"]
     watcher = tlw.watch(wm, wo, loss_fn=wl)
     # warm-up (allocator, autograd caches, the grad-norm schedule's estimates)
-    bare_steps(*parts["bare"], data[:10])
-    runner.run(steps=10)
-    bare_steps(wm, wo, wl, data[:10])
+    bare_steps(*parts["bare"], data)
+    runner.run(steps=chunk)
+    bare_steps(wm, wo, wl, data)
     times: dict[str, list[float]] = {"bare": [], "runner": [], "watch": []}
-    for _ in range(rounds):
-        for mode in ("bare", "runner", "watch"):
+    gc.collect()
+    gc.disable()  # a collection inside one chunk only would be noise
+    try:
+        for _ in range(rounds):
+            for mode in ("bare", "runner", "watch"):
+                t0 = time.process_time()
+                if mode == "bare":
+                    bare_steps(*parts["bare"], data)
+                elif mode == "runner":
+                    runner.run(steps=chunk)
+                else:
+                    bare_steps(wm, wo, wl, data)
+                times[mode].append((time.process_time() - t0) / chunk)
             gc.collect()
-            t0 = time.process_time()
-            if mode == "bare":
-                bare_steps(*parts["bare"], data)
-            elif mode == "runner":
-                runner.run(steps=steps)
-            else:
-                bare_steps(wm, wo, wl, data)
-            times[mode].append((time.process_time() - t0) / steps)
+    finally:
+        gc.enable()
     watcher.close()
     runner.close()
+    bare = np.array(times["bare"])
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "params": n_params,
         "bare_ms": med["bare"] * 1e3,
         "runner_ms": med["runner"] * 1e3,
         "watch_ms": med["watch"] * 1e3,
-        "runner_overhead": med["runner"] / med["bare"] - 1,
-        "watch_overhead": med["watch"] / med["bare"] - 1,
+        "runner_overhead": float(np.median(np.array(times["runner"]) / bare)) - 1,
+        "watch_overhead": float(np.median(np.array(times["watch"]) / bare)) - 1,
         "grad_interval": runner.tracker.stats.schedule.interval,
     }
 
@@ -136,10 +149,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    configs = [("~1M", 512, 3, 100, 7, 0.05), ("~10M", 2048, 3, 20, 5, 0.03)]
+    configs = [("~1M", 512, 3, 20, 40, 0.05), ("~10M", 2048, 3, 10, 12, 0.03)]
     if args.quick:
         configs = [("~1M", 512, 3, 10, 2, 0.05)]
-    print(f"torch {torch.__version__}, 1 thread, batch 64, SGD momentum, interleaved medians")
+    print(f"torch {torch.__version__}, 1 thread, batch 64, SGD momentum, medians of paired chunk ratios")
     print(
         f"{'model':>6} {'params':>10} {'bare ms':>8} {'runner ms':>9} {'watch ms':>9} "
         f"{'runner':>8} {'watch':>8} {'budget':>7}  grad-norm every"

@@ -98,7 +98,7 @@ def test_sampled_equals_exact_when_every_tensor_fits_the_sample():
     _give_grads(params)
     big = max(p.numel() for p in params)
     stats = ParamStats(params, sample_size=big)
-    assert all(s == 1 for s in stats.sampler.strides)
+    assert all(layout is None for layout in stats.sampler.layouts)
     np.testing.assert_allclose(stats.sampler.scale, 1.0)
     sampled, exact = stats.grad_norms(exact=False)
     assert exact is False
@@ -115,7 +115,7 @@ def test_sampled_equals_exact_when_every_tensor_fits_the_sample():
     np.testing.assert_allclose(update, naive_norms(p.detach() - b for p, b in zip(params, before)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("n", [10_000, 10_057])  # a multiple of the stride, and not
+@pytest.mark.parametrize("n", [10_000, 10_057])  # a multiple of the block count, and not
 def test_sampled_squared_norm_is_unbiased_over_offsets(n):
     t = _heterogeneous(n, seed=5)
     true_sq = float(t.double().pow(2).sum())
@@ -124,14 +124,17 @@ def test_sampled_squared_norm_is_unbiased_over_offsets(n):
         p = nn.Parameter(t.clone())
         p.grad = t.clone()
         stats = ParamStats([p], sample_size=100, seed=seed)
-        assert stats.sampler.strides[0] == n // 100
+        blocks, length, period, offset = stats.sampler.layouts[0]
+        assert blocks * length <= 100 and period >= length and offset + (blocks - 1) * period + length <= n
         est, _ = stats.grad_norms(exact=False)
         estimates.append(float(est[0]) ** 2)
     estimates = np.array(estimates)
     assert abs(estimates.mean() / true_sq - 1) < 0.03
     # Each single estimate is a real estimate, not a constant: they vary, and stay near the truth.
     assert estimates.std() > 0
-    assert np.all(np.abs(np.sqrt(estimates / true_sq) - 1) < 0.3)
+    deviation = np.abs(np.sqrt(estimates / true_sq) - 1)
+    # 32 blocks of 3 elements of a strongly heterogeneous tensor: typically within 10%, never far off.
+    assert np.median(deviation) < 0.1 and np.all(deviation < 0.35)
 
 
 def test_sampled_update_norm_and_ratio_estimate_the_exact_ones():
@@ -235,7 +238,7 @@ def test_channels_last_conv_weight():
     est = []
     for seed in range(100):
         stats = ParamStats([w], sample_size=100, seed=seed)
-        assert stats.sampler.strides[0] > 1
+        assert stats.sampler.layouts[0] is not None
         est.append(stats.grad_norms(exact=False)[0][0] ** 2)
     assert abs(np.mean(est) / naive_norms([w.grad])[0] ** 2 - 1) < 0.05
     # Update norm of a channels_last tensor in sampled mode.

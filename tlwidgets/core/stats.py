@@ -5,13 +5,19 @@ Two modes:
 * **exact**: norms of whole tensors; the update norm needs a full snapshot of
   the weights before the optimizer step (about seven passes over the weights,
   roughly 20-40% of a CPU training step). Used when a stage is stepped alone.
-* **sampled** (the default during ``step()``/``run()``): every tensor gets a
-  fixed strided subset of at most ``sample_size`` elements with a random
-  offset. ``numel / count`` times the subset's sum of squares is an unbiased
-  estimate of the tensor's sum of squares, so the norms are estimated with a
-  relative error of roughly ``1/sqrt(2 * count)`` for homogeneous tensors; the
-  update/weight ratio is taken on the same subset. Snapshot, difference and
-  norms then touch ``sample_size`` elements per tensor, not all of them.
+* **sampled** (the default during ``step()``/``run()``): every tensor larger
+  than ``sample_size`` gets a fixed subset of ``sample_size`` elements: 32
+  blocks of consecutive elements spread evenly over the tensor, at a random
+  offset, with a block period that shares no factor with the row length (so
+  the blocks land on different columns of a matrix or filter). Consecutive
+  elements keep the reads cache friendly: a subset of single elements far
+  apart costs one cache miss per element, several times the price of the
+  same number of elements in blocks. ``numel / count`` times the subset's
+  sum of squares estimates the tensor's sum of squares (relative error
+  roughly ``1/sqrt(2 * count)`` for homogeneous tensors); the update/weight
+  ratio is taken on the same subset. Smaller tensors are taken whole (exact).
+  Snapshot, difference and norms of all tensors together are a handful of
+  ops on one ``(rows, tensors, sample_size)`` buffer.
 
 Grad norms are exact whenever the pass fits the time budget (see
 :class:`GradNormSchedule`): they are cheap compared to updates (one read of the
@@ -69,19 +75,22 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
 
 
 class ParamSampler:
-    """Fixed strided subsets of each parameter (and of its gradient).
+    """Fixed block subsets of each parameter (and of its gradient).
 
     Parameters
     ----------
     params
         The tensors to sample, in a fixed order.
     sample_size
-        Upper bound on the elements taken per tensor. Tensors no larger than
-        this are taken whole (their statistics are exact).
+        Elements taken per tensor. Tensors no larger than this are taken whole
+        (their statistics are exact).
     seed
         Seed of the private generator choosing the offsets (the global RNG is
         never touched, so training stays bit-for-bit reproducible).
     """
+
+    #: Blocks per sampled tensor (the block length is ``sample_size // BLOCKS``).
+    BLOCKS = 32
 
     def __init__(self, params: Sequence[torch.Tensor], sample_size: int = 1024, seed: int = 0) -> None:
         if sample_size < 1:
@@ -89,34 +98,38 @@ class ParamSampler:
         gen = np.random.default_rng(seed)
         self.params = list(params)
         self.sample_size = sample_size
-        self.strides: list[int] = []
-        self.offsets: list[int] = []
+        #: Per tensor ``(blocks, block length, period, offset)``, or None when taken whole.
+        self.layouts: list[tuple[int, int, int, int] | None] = []
         counts: list[int] = []
         for p in self.params:
             n = p.numel()
             # A weight we cannot view as 1-D (odd strides) is taken whole: its
             # live view must see in-place updates, which a reshaped copy would not.
-            stride = _coprime_stride(p, sample_size) if _flat_view(p) is not None else 1
-            offset = int(gen.integers(stride)) if stride > 1 else 0
-            self.strides.append(stride)
-            self.offsets.append(offset)
-            counts.append(max(1, len(range(offset, n, stride))) if n else 1)
+            layout = _block_layout(p, sample_size, gen) if _flat_view(p) is not None else None
+            self.layouts.append(layout)
+            counts.append(layout[0] * layout[1] if layout else max(1, n))
         numels = np.array([max(1, p.numel()) for p in self.params], dtype=np.float64)
         #: sqrt(numel / count): turns a subset norm into a whole-tensor estimate.
         self.scale = np.sqrt(numels / np.array(counts, dtype=np.float64))
         self._views: list[torch.Tensor] | None = None
         self._ptrs: list[int] = []
-        self._segments: torch.Tensor | None = None
-        # One device for all parameters: the samples can be gathered into one flat tensor.
-        self.fused = len({p.device for p in self.params}) == 1 and bool(self.params)
+        # One device for all parameters: every sample gets a fixed slot of one (rows, P, K)
+        # buffer, so snapshot, difference and all norms are a few ops whatever P is (a
+        # per-tensor op on a strided view costs ~2-10 us).
+        self.fused = bool(self.params) and len({p.device for p in self.params}) == 1
+        self._buffer: torch.Tensor | None = None
+        self._slots: list[list[torch.Tensor]] = []
+        self._slots_for: list[torch.Tensor] | None = None
 
     def _sample(self, i: int, t: torch.Tensor) -> torch.Tensor:
-        if self.strides[i] == 1:
+        layout = self.layouts[i]
+        if layout is None:
             return t.detach()
         flat = _flat_view(t)
         if flat is None:  # e.g. a gradient laid out differently from its weight: sample a flat copy
             flat = t.detach().reshape(-1)
-        return flat[self.offsets[i] :: self.strides[i]]
+        blocks, length, period, offset = layout
+        return flat.as_strided((blocks, length), (period, 1), flat.storage_offset() + offset)
 
     def weight_views(self) -> list[torch.Tensor]:
         """Views of the sampled weight elements (live: they see in-place updates)."""
@@ -124,21 +137,22 @@ class ParamSampler:
         if self._views is None or ptrs != self._ptrs:  # storage replaced (p.data = ...)
             self._views = [self._sample(i, p) for i, p in enumerate(self.params)]
             self._ptrs = ptrs
-            self._segments = None
         return self._views
 
-    def gather_weights(self) -> torch.Tensor:
-        """The sampled weight elements of every parameter, concatenated (a copy, float32 or wider)."""
-        flat = torch.cat([v.reshape(-1) for v in self.weight_views()])
-        return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-
-    def segments(self) -> torch.Tensor:
-        """Parameter index of each element of :meth:`gather_weights` (on the parameters' device)."""
+    def slots(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """The ``(3, P, K)`` buffer (rows: weights before, weights after, gradients; zero
+        padded) and, per row, the slot of each parameter's sample (flat, contiguous)."""
         views = self.weight_views()
-        if self._segments is None:
-            lengths = torch.tensor([v.numel() for v in views], device=views[0].device)
-            self._segments = torch.repeat_interleave(torch.arange(len(views), device=lengths.device), lengths)
-        return self._segments
+        if self._buffer is None or self._slots_for is not views:
+            ref = views[0]
+            dtype = torch.float64 if any(v.dtype == torch.float64 for v in views) else torch.float32
+            width = max(1, max(v.numel() for v in views))
+            self._buffer = torch.zeros((3, len(views), width), dtype=dtype, device=ref.device)
+            self._slots = [
+                [self._buffer[r, i, : v.numel()].view(v.shape) for i, v in enumerate(views)] for r in range(3)
+            ]
+            self._slots_for = views
+        return self._buffer, self._slots
 
     def grad_views(self) -> list[torch.Tensor | None]:
         """Views of the sampled gradient elements (None where there is no grad)."""
@@ -233,6 +247,15 @@ class ParamStats:
             norms = _foreach_norm(grads)
             out[idx] = to_host(norms)
             self.schedule.record_pass(time.perf_counter() - t0)
+        elif self.sampler.fused:
+            self.schedule.skipped()
+            buf, slots = self.sampler.slots()
+            views = self.sampler.grad_views()
+            with torch.no_grad():
+                buf[2].zero_()  # a parameter without grad keeps a zero slot (reported as NaN below)
+                torch._foreach_copy_([slots[2][i] for i in idx], [views[i] for i in idx])
+                norms = torch.linalg.vector_norm(buf[2], dim=1).cpu().double().numpy()
+            out[idx] = norms[idx] * self.sampler.scale[idx]
         else:
             self.schedule.skipped()
             views = self.sampler.grad_views()
@@ -248,9 +271,9 @@ class ParamStats:
             if exact:
                 self._snap = [p.detach().clone() for p in self.params]
             elif self.sampler.fused:
-                # One gather of every sampled element: a handful of ops whatever the number of
-                # parameters (per-tensor ops on strided views cost ~10 us each).
-                self._snap = [self.sampler.gather_weights()]
+                _, slots = self.sampler.slots()
+                torch._foreach_copy_(slots[0], self.sampler.weight_views())
+                self._snap = []
             else:
                 views = self.sampler.weight_views()
                 if self._snap_bufs is None or self._snap_for is not views:
@@ -272,12 +295,11 @@ class ParamStats:
         """Weight norms (before the step) and update norms; and whether exact."""
         n = len(self.params)
         with torch.no_grad():
-            if not self._exact and self.sampler.fused and len(self._snap) == 1:
-                before = self._snap[0]
-                both = torch.stack([before, self.sampler.gather_weights() - before])
-                sums = torch.zeros((2, n), dtype=both.dtype, device=both.device)
-                sums.index_add_(1, self.sampler.segments(), both * both)
-                vals = sums.sqrt_().reshape(-1).cpu().double().numpy()
+            if not self._exact and self.sampler.fused:
+                buf, slots = self.sampler.slots()
+                torch._foreach_copy_(slots[1], self.sampler.weight_views())
+                buf[1].sub_(buf[0])
+                vals = torch.linalg.vector_norm(buf[:2], dim=2).reshape(-1).cpu().double().numpy()
             else:
                 current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
                 diff = torch._foreach_sub(current, self._snap)
@@ -297,22 +319,34 @@ class ParamStats:
             return to_host(_foreach_norm([p.detach() for p in self.params]))
 
 
-def _coprime_stride(p: torch.Tensor, sample_size: int) -> int:
-    """A stride of about ``numel / sample_size`` that shares no factor with the row length.
+def _block_layout(
+    p: torch.Tensor, sample_size: int, gen: np.random.Generator
+) -> tuple[int, int, int, int] | None:
+    """``(blocks, length, period, offset)`` of ``p``'s subset, or None to take it whole.
 
-    Rows are the elements after the first dimension (a matrix row, a conv
-    filter). A stride sharing a factor with that length would sample the same
-    few columns of every row (784 inputs, stride 392: two columns); a coprime
-    one walks through every column as it goes down the rows.
+    The period shares no factor with the row length (the elements after the
+    first dimension: a matrix row, a conv filter) when that is possible:
+    otherwise the blocks would start on the same few columns of every row
+    (784 inputs and a period of 392: two columns).
     """
     n = p.numel()
-    stride = max(1, n // sample_size)
-    if stride == 1 or p.dim() < 2 or not p.shape[0]:
-        return stride
-    row = n // p.shape[0]
-    while math.gcd(stride, row) != 1:
-        stride += 1
-    return stride
+    if n <= sample_size:
+        return None
+    blocks = min(ParamSampler.BLOCKS, sample_size)
+    length = sample_size // blocks
+    # One block per period of n // blocks elements; the offset ranges over (about) a whole period, so
+    # every element is about equally likely to be in the subset: the estimate is nearly unbiased.
+    period = n // blocks
+    if p.dim() >= 2 and p.shape[0]:
+        row = n // p.shape[0]
+        candidate = period
+        while candidate > length and math.gcd(candidate, row) != 1:
+            candidate -= 1
+        if math.gcd(candidate, row) == 1:
+            period = candidate
+    span = (blocks - 1) * period + length
+    offset = int(gen.integers(n - span + 1))
+    return blocks, length, period, offset
 
 
 def _foreach_norm(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
