@@ -523,7 +523,7 @@ def test_non_finite_grad_outside_the_sampled_subset_is_still_caught():
     runner = make_runner(model, make_batches(8, in_features=64))
     runner.run(steps=2)
     sampler = runner.tracker.stats.sampler
-    blocks, length, period, offset = sampler.layouts[0]
+    _blocks, length, period, offset = sampler.layouts[0]
     assert length < period
     outside = offset + length  # the element after the first block: the subset never reads it
     model[0].weight.register_hook(
