@@ -94,7 +94,11 @@ class Runner(FindingsMixin, ControlsMixin):
     history_size
         Steps kept in :attr:`history` (ring buffer).
     activation_every
-        Measure per-module activation statistics every this many steps.
+        Measure per-module activation statistics every this many steps (and in
+        the first 3); 0: only for stages stepped alone.
+    detail_every
+        Describe the batch (value ranges, label counts) and devices every this
+        many steps (and in the first 3).
     grad_budget
         ``None`` (default): exact grad norms every step, which also checks every
         gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
@@ -140,7 +144,8 @@ class Runner(FindingsMixin, ControlsMixin):
         forward: Callable[[nn.Module, Any], Any] | None = None,
         sample_size: int = 1024,
         history_size: int = 10_000,
-        activation_every: int = 10,
+        activation_every: int = 25,
+        detail_every: int = 10,
         grad_budget: float | None = None,
         safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
@@ -171,6 +176,7 @@ class Runner(FindingsMixin, ControlsMixin):
             history_size=history_size,
             grad_budget=grad_budget,
             activation_every=activation_every,
+            detail_every=detail_every,
         )
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
@@ -411,7 +417,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._inputs, self._targets = inputs, targets
         # Statistics of the batch on the detail schedule; a NaN/Inf input on other
         # steps still shows up in the loss, which is checked every step.
-        detail = exact or self.tracker.activations_due(self.global_step)
+        detail = exact or self.tracker.details_due(self.global_step)
         rec.data.update(describe(inputs, targets, exact=exact, stats=detail))
         if rec.data["non_finite"]:
             rec.findings.append(self._non_finite_input_finding(rec, Stage.FETCH))
@@ -444,7 +450,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _stage_to_device(self, rec: StageRecord, exact: bool) -> None:
         # Where tensors were and went: on the detail schedule (a batch's devices rarely change
         # between steps, and a device mismatch raises in FORWARD, which the explainer names).
-        detail = exact or self.tracker.activations_due(self.global_step)
+        detail = exact or self.tracker.details_due(self.global_step)
         if detail:
             before = sorted({str(t.device) for _, t in tensors_in((self._inputs, self._targets))})
         self._inputs = to_device(self._inputs, self.device)

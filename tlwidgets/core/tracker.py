@@ -31,7 +31,11 @@ class Tracker:
         Fraction of step time the exact grad-norm pass may use.
     activation_every
         Measure activations every this many steps (and in the first 3); 0 = never
-        (except exact stages).
+        (except exact stages). Each measurement hooks every leaf module (PyTorch's
+        slower call path) and takes a few reductions per module.
+    detail_every
+        Describe the batch (value ranges, label counts) and the devices every this
+        many steps (and in the first 3); 0 = never (except exact stages).
     """
 
     def __init__(
@@ -42,7 +46,8 @@ class Tracker:
         sample_size: int = 1024,
         history_size: int = 10_000,
         grad_budget: float | None = None,
-        activation_every: int = 10,
+        activation_every: int = 25,
+        detail_every: int = 10,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -53,12 +58,19 @@ class Tracker:
         self.history = History(self.param_names, capacity=history_size)
         self.probe = ActivationProbe(model)
         self.activation_every = activation_every
+        self.detail_every = detail_every
         self.last_activations: dict[str, dict[str, float]] = {}
         self._grad: np.ndarray = np.full(len(self.params), np.nan)
         self._grad_exact = False
 
     def activations_due(self, step: int) -> bool:
+        """Measure per-module activation statistics at ``step``?"""
         every = self.activation_every
+        return step < 3 or (every > 0 and step % every == 0)
+
+    def details_due(self, step: int) -> bool:
+        """Describe the batch (ranges, label counts) and devices at ``step``?"""
+        every = self.detail_every
         return step < 3 or (every > 0 and step % every == 0)
 
     def measure_grads(self, exact: bool | None = None) -> tuple[np.ndarray, bool]:

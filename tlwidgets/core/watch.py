@@ -92,7 +92,8 @@ class Watcher(FindingsMixin, ControlsMixin):
         *,
         sample_size: int = 1024,
         history_size: int = 10_000,
-        activation_every: int = 10,
+        activation_every: int = 25,
+        detail_every: int = 10,
         grad_budget: float | None = None,
         scheduler: Any = None,
         diagnoser: Diagnoser | None = None,
@@ -117,6 +118,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             history_size=history_size,
             grad_budget=grad_budget,
             activation_every=activation_every,
+            detail_every=detail_every,
         )
         self.loop = LoopFacts()
         self.global_step = 0
@@ -344,7 +346,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             self._last_inputs[0] if self._last_inputs and len(self._last_inputs) == 1 else self._last_inputs
         )
         fetch = StageRecord(stage=Stage.FETCH, step=step, epoch=self.epoch, batch=0, exact=False)
-        detail = self.tracker.activations_due(step)
+        detail = self.tracker.details_due(step)
         fetch.data.update(describe(inputs, target, exact=False, stats=detail or not math.isfinite(value)))
         self.records[Stage.FETCH] = fetch
         self.records[Stage.LOSS] = rec

@@ -83,6 +83,9 @@ VANISH_WINDOW = 10
 #: dead-relu: fraction of a ReLU layer's units never positive, on this many measurements in a row.
 DEAD_FRAC = 0.9
 DEAD_MEASUREMENTS = 3
+#: ... or two measurements at least this many steps apart (activations are measured every
+#: ``activation_every`` steps after the first 3: two far-apart looks are as telling as three close ones).
+DEAD_SPAN = 20
 #: over-regularization: decay term's share, weight shrink and the loss stuck near its start.
 REG_SHARE = 0.5
 REG_SHARE_STRONG = 2.0
@@ -643,6 +646,7 @@ def dead_relu(ctx: RuleContext) -> list[Finding]:
     relu = _dead_candidates(ctx)
     st = ctx.state
     streak: dict[str, int] = st.setdefault("streak", {})
+    since: dict[str, int] = st.setdefault("since", {})
     found = []
     for name, v in acts.items():
         if not relu.get(name):
@@ -650,10 +654,12 @@ def dead_relu(ctx: RuleContext) -> list[Finding]:
         dead, zero = v.get("dead_frac", 0.0), v.get("frac_zero", 0.0)
         if dead > DEAD_FRAC and zero > DEAD_FRAC - 0.05:
             streak[name] = streak.get(name, 0) + 1
+            since.setdefault(name, fwd.step)
         else:
             streak.pop(name, None)
+            since.pop(name, None)
             continue
-        if streak[name] >= DEAD_MEASUREMENTS:
+        if streak[name] >= DEAD_MEASUREMENTS or (streak[name] >= 2 and fwd.step - since[name] >= DEAD_SPAN):
             found.append(
                 ctx.finding(
                     "dead-relu",
