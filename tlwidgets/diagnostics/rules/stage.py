@@ -664,15 +664,14 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     s = ctx.session
     st = ctx.state
     update = ctx.data["update_norm"]
+    # The common case first (this runs every step): every parameter moved.
+    if not st.get("streak_any") and update.size and update.min() > 0:
+        return []
     bwd = s.records.get(Stage.BACKWARD)
     if bwd is None or bwd.step != ctx.step or bwd.data.get("grad_norm") is None:
         return []
     grad = bwd.data["grad_norm"]
     if np.shape(grad) != np.shape(update):
-        return []
-    # Cheap first looks (this runs every step): every update is non-zero, or nothing has a
-    # gradient and a zero update.
-    if not st.get("streak_any") and update.min() > 0:
         return []
     stuck = (update == 0) & (grad > 0)
     if not stuck.any():

@@ -683,7 +683,7 @@ def _decoupled(optimizer: Any, group: dict) -> bool:
     return bool(group.get("decoupled_weight_decay")) or "AdamW" in type(optimizer).__name__
 
 
-@rule("over-regularization", ["over-regularization"], "trend", every=10)
+@rule("over-regularization", ["over-regularization"], "trend", every=20)
 def over_regularization(ctx: RuleContext) -> list[Finding]:
     """Weight decay outpulls the data gradient: the weights shrink and the loss stays near its start."""
     s = ctx.session
