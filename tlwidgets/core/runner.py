@@ -39,7 +39,7 @@ from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StepSummary
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
-from tlwidgets.core.stats import to_host, update_ratio
+from tlwidgets.core.stats import to_host, total_norm, update_ratio
 
 __all__ = ["RunResult", "Runner"]
 
@@ -565,7 +565,7 @@ class Runner(FindingsMixin, ControlsMixin):
         rec.data.update(
             grad_norm=grad,
             grad_exact=grad_exact,
-            total_grad_norm=float(np.sqrt(np.nansum(np.where(has_grad, grad, 0.0) ** 2))),
+            total_grad_norm=total_norm(grad[has_grad]),
             missing_grad=[n for n, t, h in zip(names, trainable, has_grad) if t and not h],
             non_finite_grad=[n for n, b in zip(names, bad) if b],
         )

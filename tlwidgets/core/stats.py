@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["GradNormSchedule", "ParamSampler", "ParamStats", "to_host", "update_ratio"]
+__all__ = ["GradNormSchedule", "ParamSampler", "ParamStats", "to_host", "total_norm", "update_ratio"]
 
 
 def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
@@ -44,9 +44,11 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
     if not values:
         return np.zeros(0, dtype=np.float64)
     try:  # the common case: one device (torch.stack promotes mixed float dtypes)
-        return torch.stack(list(values)).cpu().double().numpy()
+        stacked = torch.stack(list(values))
     except RuntimeError:
         pass
+    else:  # the float64 conversion on the host: one torch op less
+        return stacked.cpu().numpy().astype(np.float64)
     devices = {v.device for v in values}
     # A model split over devices: one transfer per device, then reassemble.
     out = np.empty(len(values), dtype=np.float64)
@@ -54,6 +56,13 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
         idx = [i for i, v in enumerate(values) if v.device == dev]
         out[idx] = torch.stack([values[i].float() for i in idx]).cpu().double().numpy()
     return out
+
+
+def total_norm(norms: np.ndarray) -> float:
+    """Norm of several tensors together from their norms (NaN entries left out)."""
+    vals = np.asarray(norms, dtype=np.float64)
+    vals = vals[~np.isnan(vals)]
+    return float(np.sqrt(vals.dot(vals)))
 
 
 def update_ratio(update_norm: np.ndarray, weight_norm: np.ndarray) -> np.ndarray:
@@ -254,7 +263,7 @@ class ParamStats:
             with torch.no_grad():
                 buf[2].zero_()  # a parameter without grad keeps a zero slot (reported as NaN below)
                 torch._foreach_copy_([slots[2][i] for i in idx], [views[i] for i in idx])
-                norms = torch.linalg.vector_norm(buf[2], dim=1).cpu().double().numpy()
+                norms = torch.linalg.vector_norm(buf[2], dim=1).cpu().numpy().astype(np.float64)
             out[idx] = norms[idx] * self.sampler.scale[idx]
         else:
             self.schedule.skipped()
@@ -299,7 +308,7 @@ class ParamStats:
                 buf, slots = self.sampler.slots()
                 torch._foreach_copy_(slots[1], self.sampler.weight_views())
                 buf[1].sub_(buf[0])
-                vals = torch.linalg.vector_norm(buf[:2], dim=2).reshape(-1).cpu().double().numpy()
+                vals = torch.linalg.vector_norm(buf[:2], dim=2).cpu().numpy().reshape(-1).astype(np.float64)
             else:
                 current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
                 diff = torch._foreach_sub(current, self._snap)

@@ -24,7 +24,7 @@ from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import StageRecord, StepSummary
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
-from tlwidgets.core.stats import to_host, update_ratio
+from tlwidgets.core.stats import to_host, total_norm, update_ratio
 
 __all__ = ["LoopFacts", "Watcher", "watch"]
 
@@ -403,7 +403,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             rec.data.update(
                 grad_norm=grad,
                 grad_exact=exact,
-                total_grad_norm=float(np.sqrt(np.nansum(np.where(has, grad, 0.0) ** 2))),
+                total_grad_norm=total_norm(grad[has]),
                 missing_grad=[n for n, t, h in zip(names, trainable, has) if t and not h],
                 non_finite_grad=[n for n, h, g in zip(names, has, grad) if h and not np.isfinite(g)],
             )
