@@ -69,6 +69,37 @@ def test_nan_after_huge_steps_names_the_lr() -> None:
 
 
 # ------------------------------------------------------------------ lr-too-low
+def test_lr_spike_that_kills_the_relus_names_the_lr_first() -> None:
+    # SGD at lr=1 with momentum on a batch-norm CNN: the loss jumps ~30x after the first step, the
+    # ReLUs die and the update ratios collapse, so the windowed LR rule alone would see only tiny
+    # ratios and a flat loss; the spike right after huge updates names the cause.
+    from tlwidgets.zoo import healthy
+
+    torch.manual_seed(0)
+    parts = healthy.build_cnn_bn_digits(0)
+    model = parts["model"]
+    opt = lambda m: torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9)  # noqa: E731
+    r = run(model, parts["train_data"], opt=opt, steps=40)
+    losses = r.history.loss
+    spike = int(np.argmax(losses[1:] > trend.LOSS_SPIKE * losses[0])) + 1
+    assert losses[spike] > trend.LOSS_SPIKE * np.median(losses[max(0, spike - 5) : spike])
+    (f,) = find(r, "lr-too-high")
+    assert f.first_step == spike and "jumped" in f.message and f.evidence["update_ratio"] > 0.1
+    assert codes(r)[0] == "lr-too-high"
+
+
+def test_noisy_batch_losses_are_no_spike() -> None:
+    # Heavy-tailed regression targets: batch losses vary by an order of magnitude from step to step;
+    # with a sane LR that is no reason to blame it.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + torch.distributions.StudentT(1.5).sample((1024, 1)) * 0.5
+    r = run(mlp((8, 32, 1)), loader(x, y, batch_size=32), loss_fn=nn.MSELoss(), opt=_adam(1e-3), steps=60)
+    batch = np.asarray(r.history.loss)
+    assert batch.max() > 10 * np.median(batch)  # the noise this test is about
+    assert "lr-too-high" not in codes(r)
+
+
 @pytest.mark.parametrize("opt", [_sgd(1e-6), _adam(1e-7)], ids=["sgd-1e-6", "adam-1e-7"])
 def test_lr_too_low(opt) -> None:
     r = run(mlp(), _cls(), opt=opt, steps=30)

@@ -41,6 +41,8 @@ __all__ = [
 #: Steps of history the LR rules look at, and the least they need.
 LR_WINDOW = 20
 LR_MIN_STEPS = 10
+#: A one-step jump of the loss by this factor after big updates names the LR (lr-at-nan).
+LOSS_SPIKE = 10.0
 #: Median update/weight ratio above which an LR is "far above ~1e-3" (with a misbehaving loss) ...
 LR_HIGH_RATIO = 0.05
 #: ... and above which it is too high whatever the loss does (weights change by half their norm per step).
@@ -327,20 +329,31 @@ def _fastest(ratio: np.ndarray) -> float:
 
 @rule("lr-at-nan", ["lr-too-high"], "stage", stages=[Stage.LOSS, Stage.BACKWARD])
 def lr_at_nan(ctx: RuleContext) -> list[Finding]:
-    """The loss or the gradients turned NaN/Inf right after steps that moved the weights a lot."""
+    """The loss or the gradients turned NaN/Inf, or the loss jumped ``LOSS_SPIKE``-fold in one step,
+    right after steps that moved the weights a lot."""
     d = ctx.data
+    s = ctx.session
+    h = s.history
     if ctx.record.stage is Stage.LOSS:
-        if d.get("finite") is not False:
-            return []
-        what = f"the loss became {d.get('loss')}"
+        if d.get("finite") is False:
+            what = f"the loss became {d.get('loss')}"
+        else:
+            # A finite blow-up: the loss jumped LOSS_SPIKE-fold in one step (it may recover or the
+            # units die afterwards, which hides the cause from the windowed LR rule).
+            # Against the median of the last few losses, so one easy batch before a hard one is no spike.
+            loss = d.get("loss")
+            if loss is None or not len(h):
+                return []
+            before = nanmedian(tail(h, "loss", 5))
+            if not (before > 0 and loss > LOSS_SPIKE * before):
+                return []
+            what = f"the loss jumped to {loss:.3g} from about {before:.3g} in one step"
     else:
         if not d.get("non_finite_grad") or d.get("loop_event"):
             return []
         what = "the gradients became NaN/Inf"
     if ctx.shared.get("explode_init"):
         return []
-    s = ctx.session
-    h = s.history
     n = len(h)
     if n < 1:  # even one huge step before the NaN is telling
         return []
