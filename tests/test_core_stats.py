@@ -326,3 +326,19 @@ def test_grad_norm_schedule_interval_follows_the_budget():
         else:
             s.skipped()
     assert dues == [False, False, False, True] * 2 + [False, False]
+
+
+def test_sampled_grad_norms_with_a_sparse_gradient():
+    # An embedding with sparse=True: its gradient holds only the rows used; it is measured exactly
+    # (cheap) while the dense ones are sampled, and training goes on (no tracking error as a stage error).
+    torch.manual_seed(0)
+    emb = nn.Embedding(5000, 16, sparse=True)
+    fc = nn.Linear(16, 3)
+    idx = torch.randint(0, 5000, (32, 4))
+    fc(emb(idx).mean(1)).sum().backward()
+    stats = ParamStats([emb.weight, fc.weight, fc.bias], sample_size=8)
+    norms, exact = stats.grad_norms(exact=False)
+    assert exact is False
+    dense_sparse = float(torch.linalg.vector_norm(emb.weight.grad.to_dense()))
+    assert norms[0] == pytest.approx(dense_sparse, rel=1e-5)
+    assert np.isfinite(norms[1:]).all() and (norms[1:] > 0).all()

@@ -164,8 +164,11 @@ class ParamSampler:
         return self._buffer, self._slots
 
     def grad_views(self) -> list[torch.Tensor | None]:
-        """Views of the sampled gradient elements (None where there is no grad)."""
-        return [None if p.grad is None else self._sample(i, p.grad) for i, p in enumerate(self.params)]
+        """Views of the sampled gradient elements (None where there is no grad, or a sparse one)."""
+        return [
+            None if p.grad is None or p.grad.is_sparse else self._sample(i, p.grad)
+            for i, p in enumerate(self.params)
+        ]
 
 
 class GradNormSchedule:
@@ -256,20 +259,24 @@ class ParamStats:
             norms = _foreach_norm(grads)
             out[idx] = to_host(norms)
             self.schedule.record_pass(time.perf_counter() - t0)
-        elif self.sampler.fused:
-            self.schedule.skipped()
-            buf, slots = self.sampler.slots()
-            views = self.sampler.grad_views()
-            with torch.no_grad():
-                buf[2].zero_()  # a parameter without grad keeps a zero slot (reported as NaN below)
-                torch._foreach_copy_([slots[2][i] for i in idx], [views[i] for i in idx])
-                norms = torch.linalg.vector_norm(buf[2], dim=1).cpu().numpy().astype(np.float64)
-            out[idx] = norms[idx] * self.sampler.scale[idx]
         else:
             self.schedule.skipped()
             views = self.sampler.grad_views()
-            norms = _foreach_norm([views[i] for i in idx])
-            out[idx] = to_host(norms) * self.sampler.scale[idx]
+            # Sparse gradients (an embedding with sparse=True) hold few rows: their exact norm is cheap.
+            sparse = [i for i in idx if views[i] is None]
+            dense = [i for i in idx if views[i] is not None]
+            if sparse:
+                out[sparse] = to_host(_foreach_norm([self.params[i].grad for i in sparse]))
+            if dense and self.sampler.fused:
+                buf, slots = self.sampler.slots()
+                with torch.no_grad():
+                    buf[2].zero_()  # a parameter without grad keeps a zero slot (reported as NaN)
+                    torch._foreach_copy_([slots[2][i] for i in dense], [views[i] for i in dense])
+                    norms = torch.linalg.vector_norm(buf[2], dim=1).cpu().numpy().astype(np.float64)
+                out[dense] = norms[dense] * self.sampler.scale[dense]
+            elif dense:
+                norms = _foreach_norm([views[i] for i in dense])
+                out[dense] = to_host(norms) * self.sampler.scale[dense]
         return out, exact
 
     # -- weights and updates -------------------------------------------------

@@ -214,7 +214,7 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     def _clip_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
-            if self._measure_clip and p.grad is not None:
+            if self._measure_clip and p.grad is not None and not p.grad.is_sparse:
                 view = self.tracker.stats.sampler._sample(i, p.grad)
                 self._clip_pre[i] = torch.linalg.vector_norm(view.detach().float())
 
