@@ -9,11 +9,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tlwidgets.testing import make_regression
+from tlwidgets.zoo._parts import finetune_setup, make_parts
 from tlwidgets.zoo.datasets import digits_datasets, loaders
-from tlwidgets.zoo.digits import DigitsBackbone, DigitsNet, pretrained_backbone, train_val_split
+from tlwidgets.zoo.digits import DigitsBackbone, train_val_split
 from tlwidgets.zoo.healthy import (
     _DATA_SEED,
-    _finetune_data,
     _split,
     build_cnn_bn_digits,
     build_gaussian_rmsprop,
@@ -39,94 +39,96 @@ class InPlaceZeroGradSGD(torch.optim.SGD):
         super().zero_grad(set_to_none=set_to_none)
 
 
-def _mlp_parts(model: nn.Module, optimizer: torch.optim.Optimizer, **data: Any) -> dict[str, Any]:
-    if not data:
+def _sgd(model: nn.Module, lr: float = 0.05, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD over all of ``model``'s parameters, by default the mlp-digits recipe.
+
+    Parameters
+    ----------
+    model
+        The module whose ``parameters()`` the optimizer updates.
+    lr
+        Learning rate.
+    momentum
+        Momentum factor.
+
+    Returns
+    -------
+    torch.optim.SGD
+        A fresh optimizer.
+    """
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def _mlp_parts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Any = None, val_data: Any = None
+) -> dict[str, Any]:
+    """:func:`make_parts` with cross-entropy, on the mlp-digits data unless loaders are given.
+
+    Parameters
+    ----------
+    model, optimizer
+        As for :func:`~tlwidgets.zoo._parts.make_parts`.
+    train_data, val_data
+        The loaders; without ``train_data`` both are the mlp-digits loaders
+        (batches of 64), built here, after the model and the optimizer.
+
+    Returns
+    -------
+    dict
+        The ``Runner`` keywords of the setup.
+    """
+    if train_data is None:
         train, val = digits_datasets(_DATA_SEED)
-        data["train_data"], data["val_data"] = loaders(train, val, batch_size=64)
-    return {"model": model, "loss_fn": nn.CrossEntropyLoss(), "optimizer": optimizer, **data}
+        train_data, val_data = loaders(train, val, batch_size=64)
+    return make_parts(model, optimizer, train_data, val_data)
 
 
 # ---------------------------------------------------------------------- optimizer / trainability
 def _head_not_in_optimizer(seed: int) -> dict[str, Any]:
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 10))
+    model, train_loader, val_loader = finetune_setup(head_classes=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.head = nn.Linear(DigitsBackbone.out_features, 5)  # the bug: replaced after the optimizer was built
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": optimizer,
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def _frozen_but_moving(seed: int) -> dict[str, Any]:
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
+    model, train_loader, val_loader = finetune_setup()
     optimizer = InPlaceZeroGradSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
         p.grad = torch.zeros_like(p)  # left over from an earlier backward, zeroed in place
     model.backbone.eval()
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": optimizer,
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def _frozen_bn_drift(seed: int) -> dict[str, Any]:
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
+    model, train_loader, val_loader = finetune_setup()
     model.backbone.requires_grad_(False)  # the bug: the backbone stays in train mode, so BN stats drift
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.SGD(model.head.parameters(), lr=0.05, momentum=0.9),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, _sgd(model.head), train_loader, val_loader)
 
 
 def _nothing_trainable(seed: int) -> dict[str, Any]:
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, train_loader, val_loader = finetune_setup()
+    optimizer = _sgd(model)
     model.requires_grad_(False)  # the bug: meant model.backbone.requires_grad_(False)
     model.backbone.eval()
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": optimizer,
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def _head_lr_zero(seed: int) -> dict[str, Any]:
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
+    model, train_loader, val_loader = finetune_setup()
     optimizer = torch.optim.AdamW(
         [
             {"params": model.backbone.parameters(), "lr": 3e-4},
             {"params": model.head.parameters(), "lr": 0.0},  # the bug: the head's group has lr 0
         ]
     )
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": optimizer,
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def _detached(seed: int) -> dict[str, Any]:
     model = DetachedMLP(64, 64, 10)
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 # ---------------------------------------------------------------------- learning rate
@@ -166,13 +168,8 @@ def _nan_loss(seed: int) -> dict[str, Any]:
         # The bug: log instead of log1p, of a zero count (and of raw, possibly negative predictions).
         return (torch.log(pred) - torch.log(target)).pow(2).mean()
 
-    return {
-        "model": model,
-        "loss_fn": rmsle,
-        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return make_parts(model, optimizer, train_loader, val_loader, loss_fn=rmsle)
 
 
 def _non_finite_input(seed: int) -> dict[str, Any]:
@@ -184,24 +181,14 @@ def _non_finite_input(seed: int) -> dict[str, Any]:
     x[rows, 0, 3, 3] = float("nan")  # missing values never cleaned
     train_loader, val_loader = loaders(TensorDataset(x, y), val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 def _nan_grad(seed: int) -> dict[str, Any]:
     train, val = digits_datasets(_DATA_SEED, standardize=False)  # raw counts 0..16, many exact zeros
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = SqrtMLP(64, 64, 10)
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 def _typo_in_loss(seed: int) -> dict[str, Any]:
@@ -227,13 +214,13 @@ def _exploding(seed: int) -> dict[str, Any]:
 
 def _vanishing(seed: int) -> dict[str, Any]:
     model = mlp([64] + [64] * 10 + [10], act="sigmoid")
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _dead_relu(seed: int) -> dict[str, Any]:
     model = mlp([64, 128, 10])
     nn.init.constant_(model.fc1.bias, -4.0)  # every hidden unit starts (and stays) below zero
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _zero_init(seed: int) -> dict[str, Any]:
@@ -242,13 +229,13 @@ def _zero_init(seed: int) -> dict[str, Any]:
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 # ---------------------------------------------------------------------- loss wiring
 def _softmax_before_ce(seed: int) -> dict[str, Any]:
     model = mlp([64, 64, 10], final=nn.Softmax(dim=1))
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _shape_broadcast(seed: int) -> dict[str, Any]:
@@ -264,12 +251,12 @@ def _sum_reduction(seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------- architecture
 def _missing_activation(seed: int) -> dict[str, Any]:
     model = mlp([64, 64, 64, 10], act=None)  # Linear -> Linear -> Linear: one linear map
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _dropout_too_high(seed: int) -> dict[str, Any]:
     model = mlp([64, 128, 10], dropout=0.8)
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _eval_mode(seed: int) -> dict[str, Any]:
@@ -290,9 +277,7 @@ def _unnormalized(seed: int) -> dict[str, Any]:
     val = TensorDataset(val.tensors[0] * 16, val.tensors[1])
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model, torch.optim.SGD(model.parameters(), lr=1e-3), train_data=train_loader, val_data=val_loader
-    )
+    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=1e-3), train_loader, val_loader)
 
 
 def _unshuffled(seed: int) -> dict[str, Any]:
@@ -301,12 +286,7 @@ def _unshuffled(seed: int) -> dict[str, Any]:
     order = torch.argsort(y, stable=True)  # the bug: sorted by label and never shuffled
     train_loader, val_loader = loaders(TensorDataset(x[order], y[order]), val, batch_size=32, shuffle=False)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 def _class_imbalance(seed: int) -> dict[str, Any]:
@@ -319,12 +299,7 @@ def _overfitting(seed: int) -> dict[str, Any]:
     small = TensorDataset(x[:50], y[:50])  # 50 training examples for a 300k-parameter model
     train_loader, val_loader = loaders(small, val, batch_size=25)
     model = mlp([64, 512, 512, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.Adam(model.parameters(), lr=3e-3),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, torch.optim.Adam(model.parameters(), lr=3e-3), train_loader, val_loader)
 
 
 def _batch_mixing(seed: int) -> dict[str, Any]:
@@ -343,12 +318,7 @@ def _labels_decoupled(seed: int) -> dict[str, Any]:
         TensorDataset(x, shuffled), val, batch_size=64
     )  # labels shuffled alone
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 def _data_leakage(seed: int) -> dict[str, Any]:
@@ -360,12 +330,7 @@ def _data_leakage(seed: int) -> dict[str, Any]:
     leaky_val = TensorDataset(torch.cat([xt[:k], xv[k:]]), torch.cat([yt[:k], yv[k:]]))
     train_loader, val_loader = loaders(train, leaky_val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 def _train_val_shift(seed: int) -> dict[str, Any]:
@@ -374,12 +339,7 @@ def _train_val_shift(seed: int) -> dict[str, Any]:
     raw_val = TensorDataset(raw_val.tensors[0] * 16, raw_val.tensors[1])
     train_loader, val_loader = loaders(train, raw_val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        train_data=train_loader,
-        val_data=val_loader,
-    )
+    return _mlp_parts(model, _sgd(model), train_loader, val_loader)
 
 
 # ---------------------------------------------------------------------- stage errors
@@ -389,9 +349,7 @@ def _target_out_of_range(seed: int) -> dict[str, Any]:
     val = TensorDataset(val.tensors[0], val.tensors[1] + 1)
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), train_data=train_loader, val_data=val_loader
-    )
+    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05), train_loader, val_loader)
 
 
 def _shape_mismatch(seed: int) -> dict[str, Any]:
@@ -404,27 +362,20 @@ def _dtype_mismatch(seed: int) -> dict[str, Any]:
     train = TensorDataset(train.tensors[0].double(), train.tensors[1])  # float64 from numpy
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, 64, 10])
-    return _mlp_parts(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), train_data=train_loader, val_data=val_loader
-    )
+    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05), train_loader, val_loader)
 
 
 def _inplace(seed: int) -> dict[str, Any]:
     model = InplaceMLP(64, 64, 10)
-    return _mlp_parts(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return _mlp_parts(model, _sgd(model))
 
 
 def _loss_plateau(seed: int) -> dict[str, Any]:
     train, val = _split(make_regression(1024, 1, noise=0.01, seed=_DATA_SEED))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = nn.Sequential(nn.Linear(1, 1))  # a straight line cannot follow sin(8x): stuck at the variance
-    return {
-        "model": model,
-        "loss_fn": nn.MSELoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=5e-2),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)
+    return make_parts(model, optimizer, train_loader, val_loader, loss_fn=nn.MSELoss())
 
 
 # ---------------------------------------------------------------------- registry

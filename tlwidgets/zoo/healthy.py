@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tlwidgets.testing import make_classification, make_patches, make_regression
+from tlwidgets.zoo._parts import finetune_setup, make_parts
 from tlwidgets.zoo.datasets import digits_datasets, loaders, make_rgb_digits, make_sequences
-from tlwidgets.zoo.digits import DigitsBackbone, DigitsNet, pretrained_backbone, split_digits, train_val_split
+from tlwidgets.zoo.digits import train_val_split
 from tlwidgets.zoo.models import PatchNet, RGBNet, SequenceNet, SmallCNN, mlp
 from tlwidgets.zoo.registry import Setup, register
 
@@ -44,13 +45,8 @@ def build_mlp_digits(seed: int, *, lr: float = 0.05, hidden: int = 64, **_: Any)
     train, val = digits_datasets(_DATA_SEED)
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, hidden, 10])
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def build_cnn_bn_digits(seed: int, *, batch_size: int = 32, dropout: float = 0.0) -> dict[str, Any]:
@@ -58,13 +54,7 @@ def build_cnn_bn_digits(seed: int, *, batch_size: int = 32, dropout: float = 0.0
     train, val = digits_datasets(_DATA_SEED)
     train_loader, val_loader = loaders(train, val, batch_size=batch_size, drop_last=True)
     model = SmallCNN(10, batch_norm=True, dropout=dropout)
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-3),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, torch.optim.Adam(model.parameters(), lr=1e-3), train_loader, val_loader)
 
 
 def build_regression(seed: int, *, flat_targets: bool = False) -> dict[str, Any]:
@@ -73,24 +63,13 @@ def build_regression(seed: int, *, flat_targets: bool = False) -> dict[str, Any]
     train, val = train_val_split(x, y[:, 0] if flat_targets else y, val_fraction=0.2, seed=_DATA_SEED)
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([1, 128, 128, 1], flatten=False)
-    return {
-        "model": model,
-        "loss_fn": nn.MSELoss(),
-        "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
-
-
-def _finetune_data(batch_size: int = 32) -> tuple[Any, Any]:
-    split = split_digits()
-    return loaders(split.finetune_train, split.finetune_val, batch_size=batch_size, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    return make_parts(model, optimizer, train_loader, val_loader, loss_fn=nn.MSELoss())
 
 
 def build_finetune_digits(seed: int) -> dict[str, Any]:
     """Pretrained backbone (digits 0-4) + new head for digits 5-9; AdamW, lower LR for the backbone."""
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
+    model, train_loader, val_loader = finetune_setup()
     optimizer = torch.optim.AdamW(
         [
             {"params": model.backbone.parameters(), "lr": 3e-4},
@@ -98,28 +77,16 @@ def build_finetune_digits(seed: int) -> dict[str, Any]:
         ],
         weight_decay=1e-4,
     )
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": optimizer,
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def build_finetune_frozen_digits(seed: int) -> dict[str, Any]:
     """Frozen pretrained backbone (weights and batch-norm statistics) + a new head; SGD on the head only."""
-    train_loader, val_loader = _finetune_data()
-    model = DigitsNet(pretrained_backbone(), nn.Linear(DigitsBackbone.out_features, 5))
+    model, train_loader, val_loader = finetune_setup()
     model.backbone.requires_grad_(False)
     model.backbone.eval()  # frozen batch norm keeps its pretrained running statistics
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.SGD(model.head.parameters(), lr=0.05, momentum=0.9),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.05, momentum=0.9)
+    return make_parts(model, optimizer, train_loader, val_loader)
 
 
 def build_gaussian_rmsprop(seed: int, *, weights: Any = None) -> dict[str, Any]:
@@ -127,13 +94,7 @@ def build_gaussian_rmsprop(seed: int, *, weights: Any = None) -> dict[str, Any]:
     train, val = _split(make_classification(1200, 8, 4, seed=_DATA_SEED, separation=1.0, weights=weights))
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([8, 32, 4], flatten=False)
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.RMSprop(model.parameters(), lr=1e-3),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, torch.optim.RMSprop(model.parameters(), lr=1e-3), train_loader, val_loader)
 
 
 def build_patches(seed: int) -> dict[str, Any]:
@@ -141,13 +102,8 @@ def build_patches(seed: int) -> dict[str, Any]:
     train, val = _split(make_patches(768, 16, seed=_DATA_SEED))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = PatchNet()
-    return {
-        "model": model,
-        "loss_fn": nn.MSELoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=2e-3),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    return make_parts(model, optimizer, train_loader, val_loader, loss_fn=nn.MSELoss())
 
 
 def build_sequence(seed: int, *, mix_batch: bool = False) -> dict[str, Any]:
@@ -155,13 +111,7 @@ def build_sequence(seed: int, *, mix_batch: bool = False) -> dict[str, Any]:
     train, val = _split(make_sequences(768, seed=_DATA_SEED))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = SequenceNet(2, 32, 3, mix_batch=mix_batch)
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-2),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, torch.optim.Adam(model.parameters(), lr=1e-2), train_loader, val_loader)
 
 
 def build_rgb(seed: int, *, reshape_bug: bool = False) -> dict[str, Any]:
@@ -172,13 +122,7 @@ def build_rgb(seed: int, *, reshape_bug: bool = False) -> dict[str, Any]:
     train, val = train_val_split(x, y, val_fraction=0.2, seed=_DATA_SEED)
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = RGBNet(10)
-    return {
-        "model": model,
-        "loss_fn": nn.CrossEntropyLoss(),
-        "optimizer": torch.optim.Adam(model.parameters(), lr=3e-3),
-        "train_data": train_loader,
-        "val_data": val_loader,
-    }
+    return make_parts(model, torch.optim.Adam(model.parameters(), lr=3e-3), train_loader, val_loader)
 
 
 # ---------------------------------------------------------------------- registry

@@ -8,6 +8,7 @@ code; :meth:`~tlwidgets.zoo.registry.Setup.watch` runs it under
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def train_loop(
                     loss_fn(model(inputs), targets)
 
 
-def _loop(**switches: Any):
+def _loop(**switches: Any) -> Callable[..., None]:
     def run(parts: dict[str, Any], **kwargs: Any) -> None:
         train_loop(parts, **switches, **kwargs)
 
@@ -83,41 +84,43 @@ register(
         loop=_loop(clip=5.0),
     )
 )
-register(
-    Setup(
+
+#: Broken own-loop setups: mlp-digits trained one epoch by ``train_loop`` with one bug switched on.
+#: name (also the expected finding code), description, ``train_loop`` switches, fix
+_LOOP_BUGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    (
         "grads-not-zeroed",
         "The user's loop never calls optimizer.zero_grad(), so every backward() adds to the previous "
         "gradients and the steps keep growing.",
-        build_mlp_digits,
-        expected=("grads-not-zeroed",),
-        twin="mlp-digits-loop",
-        run={"epochs": 1},
-        loop=_loop(zero_grad=False),
-        fix="Call optimizer.zero_grad() at the start of every iteration.",
-    )
-)
-register(
-    Setup(
+        {"zero_grad": False},
+        "Call optimizer.zero_grad() at the start of every iteration.",
+    ),
+    (
         "optimizer-not-stepping",
         "The user's loop calls loss.backward() but never optimizer.step(), so the weights never change.",
-        build_mlp_digits,
-        expected=("optimizer-not-stepping",),
-        twin="mlp-digits-loop",
-        run={"epochs": 1},
-        loop=_loop(step=False),
-        fix="Call optimizer.step() after loss.backward().",
-    )
-)
-register(
-    Setup(
+        {"step": False},
+        "Call optimizer.step() after loss.backward().",
+    ),
+    (
         "grad-clipping-too-strong",
         "The user's loop clips gradients with clip_grad_norm_(max_norm=1e-4), orders of magnitude below "
         "their real norm, so every step is cut to a tiny fixed length.",
-        build_mlp_digits,
-        expected=("grad-clipping-too-strong",),
-        twin="mlp-digits-loop",
-        run={"epochs": 1},
-        loop=_loop(clip=1e-4),
-        fix="Clip at about the typical gradient norm (max_norm 1 to 10), or not at all.",
-    )
+        {"clip": 1e-4},
+        "Clip at about the typical gradient norm (max_norm 1 to 10), or not at all.",
+    ),
 )
+
+for _name, _desc, _switches, _fix in _LOOP_BUGS:
+    register(
+        Setup(
+            _name,
+            _desc,
+            build_mlp_digits,
+            expected=(_name,),
+            twin="mlp-digits-loop",
+            run={"epochs": 1},
+            loop=_loop(**_switches),
+            fix=_fix,
+        )
+    )
+del _name, _desc, _switches, _fix
