@@ -821,6 +821,27 @@ def test_watcher_dashboard_in_a_user_loop(callback_errors):
             d.close()
 
 
+def test_watcher_dashboard_after_the_loop_shows_no_made_up_costs(callback_errors):
+    # Shown after the loop ended (as in the tutorial): no step was timed while the dashboard was
+    # open, so the costs are unknown ("–"), not 0.00 ms.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for x, y in make_data():
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+    d = tlw.Dashboard(w)
+    try:
+        d.refresh()
+        assert d.status.text.startswith("step 8")
+        assert "tracking –" in d.status.text and "ui –" in d.status.text
+        assert "0.00 ms" not in d.status.text
+    finally:
+        d.close()
+
+
 # --------------------------------------------------------------------------- misc
 
 

@@ -268,8 +268,8 @@ class Dashboard(widgets.VBox):
             s,
             rate=self.rate.rate() if self.running or not self.is_runner else self._last_run_rate,
             rate_label="steps/s" if self.running or not self.is_runner else "steps/s (last run)",
-            tracking_ms=self.tracking.ms_per_step(),
-            ui_ms=1000.0 * self._ui_s / steps,
+            tracking_ms=self.tracking.ms_per_step() if self.tracking.steps else None,
+            ui_ms=1000.0 * self._ui_s / steps if self.tracking.steps else None,
             state=state,
         )
 

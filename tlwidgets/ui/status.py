@@ -29,18 +29,22 @@ class StatusLine(widgets.HTML):
         *,
         rate: float,
         rate_label: str = "steps/s",
-        tracking_ms: float,
-        ui_ms: float,
+        tracking_ms: float | None,
+        ui_ms: float | None,
         state: str,
     ) -> None:
-        """Show the session's position, speed, costs and run state."""
+        """Show the session's position, speed, costs and run state.
+
+        ``tracking_ms`` / ``ui_ms`` are None until a step has been timed while the
+        dashboard was open (e.g. a watcher shown after its loop ended): shown as "–".
+        """
         parts = [f"step {session.global_step}", f"epoch {getattr(session, 'epoch', 0)}"]
         stage = getattr(session, "stage", None)
         if stage is not None:
             parts.append(f"next: {stage.value}")
         parts.append(f"{rate:.1f} {rate_label}")
-        parts.append(f"tracking {tracking_ms:.2f} ms/step")
-        parts.append(f"ui {ui_ms:.2f} ms/step")
+        parts.append("tracking –" if tracking_ms is None else f"tracking {tracking_ms:.2f} ms/step")
+        parts.append("ui –" if ui_ms is None else f"ui {ui_ms:.2f} ms/step")
         parts.append(state)
         text = " · ".join(parts)
         if text == self.text:
