@@ -20,9 +20,6 @@ from tlwidgets.core.stats import to_host
 
 __all__ = ["ActivationProbe", "finish", "first_tensor", "leaf_modules", "summarize"]
 
-#: Statistics per module, in this order.
-FIELDS = ("mean", "std", "frac_zero", "dead_frac", "non_finite")
-
 
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules without children (the layers that compute), root excluded unless it is a leaf."""
