@@ -36,17 +36,12 @@ class ControlsPanel(widgets.HBox):
     can_step = Bool(True, help="False for a watcher: the user's own loop does the stepping.")
 
     def __init__(self, *, can_step: bool = True, **kwargs: Any) -> None:
-        self.step_stage_button = widgets.Button(
-            description="Step stage", icon="step-forward", tooltip="Run exactly one stage", layout=_BTN
+        self.step_stage_button = _button(
+            "Step stage", "step-forward", "Run exactly one stage", "tlw-step-stage"
         )
-        self.step_stage_button.add_class("tlw-step-stage")
-        self.step_button = widgets.Button(
-            description="Step",
-            icon="forward",
-            tooltip="Finish the current batch (one optimizer step)",
-            layout=_BTN,
+        self.step_button = _button(
+            "Step", "forward", "Finish the current batch (one optimizer step)", "tlw-step"
         )
-        self.step_button.add_class("tlw-step")
         self.mode = widgets.Dropdown(
             options=list(RUN_MODES.items()), value="steps", layout={"width": "130px"}, tooltip="What Run runs"
         )
@@ -59,33 +54,18 @@ class ControlsPanel(widgets.HBox):
             tooltip="N (steps, or the cap of a run)",
         )
         self.steps.add_class("tlw-run-steps")
-        self.run_button = widgets.Button(
-            description="Run",
-            icon="play",
-            button_style="primary",
-            tooltip="Run (stops at an error finding)",
-            layout=_BTN,
+        self.run_button = _button(
+            "Run", "play", "Run (stops at an error finding)", "tlw-run", button_style="primary"
         )
-        self.run_button.add_class("tlw-run")
-        self.pause_button = widgets.Button(
-            description="Pause", icon="pause", tooltip="Stop the run at the next stage boundary", layout=_BTN
+        self.pause_button = _button("Pause", "pause", "Stop the run at the next stage boundary", "tlw-pause")
+        self.checkpoint_button = _button(
+            "Checkpoint", "bookmark", "Remember this point (at a step boundary)", "tlw-checkpoint"
         )
-        self.pause_button.add_class("tlw-pause")
-        self.checkpoint_button = widgets.Button(
-            description="Checkpoint",
-            icon="bookmark",
-            tooltip="Remember this point (at a step boundary)",
-            layout=_BTN,
-        )
-        self.checkpoint_button.add_class("tlw-checkpoint")
         self.checkpoints = widgets.Dropdown(
             options=[], layout={"width": "150px"}, tooltip="Checkpoint to rewind to"
         )
         self.checkpoints.add_class("tlw-checkpoints")
-        self.rewind_button = widgets.Button(
-            description="Rewind", icon="undo", tooltip="Restore the chosen checkpoint exactly", layout=_BTN
-        )
-        self.rewind_button.add_class("tlw-rewind")
+        self.rewind_button = _button("Rewind", "undo", "Restore the chosen checkpoint exactly", "tlw-rewind")
         self.message = widgets.HTML(layout={"margin": "0 0 0 8px"})
         self.message.add_class("tlw-message")
         super().__init__(
@@ -170,3 +150,10 @@ class ControlsPanel(widgets.HBox):
                 self.rewind_button,
             ):
                 w.layout.display = hide
+
+
+def _button(description: str, icon: str, tooltip: str, css: str, **style: Any) -> widgets.Button:
+    """A control button carrying its CSS class (DESIGN section 5 names the ones tests look for)."""
+    button = widgets.Button(description=description, icon=icon, tooltip=tooltip, layout=_BTN, **style)
+    button.add_class(css)
+    return button
