@@ -307,6 +307,7 @@ class ControlsMixin:
         self._after_control(ControlChange("set_lr", self.global_step, {"group": group, "lr": lr, "old": old}))
 
     def _after_control(self, change: ControlChange) -> None:
+        self.tracker.densify(self.global_step)  # watch what the change does, step by step
         self.history.add_control(change)
         self._refresh_audit()
         self.events.emit(Event.CONTROL, change)

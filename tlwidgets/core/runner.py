@@ -99,6 +99,14 @@ class Runner(FindingsMixin, ControlsMixin):
     detail_every
         Describe the batch (value ranges, label counts) and devices every this
         many steps (and in the first 3).
+    measure_every, dense_steps
+        The measurement schedule of :meth:`step` and :meth:`run`: every step
+        is measured (per-parameter statistics, rules) during the first
+        ``dense_steps`` steps and again for ``dense_steps`` steps after a
+        control change, a rewind or an LR jump; otherwise every
+        ``measure_every``-th step. Unmeasured steps record the loss and LR
+        (NaN statistics in :attr:`history`) and still stop on a NaN/Inf loss.
+        ``measure_every=1`` measures every step.
     grad_budget
         ``None`` (default): exact grad norms every step, which also checks every
         gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
@@ -146,6 +154,8 @@ class Runner(FindingsMixin, ControlsMixin):
         history_size: int = 10_000,
         activation_every: int = 25,
         detail_every: int = 10,
+        measure_every: int = 10,
+        dense_steps: int = 200,
         grad_budget: float | None = None,
         safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
@@ -177,6 +187,8 @@ class Runner(FindingsMixin, ControlsMixin):
             grad_budget=grad_budget,
             activation_every=activation_every,
             detail_every=detail_every,
+            measure_every=measure_every,
+            dense_steps=dense_steps,
         )
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
@@ -199,6 +211,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._loss_value = math.nan
         self._fwd_rng: torch.Tensor | None = None
         self._step_exact = False
+        self._measured = True  # the step in progress measures its statistics
         self._step_t0 = 0.0
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
@@ -375,9 +388,10 @@ class Runner(FindingsMixin, ControlsMixin):
                     return end
             self.records = {}
             self._step_exact = exact
+            self._measured = exact or self.tracker.measuring(self.global_step)
             self._step_t0 = time.perf_counter()
         elif exact:
-            self._step_exact = True
+            self._step_exact = self._measured = True
         rec = StageRecord(stage, self.global_step, self.epoch, self.batch_index, exact=exact)
         t0 = time.perf_counter()
         self._in_stage = True
@@ -393,7 +407,8 @@ class Runner(FindingsMixin, ControlsMixin):
             rec.duration_s = time.perf_counter() - t0
         if rec.ok:
             self.stage = stage.next()
-            rec.findings.extend(self._diagnose("on_stage", rec))
+            if self._measured:  # the stage rules read statistics an unmeasured step lacks
+                rec.findings.extend(self._diagnose("on_stage", rec))
         self.records[stage] = rec
         self.last_record = rec
         self._publish(rec.findings)
@@ -415,6 +430,9 @@ class Runner(FindingsMixin, ControlsMixin):
             rec.batch = self.batch_index
         inputs, targets = self.unpack(self._raw_batch)
         self._inputs, self._targets = inputs, targets
+        if not self._measured:  # described when the loss is NaN/Inf (the likeliest origin)
+            rec.data.update(measured=False, non_finite=None)
+            return
         # Statistics of the batch on the detail schedule; a NaN/Inf input on other
         # steps still shows up in the loss, which is checked every step.
         detail = exact or self.tracker.details_due(self.global_step)
@@ -434,6 +452,9 @@ class Runner(FindingsMixin, ControlsMixin):
         )
 
     def _stage_zero_grad(self, rec: StageRecord, exact: bool) -> None:
+        if not self._measured:
+            self.optimizer.zero_grad()
+            return
         had = sum(p.grad is not None for p in self.tracker.params)
         self.optimizer.zero_grad()
         kept = [(n, p.grad) for n, p in self.named_params if p.grad is not None]
@@ -450,7 +471,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _stage_to_device(self, rec: StageRecord, exact: bool) -> None:
         # Where tensors were and went: on the detail schedule (a batch's devices rarely change
         # between steps, and a device mismatch raises in FORWARD, which the explainer names).
-        detail = exact or self.tracker.details_due(self.global_step)
+        detail = self._measured and (exact or self.tracker.details_due(self.global_step))
         if detail:
             before = sorted({str(t.device) for _, t in tensors_in((self._inputs, self._targets))})
         self._inputs = to_device(self._inputs, self.device)
@@ -468,7 +489,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _stage_forward(self, rec: StageRecord, exact: bool) -> None:
         for m in self._bn_eval.values():
             m.eval()
-        measure = exact or self.tracker.activations_due(self.global_step)
+        measure = self._measured and (exact or self.tracker.activations_due(self.global_step))
         if measure:
             self.tracker.probe.start()
         self._fwd_rng = torch.get_rng_state()
@@ -477,6 +498,9 @@ class Runner(FindingsMixin, ControlsMixin):
             self._output = self.forward(self.model, self._inputs)
         finally:
             acts = self.tracker.finish_activations(self.global_step) if measure else {}
+        if not self._measured:
+            rec.data["measured"] = False
+            return
         out = _first_tensor(self._output)
         rec.data.update(
             training=self.model.training,
@@ -503,6 +527,11 @@ class Runner(FindingsMixin, ControlsMixin):
         self._loss = loss
         value = float(loss.detach())
         self._loss_value = value
+        if not self._measured:
+            rec.data.update(loss=value, finite=math.isfinite(value), measured=False)
+            if not math.isfinite(value):
+                self._non_finite_loss(rec, value)
+            return
         out = _first_tensor(self._output)
         rec.data.update(
             loss=value,
@@ -530,13 +559,16 @@ class Runner(FindingsMixin, ControlsMixin):
             trainable = [n for n, p in self.named_params if p.requires_grad]
             rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
         if not math.isfinite(value):
-            fetch = self.records.get(Stage.FETCH)
-            if fetch is not None and not fetch.data.get("measured", True):
-                # The batch was not scanned this step: do it now, a NaN input is the likeliest origin.
-                fetch.data.update(describe(self._inputs, self._targets, exact=True))
-                if fetch.data["non_finite"]:
-                    rec.findings.append(self._non_finite_input_finding(fetch, Stage.LOSS))
-            rec.findings.append(self._non_finite_loss_finding(value))
+            self._non_finite_loss(rec, value)
+
+    def _non_finite_loss(self, rec: StageRecord, value: float) -> None:
+        fetch = self.records.get(Stage.FETCH)
+        if fetch is not None and not fetch.data.get("measured", True):
+            # The batch was not scanned this step: do it now, a NaN input is the likeliest origin.
+            fetch.data.update(describe(self._inputs, self._targets, exact=True))
+            if fetch.data["non_finite"]:
+                rec.findings.append(self._non_finite_input_finding(fetch, Stage.LOSS))
+        rec.findings.append(self._non_finite_loss_finding(value))
 
     def _stage_backward(self, rec: StageRecord, exact: bool) -> None:
         if self._backward_failed:
@@ -557,6 +589,10 @@ class Runner(FindingsMixin, ControlsMixin):
         self._loss.backward()
         self._loss = None  # free the graph
         self._output = None
+        if not self._measured:
+            self.tracker.skip_grads()
+            rec.data["measured"] = False
+            return
         grad, grad_exact = self.tracker.measure_grads(True if exact else None)
         trainable = np.array([p.requires_grad for p in self.tracker.params], dtype=bool)
         has_grad = np.array([p.grad is not None for p in self.tracker.params], dtype=bool)
@@ -587,8 +623,10 @@ class Runner(FindingsMixin, ControlsMixin):
 
     def _stage_step(self, rec: StageRecord, exact: bool) -> None:
         snapshot = exact or self.safe_step
+        measured = self._measured or snapshot
         stats = self.tracker.stats
-        stats.before_step(exact=snapshot)
+        if measured:
+            stats.before_step(exact=snapshot)
         saved_opt = _capture_opt_state(self.optimizer) if snapshot else None
         lrs_used = effective_lrs(self.optimizer)  # before a per-step scheduler moves them
         try:
@@ -613,7 +651,16 @@ class Runner(FindingsMixin, ControlsMixin):
             loss=self._loss_value,
             exact=self._step_exact,
             lrs=lrs_used,
+            measured=measured,
         )
+        self.global_step += 1
+        self._epoch_loss_sum += self._loss_value
+        self._epoch_loss_n += 1
+        self._have_batch = False
+        self._raw_batch = self._inputs = self._targets = None
+        if not measured:
+            rec.data.update(lr=numbers["lr"], measured=False)
+            return
         update, weight = numbers["update_norm"], numbers["weight_norm"]
         ratio = update_ratio(update, weight)
         names = self.param_names
@@ -627,17 +674,13 @@ class Runner(FindingsMixin, ControlsMixin):
             changed=[n for n, u in zip(names, update) if u > 0],
             frozen_changed=[n for n, u, f in zip(names, update, frozen) if f and u > 0],
         )
-        self.global_step += 1
-        self._epoch_loss_sum += self._loss_value
-        self._epoch_loss_n += 1
-        self._have_batch = False
-        self._raw_batch = self._inputs = self._targets = None
 
     def _after_step(self, rec: StageRecord) -> None:
         duration = time.perf_counter() - self._step_t0
         if not self._step_exact:
             self.tracker.stats.schedule.record_step(duration)
-        self._publish(self._diagnose("on_step"))
+        if self._measured:  # the trend rules read the statistics of measured steps
+            self._publish(self._diagnose("on_step"))
         self.events.emit(
             Event.STEP,
             StepSummary(
@@ -825,6 +868,7 @@ class Runner(FindingsMixin, ControlsMixin):
         restore_optimizer(self.optimizer, ck.optimizer)
         restore_scheduler(self.scheduler, ck.scheduler, ck.scheduler_extra)
         self._restore_runner_state(ck.runner_state)
+        self.tracker.densify(self.global_step)
         self.global_step, self.epoch, self.batch_index = ck.step, ck.epoch, ck.batch_index
         self.stage = Stage.FETCH
         self._have_batch = False

@@ -36,6 +36,15 @@ class Tracker:
     detail_every
         Describe the batch (value ranges, label counts) and the devices every this
         many steps (and in the first 3); 0 = never (except exact stages).
+    measure_every
+        Once the run is past its dense phase, measure the per-parameter
+        statistics (grad, weight and update norms) and run the rules every this
+        many steps; the steps in between record loss and LR only (NaN
+        statistics). 1 = every step.
+    dense_steps
+        Length of a dense phase: every step is measured during the first
+        ``dense_steps`` steps and again for ``dense_steps`` steps after
+        :meth:`densify` (a control change, a rewind, a jump of the LR).
     """
 
     def __init__(
@@ -48,7 +57,13 @@ class Tracker:
         grad_budget: float | None = None,
         activation_every: int = 25,
         detail_every: int = 10,
+        measure_every: int = 10,
+        dense_steps: int = 200,
     ) -> None:
+        for name, value in (("measure_every", measure_every), ("dense_steps", dense_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "measure_every"):
+                low = 1 if name == "measure_every" else 0
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.model = model
         self.optimizer = optimizer
         self.named_params: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
@@ -60,7 +75,13 @@ class Tracker:
         self.activation_every = activation_every
         self.detail_every = detail_every
         self.last_activations: dict[str, dict[str, float]] = {}
-        self._grad: np.ndarray = np.full(len(self.params), np.nan)
+        self.measure_every = measure_every
+        self.dense_steps = dense_steps
+        self._dense_until = dense_steps
+        self._lr_mark: list[float] = effective_lrs(optimizer)
+        self._nan = np.full(len(self.params), np.nan)
+        self._nan.flags.writeable = False  # shared by every unmeasured row
+        self._grad: np.ndarray = self._nan
         self._grad_exact = False
 
     def activations_due(self, step: int) -> bool:
@@ -72,6 +93,38 @@ class Tracker:
         """Describe the batch (ranges, label counts) and devices at ``step``?"""
         every = self.detail_every
         return step < 3 or (every > 0 and step % every == 0)
+
+    def measuring(self, step: int) -> bool:
+        """Measure the per-parameter statistics (and run the rules) at ``step``?
+
+        Every step of a dense phase (the first ``dense_steps`` steps, and after
+        :meth:`densify`); every ``measure_every``-th step otherwise. Problems
+        of the setup show in the first steps, or right after something
+        changed: that is where the detail goes. A long healthy run pays for one
+        measured step in ``measure_every``.
+        """
+        return step < self._dense_until or step % self.measure_every == 0
+
+    def densify(self, step: int) -> None:
+        """Measure every step from ``step`` on for ``dense_steps`` steps (something changed)."""
+        self._dense_until = max(self._dense_until, step + self.dense_steps)
+
+    def note_lrs(self, step: int, lrs: list[float]) -> None:
+        """A scheduler moved a group's LR by 2x or more since the last mark: measure densely again."""
+        mark = self._lr_mark
+        if len(lrs) != len(mark):
+            self._lr_mark = list(lrs)
+            self.densify(step)
+            return
+        for new, old in zip(lrs, mark):
+            if new > 2 * old or old > 2 * new:
+                self._lr_mark = list(lrs)
+                self.densify(step)
+                return
+
+    def skip_grads(self) -> None:
+        """An unmeasured step: no grad norms for its history row."""
+        self._grad, self._grad_exact = self._nan, False
 
     def measure_grads(self, exact: bool | None = None) -> tuple[np.ndarray, bool]:
         """Grad norms now (NaN where grad is None); kept for the step's history row."""
@@ -86,15 +139,29 @@ class Tracker:
         return stats
 
     def record_step(
-        self, *, step: int, epoch: int, loss: float, exact: bool, lrs: list[float] | None = None
+        self,
+        *,
+        step: int,
+        epoch: int,
+        loss: float,
+        exact: bool,
+        lrs: list[float] | None = None,
+        measured: bool = True,
     ) -> dict[str, Any]:
         """After ``optimizer.step()``: update norms, append the history row, return the numbers.
 
         ``lrs`` are the learning rates the step used (read before a per-step
         scheduler changed them); default: the optimizer's current ones.
+        ``measured=False`` (no :meth:`ParamStats.before_step` this step): NaN
+        weight and update norms.
         """
-        weight, update, update_exact = self.stats.after_step()
+        if measured:
+            weight, update, update_exact = self.stats.after_step()
+        else:
+            weight = update = self._nan
+            update_exact = False
         lrs = effective_lrs(self.optimizer) if lrs is None else lrs
+        self.note_lrs(step, lrs)
         self.history.append(
             step=step,
             epoch=epoch,

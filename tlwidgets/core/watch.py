@@ -94,6 +94,8 @@ class Watcher(FindingsMixin, ControlsMixin):
         history_size: int = 10_000,
         activation_every: int = 25,
         detail_every: int = 10,
+        measure_every: int = 10,
+        dense_steps: int = 200,
         grad_budget: float | None = None,
         scheduler: Any = None,
         diagnoser: Diagnoser | None = None,
@@ -119,6 +121,8 @@ class Watcher(FindingsMixin, ControlsMixin):
             grad_budget=grad_budget,
             activation_every=activation_every,
             detail_every=detail_every,
+            measure_every=measure_every,
+            dense_steps=dense_steps,
         )
         self.loop = LoopFacts()
         self.global_step = 0
@@ -251,7 +255,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._step_since_backward = False
         if self._pending_loss is not None:
             self._confirm_training_loss()
-        self._diagnose_loop()
+        loop = self.loop
+        if self.tracker.measuring(self.global_step) or loop.stale_steps or loop.backwards_without_step:
+            self._diagnose_loop()
 
     def _on_model_pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
@@ -260,6 +266,8 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._last_inputs = args
         self._fwd_rng = torch.get_rng_state()
         step = self.global_step
+        if not self.tracker.measuring(step):
+            return
         if self.tracker.activations_due(step):
             self.tracker.probe.start()
         if step < 5 or step % 10 == 0:
@@ -269,6 +277,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not torch.is_grad_enabled():
             return
         acts = self.tracker.finish_activations(self.global_step) if self.tracker.probe.active else {}
+        if not self.tracker.measuring(self.global_step):
+            self._pending_forward = None
+            return
         rec = StageRecord(stage=Stage.FORWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=False)
         rec.data.update(
             training=module.training,
@@ -317,6 +328,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         value = float(loss.detach())
         self._loss_value = value
         step = self.global_step
+        if math.isfinite(value) and not self.tracker.measuring(step):
+            self._pending_forward = None
+            return
         rec = StageRecord(stage=Stage.LOSS, step=step, epoch=self.epoch, batch=0, exact=False)
         args = facts.get("args", ())
         out = args[0] if len(args) > 0 and isinstance(args[0], torch.Tensor) else None
@@ -392,6 +406,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         )
 
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.tracker.measuring(self.global_step):
+            self.tracker.skip_grads()
+            return
         try:
             grad, exact = self.tracker.measure_grads()
             names = self.param_names
@@ -454,15 +471,25 @@ class Watcher(FindingsMixin, ControlsMixin):
         try:
             self.loop.steps += 1
             self._step_since_backward = True
-            for i, (_, p) in enumerate(self.named_params):
-                if i in self._fingerprint and p.grad is not None:
-                    self._after_step_fp[i] = (id(p.grad), p.grad._version)
+            params = self.tracker.params
+            for i in self._fingerprint:
+                g = params[i].grad
+                if g is not None:
+                    self._after_step_fp[i] = (id(g), g._version)
+            measured = self.tracker.measuring(self.global_step)
             numbers = self.tracker.record_step(
-                step=self.global_step + 1, epoch=self.epoch, loss=self._loss_value, exact=False
+                step=self.global_step + 1,
+                epoch=self.epoch,
+                loss=self._loss_value,
+                exact=False,
+                measured=measured,
             )
             self.global_step += 1
             if self.loop.val_losses:
                 self.loop.val_losses.clear()
+            if not measured:
+                self._emit_step(numbers["lr"])
+                return
             update, weight = numbers["update_norm"], numbers["weight_norm"]
             frozen = [not p.requires_grad for p in self.tracker.params]
             rec = StageRecord(
@@ -481,20 +508,23 @@ class Watcher(FindingsMixin, ControlsMixin):
             self._publish(self._diagnose("on_stage", rec))
             self.events.emit(Event.STAGE, rec)
             self._publish(self._diagnose("on_step"))
-            self.events.emit(
-                Event.STEP,
-                StepSummary(
-                    step=self.global_step,
-                    epoch=self.epoch,
-                    batch=0,
-                    loss=self._loss_value,
-                    lr=list(numbers["lr"]),
-                    exact=False,
-                    duration_s=0.0,
-                ),
-            )
+            self._emit_step(numbers["lr"])
         except Exception:
             log.exception("watch: post-step tracking failed")
+
+    def _emit_step(self, lrs: list[float]) -> None:
+        self.events.emit(
+            Event.STEP,
+            StepSummary(
+                step=self.global_step,
+                epoch=self.epoch,
+                batch=0,
+                loss=self._loss_value,
+                lr=list(lrs),
+                exact=False,
+                duration_s=0.0,
+            ),
+        )
 
     def _diagnose_loop(self) -> None:
         rec = StageRecord(stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=False)
