@@ -179,7 +179,7 @@ def test_memory_below_two_mib_per_thousand_steps_for_sixty_params():
             h.add_activations(s, {f"layer{i}": (0.0, 1.0, 0.5, 0.0) for i in range(30)})
     assert h.nbytes == full
     # The arrays actually held (not only what nbytes reports) stay bounded too.
-    held = sum(r._data.nbytes for r in (h._loss, h._step, h._epoch, h._exact, h._lr, h._val))
+    held = sum(r._data.nbytes for r in (h._loss, h._step, h._epoch, h._exact, h._measured, h._lr, h._val))
     held += sum(r._data.nbytes for r in h._stats.values())
     held += sum(r._data.nbytes for r in h.activations.values())
     assert held == full

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from tlwidgets.core.stats import update_ratio
+
 __all__ = ["TensorBoardLogger", "history_to_dataframe", "history_to_tensorboard"]
 
 _STATS = ("grad_norm", "weight_norm", "update_norm", "update_ratio")
@@ -177,9 +179,7 @@ class TensorBoardLogger:
             w.add_scalar(f"lr/{g}", lr, s)
         row = h.last()
         if row is not None:
-            ratio = np.where(
-                row["weight_norm"] > 0, row["update_norm"] / np.maximum(row["weight_norm"], 1e-30), 0.0
-            )
+            ratio = update_ratio(row["update_norm"], row["weight_norm"])  # NaN on an unmeasured row
             for j, name in enumerate(h.param_names):
                 if math.isfinite(row["grad_norm"][j]):
                     w.add_scalar(f"grad_norm/{name}", row["grad_norm"][j], s)

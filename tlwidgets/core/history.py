@@ -84,8 +84,10 @@ class History:
     Attributes are numpy arrays, oldest step first: ``loss`` (steps,),
     ``lr`` (steps x groups), and ``grad_norm``, ``weight_norm``,
     ``update_norm``, ``update_ratio`` (steps x parameters, columns are
-    ``param_names``). ``step`` holds the global step of each row and
-    ``exact`` whether its statistics are exact or sampled estimates.
+    ``param_names``). ``step`` holds the global step of each row,
+    ``exact`` whether its statistics are exact or sampled estimates and
+    ``measured`` whether they were measured at all (unmeasured rows of the
+    tracking schedule hold NaN statistics, with their loss and LR).
 
     Parameters
     ----------
@@ -105,8 +107,19 @@ class History:
         self._step = RingBuffer(capacity, dtype=np.int64)
         self._epoch = RingBuffer(capacity, dtype=np.int32)
         self._exact = RingBuffer(capacity, dtype=np.bool_)
+        self._measured = RingBuffer(capacity, dtype=np.bool_)
         self._lr = RingBuffer(capacity, width=1)
         self._stats = {k: RingBuffer(capacity, width=max(n, 1)) for k in self._PER_PARAM}
+        #: The rings of one row per step (appended and truncated together).
+        self._rows: tuple[RingBuffer, ...] = (
+            self._loss,
+            self._step,
+            self._epoch,
+            self._exact,
+            self._measured,
+            self._lr,
+            *self._stats.values(),
+        )
         #: validation loss per epoch, as (global step, value); bounded like the rest.
         self._val = RingBuffer(capacity, width=2, dtype=np.float64)
         #: control markers (freeze, set_lr, rewind ...), newest last, bounded.
@@ -129,22 +142,38 @@ class History:
         weight_norm: np.ndarray,
         update_norm: np.ndarray,
         exact: bool,
+        measured: bool = True,
     ) -> None:
-        """Add one optimizer step."""
-        self._loss.append(loss)
-        self._step.append(step)
-        self._epoch.append(epoch)
-        self._exact.append(exact)
-        self._lr.widen(len(lr))
-        row = np.full(self._lr.width, np.nan)
-        row[: len(lr)] = lr
-        self._lr.append(row)
+        """Add one optimizer step (``measured=False``: a row without statistics)."""
+        # Every per-step ring holds the same rows: find the slot once and write into it (this
+        # runs every training step, and eight ring appends cost more than the writes).
+        ring = self._loss
+        cap, n = ring._cap, ring._len
+        slot = (ring._start + n) % cap
+        self._loss._data[slot] = loss
+        self._step._data[slot] = step
+        self._epoch._data[slot] = epoch
+        self._exact._data[slot] = exact
+        self._measured._data[slot] = measured
+        lr_ring = self._lr
+        if len(lr) > lr_ring.width:
+            lr_ring.widen(len(lr))
+        lr_row = lr_ring._data[slot]
+        lr_row[: len(lr)] = lr
+        if len(lr) < len(lr_row):
+            lr_row[len(lr) :] = np.nan
+        stats = self._stats
         for key, values in (
             ("grad_norm", grad_norm),
             ("weight_norm", weight_norm),
             ("update_norm", update_norm),
         ):
-            self._stats[key].append(values if len(values) else np.nan)
+            stats[key]._data[slot] = values if len(values) else np.nan
+        for r in self._rows:
+            if n < cap:
+                r._len = n + 1
+            else:
+                r._start = (r._start + 1) % cap
 
     def add_activations(self, step: int, stats: dict[str, tuple[float, float, float, float]]) -> None:
         """Record per-module activation statistics measured at ``step``."""
@@ -176,7 +205,7 @@ class History:
         """
         steps = self._step.values()
         keep = int(np.searchsorted(steps, step, side="right")) if len(steps) else 0
-        for ring in (self._loss, self._step, self._epoch, self._exact, self._lr, *self._stats.values()):
+        for ring in self._rows:
             ring.truncate(keep)
         gone = [e for e in self.epochs if (e.epoch >= epoch if epoch is not None else e.step > step)]
         self.epochs = [e for e in self.epochs if e not in gone]
@@ -204,6 +233,11 @@ class History:
     @property
     def exact(self) -> np.ndarray:
         return self._exact.values()
+
+    @property
+    def measured(self) -> np.ndarray:
+        """Per row: True where the per-parameter statistics were measured (else NaN)."""
+        return self._measured.values()
 
     @property
     def lr(self) -> np.ndarray:
@@ -235,7 +269,7 @@ class History:
     @property
     def nbytes(self) -> int:
         """Memory held by the buffers (fixed once constructed, apart from activation rings)."""
-        rings = [self._loss, self._step, self._epoch, self._exact, self._lr, self._val, *self._stats.values()]
+        rings = [*self._rows, self._val]
         return sum(r.nbytes for r in rings) + sum(r.nbytes for r in self.activations.values())
 
     def _per_param(self, key: str) -> np.ndarray:

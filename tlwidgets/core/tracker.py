@@ -171,6 +171,7 @@ class Tracker:
             weight_norm=weight,
             update_norm=update,
             exact=exact and update_exact and self._grad_exact,
+            measured=measured,
         )
         return {"grad_norm": self._grad, "weight_norm": weight, "update_norm": update, "lr": lrs}
 

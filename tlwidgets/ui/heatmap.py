@@ -221,6 +221,8 @@ class HeatmapPanel(widgets.VBox):
     def matrix(self, session: Any) -> tuple[np.ndarray, np.ndarray]:
         """(colour matrix params x steps, step numbers) for the current metric; frozen rows NaN.
 
+        The columns are the newest ``steps`` *measured* steps (past the dense
+        phase of the tracking schedule, every ``measure_every``-th step).
         bqplot squeezes singleton dimensions away, so the matrix always has at
         least two columns (NaN columns for steps not taken yet) and two rows
         (a blank row under a one-parameter model).
@@ -231,12 +233,9 @@ class HeatmapPanel(widgets.VBox):
             steps = np.zeros(0, dtype=np.int64)
             color = np.full((n, 0), np.nan)
         else:
-            steps = hist.step[-self.steps :].astype(np.int64)
-            values = (
-                hist.update_ratio[-self.steps :]
-                if self.metric == "update_ratio"
-                else hist.grad_norm[-self.steps :]
-            )
+            rows = np.flatnonzero(hist.measured)[-self.steps :]
+            steps = hist.step[rows].astype(np.int64)
+            values = (hist.update_ratio if self.metric == "update_ratio" else hist.grad_norm)[rows]
             color = log10_safe(values.T.astype(np.float64))[:n]
             frozen = np.array([not p.requires_grad for _, p in session.named_params], dtype=bool)
             color[frozen[:n], :] = np.nan
@@ -300,7 +299,9 @@ class HeatmapPanel(widgets.VBox):
         else:
             lo, hi = -4.0, 1.0
             if self._session is not None and len(self._session.history):
-                g = log10_safe(self._session.history.grad_norm[-self.steps :].astype(np.float64))
+                hist = self._session.history
+                rows = np.flatnonzero(hist.measured)[-self.steps :]
+                g = log10_safe(hist.grad_norm[rows].astype(np.float64))
                 g = g[np.isfinite(g) & (g > FLOOR)]
                 if g.size:
                     lo, hi = math.floor(np.percentile(g, 1)), math.ceil(np.percentile(g, 99))
@@ -344,10 +345,11 @@ class HeatmapPanel(widgets.VBox):
             self.history_box.layout.display = "none"
             return
         hist = session.history
-        steps = hist.step.astype(np.float64)
+        rows = hist.measured  # unmeasured steps hold NaN: a line through them would break apart
+        steps = hist.step.astype(np.float64)[rows]
         i = self.param_names.index(name)
-        ratio = hist.update_ratio[:, i] if len(hist) else np.zeros(0)
-        grad = hist.grad_norm[:, i] if len(hist) else np.zeros(0)
+        ratio = hist.update_ratio[rows, i] if len(hist) else np.zeros(0)
+        grad = hist.grad_norm[rows, i] if len(hist) else np.zeros(0)
         stride = max(1, len(steps) // 1000)  # at most ~1000 points per line
         y = np.vstack([ratio[::stride], grad[::stride]]).astype(np.float64)
         y[~(y > 0)] = np.nan  # a log scale cannot show 0
