@@ -61,7 +61,10 @@ class EventBus:
         return off
 
     def emit(self, event: Event, payload: Any) -> None:
-        for cb in list(self._subs[event]):
+        subs = self._subs[event]
+        if not subs:  # the common case while nothing is displayed: every stage emits
+            return
+        for cb in list(subs):
             try:
                 cb(payload)
             except Exception as exc:  # a broken panel must not stop training

@@ -154,7 +154,7 @@ class Runner(FindingsMixin, ControlsMixin):
         history_size: int = 10_000,
         activation_every: int = 25,
         detail_every: int = 10,
-        measure_every: int = 10,
+        measure_every: int = 20,
         dense_steps: int = 200,
         grad_budget: float | None = None,
         safe_step: bool | None = None,
@@ -388,6 +388,7 @@ class Runner(FindingsMixin, ControlsMixin):
                     return end
             self.records = {}
             self._step_exact = exact
+            self.tracker.note_trainable(self.global_step)
             self._measured = exact or self.tracker.measuring(self.global_step)
             self._step_t0 = time.perf_counter()
         elif exact:
@@ -411,13 +412,15 @@ class Runner(FindingsMixin, ControlsMixin):
                 rec.findings.extend(self._diagnose("on_stage", rec))
         self.records[stage] = rec
         self.last_record = rec
-        self._publish(rec.findings)
+        if rec.findings:
+            self._publish(rec.findings)
         self.events.emit(Event.STAGE, rec)
         if not rec.ok:
             self.events.emit(Event.ERROR, rec)
         if rec.ok and stage is Stage.STEP:
             self._after_step(rec)
-        self._drain_pending()
+        if self._pending:  # controls called during the stage take effect at its end
+            self._drain_pending()
         return rec
 
     def _stage_fetch(self, rec: StageRecord, exact: bool) -> None:

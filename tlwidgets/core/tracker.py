@@ -57,7 +57,7 @@ class Tracker:
         grad_budget: float | None = None,
         activation_every: int = 25,
         detail_every: int = 10,
-        measure_every: int = 10,
+        measure_every: int = 20,
         dense_steps: int = 200,
     ) -> None:
         for name, value in (("measure_every", measure_every), ("dense_steps", dense_steps)):
@@ -79,6 +79,7 @@ class Tracker:
         self.dense_steps = dense_steps
         self._dense_until = dense_steps
         self._lr_mark: list[float] = effective_lrs(optimizer)
+        self._trainable: list[bool] = [p.requires_grad for p in self.params]
         self._nan = np.full(len(self.params), np.nan)
         self._nan.flags.writeable = False  # shared by every unmeasured row
         self._grad: np.ndarray = self._nan
@@ -108,6 +109,17 @@ class Tracker:
     def densify(self, step: int) -> None:
         """Measure every step from ``step`` on for ``dense_steps`` steps (something changed)."""
         self._dense_until = max(self._dense_until, step + self.dense_steps)
+
+    def note_trainable(self, step: int) -> None:
+        """``requires_grad`` changed since the last look (a freeze by hand): measure densely again.
+
+        Called once per step, before :meth:`measuring`: frozen parameters that
+        still move show on the next steps, whoever froze them.
+        """
+        flags = [p.requires_grad for p in self.params]
+        if flags != self._trainable:
+            self._trainable = flags
+            self.densify(step)
 
     def note_lrs(self, step: int, lrs: list[float]) -> None:
         """A scheduler moved a group's LR by 2x or more since the last mark: measure densely again."""

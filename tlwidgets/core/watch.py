@@ -94,7 +94,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         history_size: int = 10_000,
         activation_every: int = 25,
         detail_every: int = 10,
-        measure_every: int = 10,
+        measure_every: int = 20,
         dense_steps: int = 200,
         grad_budget: float | None = None,
         scheduler: Any = None,
@@ -266,6 +266,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._last_inputs = args
         self._fwd_rng = torch.get_rng_state()
         step = self.global_step
+        self.tracker.note_trainable(step)
         if not self.tracker.measuring(step):
             return
         if self.tracker.activations_due(step):

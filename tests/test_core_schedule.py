@@ -1,0 +1,164 @@
+"""The measurement schedule: dense phases, then every ``measure_every``-th step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tlwidgets as tlw
+from tlwidgets.core.tracker import Tracker
+
+
+def _setup(seed: int = 0, n: int = 8):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(n)]
+    return model, opt, data
+
+
+def test_measuring_dense_phase_then_every_kth_step():
+    model, opt, _ = _setup()
+    t = Tracker(model, opt, measure_every=5, dense_steps=12)
+    got = [s for s in range(40) if t.measuring(s)]
+    assert got == [*range(12), 15, 20, 25, 30, 35]
+    t.densify(31)
+    assert all(t.measuring(s) for s in range(31, 43))
+    assert not t.measuring(43) and t.measuring(45)
+
+
+def test_lr_jump_starts_a_dense_phase():
+    model, opt, _ = _setup()
+    t = Tracker(model, opt, measure_every=10, dense_steps=5)
+    t.note_lrs(20, [0.05 * 1.5])  # a 1.5x move: no
+    assert not t.measuring(21)
+    t.note_lrs(20, [0.05 * 3])  # 3x: yes, for the next dense_steps steps
+    assert all(t.measuring(s) for s in range(20, 25)) and not t.measuring(25)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_measure_every_rejects_bad_values(bad):
+    model, opt, data = _setup()
+    with pytest.raises(ValueError, match="measure_every"):
+        tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=bad)
+
+
+def test_runner_rows_of_unmeasured_steps_hold_loss_and_lr_only():
+    model, opt, data = _setup()
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=4, dense_steps=6)
+    r.run(steps=17)
+    h = r.history
+    measured = h.measured
+    expect = np.array([(s - 1) < 6 or (s - 1) % 4 == 0 for s in h.step])  # row s is step s - 1's
+    np.testing.assert_array_equal(measured, expect)
+    assert np.isfinite(h.loss).all() and np.isfinite(h.lr).all()
+    for key in ("grad_norm", "weight_norm", "update_norm", "update_ratio"):
+        values = getattr(h, key)
+        assert np.isfinite(values[measured]).all(), key
+        assert np.isnan(values[~measured]).all(), key
+
+
+def test_runner_measured_rows_match_a_naive_reference():
+    model, opt, data = _setup()
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=3, dense_steps=2)
+    r.run(steps=5)  # steps 0, 1 (dense), 3 measured; 2 and 4 not
+    assert r.tracker.measuring(6) and not r.tracker.measuring(5)
+    r.run(steps=1)  # step 5: unmeasured
+    before = [p.detach().clone() for p in model.parameters()]
+    r.step()  # step 6: measured
+    grads = torch.stack([p.grad.norm() for p in model.parameters()]).numpy()
+    upd = torch.stack([(p.detach() - b).norm() for p, b in zip(model.parameters(), before)]).numpy()
+    wn = torch.stack([b.norm() for b in before]).numpy()
+    np.testing.assert_allclose(r.history.grad_norm[-1], grads, rtol=1e-5)
+    np.testing.assert_allclose(r.history.update_norm[-1], upd, rtol=1e-4)  # small tensors: taken whole
+    np.testing.assert_allclose(r.history.weight_norm[-1], wn, rtol=1e-5)
+
+
+def test_unmeasured_step_records_are_marked_and_rules_stay_quiet():
+    model, opt, data = _setup()
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=50, dense_steps=3)
+    r.run(steps=5)
+    assert not r.tracker.measuring(5)
+    rec = r.step()
+    assert rec.data["measured"] is False
+    assert r.records[tlw.Stage.BACKWARD].data["measured"] is False
+    assert math.isfinite(r.records[tlw.Stage.LOSS].data["loss"])
+    assert not r.diagnostic_errors
+
+
+def test_control_change_and_rewind_start_dense_phases():
+    model, opt, data = _setup()
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=50, dense_steps=3)
+    r.run(steps=5)
+    ck = r.checkpoint()
+    r.run(steps=5)
+    assert not r.tracker.measuring(r.global_step)
+    r.freeze("0")
+    assert all(r.tracker.measuring(s) for s in range(r.global_step, r.global_step + 3))
+    r.run(steps=10)
+    assert not r.tracker.measuring(r.global_step)
+    r.rewind(ck)
+    assert r.tracker.measuring(r.global_step)
+
+
+def test_frozen_but_moving_found_right_after_a_freeze_by_hand_in_the_sparse_phase():
+    """A freeze (even by hand) starts a dense phase: the process bug shows within two steps."""
+    from tlwidgets.zoo.broken import InPlaceZeroGradSGD
+
+    model, _, data = _setup(n=30)
+    opt = InPlaceZeroGradSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=50, dense_steps=3)
+    r.run(steps=8)
+    assert not r.tracker.measuring(r.global_step)
+    model[0].weight.requires_grad_(False)  # by hand: zero_grad() zeroes in place, decay still moves it
+    r.run(steps=2)
+    found = [f for f in r.findings if f.code == "frozen-param-changed"]
+    assert found and found[0].params == ("0.weight",)
+
+
+def test_nan_loss_on_an_unmeasured_step_stops_the_run():
+    model, opt, data = _setup(n=20)
+    data[12] = (torch.full_like(data[12][0], float("nan")), data[12][1])
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=50, dense_steps=3)
+    result = r.run(steps=18)
+    assert result.steps == 12 and result.stopped_by == "finding"
+    assert result.finding.code in {"non-finite-input", "non-finite-loss"}
+    codes = {f.code for f in r.findings}
+    assert "non-finite-input" in codes  # the batch was scanned when the loss came out NaN
+
+
+def test_watch_follows_the_same_schedule():
+    model, opt, data = _setup()
+    loss_fn = nn.CrossEntropyLoss()
+    with tlw.watch(model, opt, loss_fn=loss_fn, measure_every=4, dense_steps=3) as w:
+        for _ in range(2):
+            for x, y in data:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+    h = w.history
+    expect = np.array([(s - 1) < 3 or (s - 1) % 4 == 0 for s in h.step])
+    np.testing.assert_array_equal(h.measured, expect)
+    assert np.isnan(h.update_norm[~expect]).all() and np.isfinite(h.update_norm[expect]).all()
+    assert np.isfinite(h.loss).all()
+    assert not any(f.severity in ("warning", "error") for f in w.findings)
+
+
+def test_watch_reports_grads_not_zeroed_in_the_sparse_phase():
+    """The loop rules run on unmeasured steps too once the loop looks wrong."""
+    model, opt, data = _setup(n=40)
+    loss_fn = nn.CrossEntropyLoss()
+    with tlw.watch(model, opt, loss_fn=loss_fn, measure_every=100, dense_steps=3) as w:
+        for i, (x, y) in enumerate(data):
+            if i < 10:
+                opt.zero_grad()  # the bug starts at step 10, past the dense phase
+            loss_fn(model(x), y).backward()
+            opt.step()
+            if i == 12:
+                break
+    assert "grads-not-zeroed" in {f.code for f in w.findings}
