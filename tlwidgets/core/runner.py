@@ -108,8 +108,8 @@ class Runner(FindingsMixin, ControlsMixin):
         (NaN statistics in :attr:`history`) and still stop on a NaN/Inf loss.
         ``measure_every=1`` measures every step.
     grad_budget
-        ``None`` (default): exact grad norms every step, which also checks every
-        gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
+        ``None`` (default): exact grad norms on every measured step, which also
+        checks every gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
         caps the exact pass at that share of step time; steps in between use a
         sampled estimate and check NaN/Inf on the sample only.
     safe_step
