@@ -60,10 +60,8 @@ class Tracker:
         measure_every: int = 20,
         dense_steps: int = 200,
     ) -> None:
-        for name, value in (("measure_every", measure_every), ("dense_steps", dense_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "measure_every"):
-                low = 1 if name == "measure_every" else 0
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        _check_count("measure_every", measure_every, low=1)
+        _check_count("dense_steps", dense_steps, low=0)
         self.model = model
         self.optimizer = optimizer
         self.named_params: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
@@ -124,15 +122,9 @@ class Tracker:
     def note_lrs(self, step: int, lrs: list[float]) -> None:
         """A scheduler moved a group's LR by 2x or more since the last mark: measure densely again."""
         mark = self._lr_mark
-        if len(lrs) != len(mark):
+        if len(lrs) != len(mark) or any(new > 2 * old or old > 2 * new for new, old in zip(lrs, mark)):
             self._lr_mark = list(lrs)
             self.densify(step)
-            return
-        for new, old in zip(lrs, mark):
-            if new > 2 * old or old > 2 * new:
-                self._lr_mark = list(lrs)
-                self.densify(step)
-                return
 
     def skip_grads(self) -> None:
         """An unmeasured step: no grad norms for its history row."""
@@ -189,3 +181,8 @@ class Tracker:
 
     def close(self) -> None:
         self.probe.close()
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
