@@ -129,6 +129,9 @@ class History:
         #: per-module activation statistics: name -> ring of (step, mean, std, frac_zero, dead_frac).
         self.activations: dict[str, RingBuffer] = {}
         self._act_capacity = max(1, capacity // 10)
+        #: Bumped by every write, so derived indexes (the measured rows) are rebuilt only when stale.
+        self._version = 0
+        self._measured_cache: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
 
     # -- writing -----------------------------------------------------------
     def append(
@@ -174,6 +177,7 @@ class History:
                 r._len = n + 1
             else:
                 r._start = (r._start + 1) % cap
+        self._version += 1
 
     def add_activations(self, step: int, stats: dict[str, tuple[float, float, float, float]]) -> None:
         """Record per-module activation statistics measured at ``step``."""
@@ -207,6 +211,7 @@ class History:
         keep = int(np.searchsorted(steps, step, side="right")) if len(steps) else 0
         for ring in self._rows:
             ring.truncate(keep)
+        self._version += 1
         gone = [e for e in self.epochs if (e.epoch >= epoch if epoch is not None else e.step > step)]
         self.epochs = [e for e in self.epochs if e not in gone]
         self._val.truncate(len(self._val) - sum(e.val_loss is not None for e in gone))
@@ -271,6 +276,79 @@ class History:
         """Memory held by the buffers (fixed once constructed, apart from activation rings)."""
         rings = [*self._rows, self._val]
         return sum(r.nbytes for r in rings) + sum(r.nbytes for r in self.activations.values())
+
+    # -- windows (what the rules read) -----------------------------------------
+    def _measured_positions(self) -> np.ndarray:
+        """Row positions (0 = oldest kept row) of the measured rows, oldest first; cached per write."""
+        version, positions = self._measured_cache
+        if version != self._version:
+            positions = np.flatnonzero(self._measured.values())
+            self._measured_cache = (self._version, positions)
+        return positions
+
+    @property
+    def measured_count(self) -> int:
+        """Number of kept rows whose per-parameter statistics were measured."""
+        return int(self._measured_positions().size)
+
+    def span(self, n: int) -> int:
+        """Rows (measured or not) from the ``n``-th newest measured row to the newest row.
+
+        The loss and LR are recorded on every step: a loss window that covers the
+        same steps as a window of ``n`` measured rows is ``window("loss", span(n),
+        measured=False)``.
+        """
+        positions = self._measured_positions()
+        if n <= 0 or not positions.size:
+            return 0
+        return len(self) - int(positions[-min(n, positions.size)])
+
+    def window(self, key: str, n: int, *, measured: bool | None = None) -> np.ndarray:
+        """The newest ``n`` rows of a per-step series, oldest first (a copy; never the whole ring).
+
+        Parameters
+        ----------
+        key
+            ``loss``, ``step``, ``epoch``, ``exact``, ``measured``, ``lr``,
+            ``grad_norm``, ``weight_norm`` or ``update_norm``.
+        n
+            Rows wanted (fewer when fewer exist).
+        measured
+            Count measured rows only. Default: True for the per-parameter
+            statistics (unmeasured rows hold only NaN there) and False for the
+            series recorded on every step (loss, LR, step, epoch). Trend rules
+            count measured rows so that a trend starting late in a long run is
+            judged on as much evidence as one at the start, whatever the schedule.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 for the float series (per-parameter ones cut to
+            ``param_names``), int for ``step``/``epoch``, bool for the flags.
+        """
+        ring = self._stats[key] if key in self._stats else getattr(self, f"_{key}", None)
+        if not any(ring is r for r in self._rows):
+            raise KeyError(f"no per-step series {key!r}")
+        if measured is None:
+            measured = key in self._PER_PARAM
+        length = len(ring)
+        cap = ring.capacity
+        if measured:
+            positions = self._measured_positions()
+            chosen = positions[max(0, positions.size - n) :] if n > 0 else positions[:0]
+            out = ring._data[(ring._start + chosen) % cap]
+        else:
+            n = max(0, min(n, length))
+            first = (ring._start + length - n) % cap
+            if first + n <= cap:  # contiguous: a view, copied once below
+                out = ring._data[first : first + n]
+            else:
+                out = np.concatenate([ring._data[first:], ring._data[: first + n - cap]])
+        if key in self._PER_PARAM:
+            out = out[:, : len(self.param_names)]
+        if out.dtype.kind == "f":
+            return out.astype(np.float64)  # always a copy
+        return out.copy()
 
     def _per_param(self, key: str) -> np.ndarray:
         values = self._stats[key].values().astype(np.float64)

@@ -408,7 +408,9 @@ class Runner(FindingsMixin, ControlsMixin):
             rec.duration_s = time.perf_counter() - t0
         if rec.ok:
             self.stage = stage.next()
-            if self._measured:  # the stage rules read statistics an unmeasured step lacks
+            # The stage rules read statistics an unmeasured step lacks; a NaN/Inf loss is diagnosed
+            # on any step (what caused it: the LR of the steps before, a bad init, ...).
+            if self._measured or (stage is Stage.LOSS and rec.data.get("finite") is False):
                 rec.findings.extend(self._diagnose("on_stage", rec))
         self.records[stage] = rec
         self.last_record = rec

@@ -82,16 +82,34 @@ class Tracker:
         self._nan.flags.writeable = False  # shared by every unmeasured row
         self._grad: np.ndarray = self._nan
         self._grad_exact = False
+        self._last_due: dict[str, int] = {}
 
     def activations_due(self, step: int) -> bool:
-        """Measure per-module activation statistics at ``step``?"""
-        every = self.activation_every
-        return step < 3 or (every > 0 and step % every == 0)
+        """Measure per-module activation statistics at ``step``? (Asked on measured steps only.)"""
+        return self._due("activations", step, self.activation_every)
 
     def details_due(self, step: int) -> bool:
-        """Describe the batch (ranges, label counts) and devices at ``step``?"""
-        every = self.detail_every
-        return step < 3 or (every > 0 and step % every == 0)
+        """Describe the batch (ranges, label counts) and devices at ``step``? (Measured steps only.)"""
+        return self._due("details", step, self.detail_every)
+
+    def _due(self, what: str, step: int, every: int) -> bool:
+        """True on the first 3 steps, and ``every`` steps or more after the last step it was True.
+
+        Counted from the last time, not as ``step % every``: the steps asked
+        about are the measured ones, which in a sparse phase fall every
+        ``measure_every`` steps and would meet a modulo test only at their
+        common multiples (or never). Asking twice about one step gives the same
+        answer; a step before the last one (a rewind) is due.
+        """
+        if step < 3:
+            return True
+        if every <= 0:
+            return False
+        last = self._last_due.get(what, 0)  # from step 0: in a dense phase, the multiples of every
+        if step <= last or step - last >= every:
+            self._last_due[what] = step
+            return True
+        return False
 
     def measuring(self, step: int) -> bool:
         """Measure the per-parameter statistics (and run the rules) at ``step``?

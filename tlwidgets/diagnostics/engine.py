@@ -121,20 +121,34 @@ class RuleDiagnoser:
         rules = self._applicable(self._by_stage.get(record.stage, ()), session.kind, record.stage)
         if not record.exact:
             step = record.step
-            rules = [r for r in rules if r.every == 1 or step < r.early or step % r.every == 0]
+            st = self.state(session)
+            rules = [
+                r
+                for r in rules
+                if r.every == 1 or step < r.early or st.due((r.name, record.stage), step, r.every)
+            ]
         return self._run(rules, session, record)
 
     def on_step(self, session: Any) -> list[Finding]:
-        """Trend rules due now: each runs every ``rule.every`` steps and on its first ``rule.early``."""
+        """Trend rules due now: each runs ``rule.every`` steps after its last run, and on the first
+        ``rule.early`` evaluations.
+
+        The sessions call this after measured steps only (the trend rules read
+        their statistics), which in a sparse phase are ``measure_every`` steps
+        apart: a rule whose ``every`` is shorter then runs on each of them, for
+        the whole run (DESIGN section 6, "Whole runs").
+        """
         st = self.state(session)
         step = int(session.global_step)
         if step < st.last_step:
             st.reset_time()
         st.last_step = step
+        st.trend_calls += 1
+        calls = st.trend_calls
         due = [
             r
             for r in self._applicable(self._trend, session.kind, "trend")
-            if step <= r.early or step % r.every == 0
+            if calls <= r.early or st.due(r.name, step, r.every)
         ]
         return self._run(due, session)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -12,7 +14,28 @@ from torch.utils.data import DataLoader
 from tlwidgets.zoo.datasets import loaders
 from tlwidgets.zoo.digits import DigitsBackbone, DigitsNet, pretrained_backbone, split_digits
 
-__all__ = ["finetune_setup", "make_parts"]
+__all__ = ["data_seed", "finetune_setup", "make_parts", "using_data_seed"]
+
+#: The seed of the data the builders generate or split (train/val split, synthetic data); the
+#: build seed sets weights and batch order. Set for one build by :func:`using_data_seed`.
+_DATA_SEED: contextvars.ContextVar[int] = contextvars.ContextVar("tlwidgets_zoo_data_seed", default=0)
+
+
+def data_seed() -> int:
+    """The data seed of the build in progress (0 unless :func:`using_data_seed` says otherwise)."""
+    return _DATA_SEED.get()
+
+
+@contextlib.contextmanager
+def using_data_seed(seed: int) -> Iterator[None]:
+    """Builders called inside this block generate and split their data with ``seed``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"data_seed must be an int >= 0, got {seed!r}")
+    token = _DATA_SEED.set(seed)
+    try:
+        yield
+    finally:
+        _DATA_SEED.reset(token)
 
 
 def make_parts(
@@ -76,7 +99,7 @@ def finetune_setup(
     tuple
         ``(model, train_loader, val_loader)``.
     """
-    split = split_digits()
+    split = split_digits(seed=data_seed())
     train_loader, val_loader = loaders(
         split.finetune_train, split.finetune_val, batch_size=batch_size, drop_last=True
     )

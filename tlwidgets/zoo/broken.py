@@ -9,11 +9,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tlwidgets.testing import make_regression
-from tlwidgets.zoo._parts import finetune_setup, make_parts
+from tlwidgets.zoo._parts import data_seed, finetune_setup, make_parts
 from tlwidgets.zoo.datasets import digits_datasets, loaders
 from tlwidgets.zoo.digits import DigitsBackbone, train_val_split
 from tlwidgets.zoo.healthy import (
-    _DATA_SEED,
     _split,
     build_cnn_bn_digits,
     build_gaussian_rmsprop,
@@ -78,7 +77,7 @@ def _mlp_parts(
         The ``Runner`` keywords of the setup.
     """
     if train_data is None:
-        train, val = digits_datasets(_DATA_SEED)
+        train, val = digits_datasets(data_seed())
         train_data, val_data = loaders(train, val, batch_size=64)
     return make_parts(model, optimizer, train_data, val_data)
 
@@ -158,9 +157,9 @@ def _over_regularization(seed: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- numerics
 def _nan_loss(seed: int) -> dict[str, Any]:
-    x, y = make_regression(1024, 1, noise=0.01, seed=_DATA_SEED).tensors
+    x, y = make_regression(1024, 1, noise=0.01, seed=data_seed()).tensors
     counts = torch.round((y + 1) * 3)  # count targets 0..6, about one in twelve is 0
-    train, val = train_val_split(x, counts, val_fraction=0.2, seed=_DATA_SEED)
+    train, val = train_val_split(x, counts, val_fraction=0.2, seed=data_seed())
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([1, 64, 64, 1], flatten=False)
 
@@ -173,10 +172,10 @@ def _nan_loss(seed: int) -> dict[str, Any]:
 
 
 def _non_finite_input(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     x, y = train.tensors
     x = x.clone()
-    gen = torch.Generator().manual_seed(_DATA_SEED)
+    gen = torch.Generator().manual_seed(data_seed())
     rows = torch.randperm(len(x), generator=gen)[: len(x) // 10]
     x[rows, 0, 3, 3] = float("nan")  # missing values never cleaned
     train_loader, val_loader = loaders(TensorDataset(x, y), val, batch_size=64)
@@ -185,7 +184,7 @@ def _non_finite_input(seed: int) -> dict[str, Any]:
 
 
 def _nan_grad(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED, standardize=False)  # raw counts 0..16, many exact zeros
+    train, val = digits_datasets(data_seed(), standardize=False)  # raw counts 0..16, many exact zeros
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = SqrtMLP(64, 64, 10)
     return _mlp_parts(model, _sgd(model), train_loader, val_loader)
@@ -271,7 +270,7 @@ def _bn_small_batch(seed: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- data
 def _unnormalized(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED, standardize=False)
+    train, val = digits_datasets(data_seed(), standardize=False)
     # Raw 0..16 pixels scaled to 0..256, like uint8 images fed without ToTensor/Normalize.
     train = TensorDataset(train.tensors[0] * 16, train.tensors[1])
     val = TensorDataset(val.tensors[0] * 16, val.tensors[1])
@@ -281,7 +280,7 @@ def _unnormalized(seed: int) -> dict[str, Any]:
 
 
 def _unshuffled(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     x, y = train.tensors
     order = torch.argsort(y, stable=True)  # the bug: sorted by label and never shuffled
     train_loader, val_loader = loaders(TensorDataset(x[order], y[order]), val, batch_size=32, shuffle=False)
@@ -294,7 +293,7 @@ def _class_imbalance(seed: int) -> dict[str, Any]:
 
 
 def _overfitting(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     x, y = train.tensors
     small = TensorDataset(x[:50], y[:50])  # 50 training examples for a 300k-parameter model
     train_loader, val_loader = loaders(small, val, batch_size=25)
@@ -311,9 +310,9 @@ def _channel_order(seed: int) -> dict[str, Any]:
 
 
 def _labels_decoupled(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     x, y = train.tensors
-    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(_DATA_SEED))]
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(data_seed()))]
     train_loader, val_loader = loaders(
         TensorDataset(x, shuffled), val, batch_size=64
     )  # labels shuffled alone
@@ -322,7 +321,7 @@ def _labels_decoupled(seed: int) -> dict[str, Any]:
 
 
 def _data_leakage(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     xt, yt = train.tensors
     xv, yv = val.tensors
     # The bug: the validation set was drawn from the full data after training examples were chosen.
@@ -334,8 +333,8 @@ def _data_leakage(seed: int) -> dict[str, Any]:
 
 
 def _train_val_shift(seed: int) -> dict[str, Any]:
-    train, _ = digits_datasets(_DATA_SEED)
-    _, raw_val = digits_datasets(_DATA_SEED, standardize=False)  # the bug: validation never normalized
+    train, _ = digits_datasets(data_seed())
+    _, raw_val = digits_datasets(data_seed(), standardize=False)  # the bug: validation never normalized
     raw_val = TensorDataset(raw_val.tensors[0] * 16, raw_val.tensors[1])
     train_loader, val_loader = loaders(train, raw_val, batch_size=64)
     model = mlp([64, 64, 10])
@@ -344,7 +343,7 @@ def _train_val_shift(seed: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- stage errors
 def _target_out_of_range(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     train = TensorDataset(train.tensors[0], train.tensors[1] + 1)  # labels 1..10 for 10 outputs
     val = TensorDataset(val.tensors[0], val.tensors[1] + 1)
     train_loader, val_loader = loaders(train, val, batch_size=64)
@@ -358,7 +357,7 @@ def _shape_mismatch(seed: int) -> dict[str, Any]:
 
 
 def _dtype_mismatch(seed: int) -> dict[str, Any]:
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     train = TensorDataset(train.tensors[0].double(), train.tensors[1])  # float64 from numpy
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, 64, 10])
@@ -371,7 +370,7 @@ def _inplace(seed: int) -> dict[str, Any]:
 
 
 def _loss_plateau(seed: int) -> dict[str, Any]:
-    train, val = _split(make_regression(1024, 1, noise=0.01, seed=_DATA_SEED))
+    train, val = _split(make_regression(1024, 1, noise=0.01, seed=data_seed()))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = nn.Sequential(nn.Linear(1, 1))  # a straight line cannot follow sin(8x): stuck at the variance
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-2)

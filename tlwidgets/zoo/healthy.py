@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tlwidgets.testing import make_classification, make_patches, make_regression
-from tlwidgets.zoo._parts import finetune_setup, make_parts
+from tlwidgets.zoo._parts import data_seed, finetune_setup, make_parts
 from tlwidgets.zoo.datasets import digits_datasets, loaders, make_rgb_digits, make_sequences
 from tlwidgets.zoo.digits import train_val_split
 from tlwidgets.zoo.models import PatchNet, RGBNet, SequenceNet, SmallCNN, mlp
@@ -30,19 +30,16 @@ __all__ = [
     "build_regression",
 ]
 
-#: Data splits are fixed (seed 0); the build seed sets weights and batch order.
-_DATA_SEED = 0
-
 
 def _split(ds: TensorDataset, val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     x, y = ds.tensors
-    return train_val_split(x, y, val_fraction=val_fraction, seed=_DATA_SEED)
+    return train_val_split(x, y, val_fraction=val_fraction, seed=data_seed())
 
 
 # ---------------------------------------------------------------------- builders (reused by broken setups)
 def build_mlp_digits(seed: int, *, lr: float = 0.05, hidden: int = 64, **_: Any) -> dict[str, Any]:
     """MLP 64-64-10 on standardized digits, SGD with momentum."""
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([64, hidden, 10])
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -51,7 +48,7 @@ def build_mlp_digits(seed: int, *, lr: float = 0.05, hidden: int = 64, **_: Any)
 
 def build_cnn_bn_digits(seed: int, *, batch_size: int = 32, dropout: float = 0.0) -> dict[str, Any]:
     """CNN with batch norm on 8x8 digits, Adam."""
-    train, val = digits_datasets(_DATA_SEED)
+    train, val = digits_datasets(data_seed())
     train_loader, val_loader = loaders(train, val, batch_size=batch_size, drop_last=True)
     model = SmallCNN(10, batch_norm=True, dropout=dropout)
     return make_parts(model, torch.optim.Adam(model.parameters(), lr=1e-3), train_loader, val_loader)
@@ -59,8 +56,8 @@ def build_cnn_bn_digits(seed: int, *, batch_size: int = 32, dropout: float = 0.0
 
 def build_regression(seed: int, *, flat_targets: bool = False) -> dict[str, Any]:
     """ReLU MLP fitting ``sin(8 (x - 1.2))``, AdamW, MSE on ``[N, 1]`` targets (``[N]``: ``flat_targets``)."""
-    x, y = make_regression(1024, 1, noise=0.01, seed=_DATA_SEED).tensors
-    train, val = train_val_split(x, y[:, 0] if flat_targets else y, val_fraction=0.2, seed=_DATA_SEED)
+    x, y = make_regression(1024, 1, noise=0.01, seed=data_seed()).tensors
+    train, val = train_val_split(x, y[:, 0] if flat_targets else y, val_fraction=0.2, seed=data_seed())
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([1, 128, 128, 1], flatten=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
@@ -91,7 +88,7 @@ def build_finetune_frozen_digits(seed: int) -> dict[str, Any]:
 
 def build_gaussian_rmsprop(seed: int, *, weights: Any = None) -> dict[str, Any]:
     """MLP on 8-D Gaussian clusters (4 classes), RMSprop."""
-    train, val = _split(make_classification(1200, 8, 4, seed=_DATA_SEED, separation=1.0, weights=weights))
+    train, val = _split(make_classification(1200, 8, 4, seed=data_seed(), separation=1.0, weights=weights))
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = mlp([8, 32, 4], flatten=False)
     return make_parts(model, torch.optim.RMSprop(model.parameters(), lr=1e-3), train_loader, val_loader)
@@ -99,7 +96,7 @@ def build_gaussian_rmsprop(seed: int, *, weights: Any = None) -> dict[str, Any]:
 
 def build_patches(seed: int) -> dict[str, Any]:
     """CNN regressing the box of a bright square in 16x16 patches, Adam, MSE."""
-    train, val = _split(make_patches(768, 16, seed=_DATA_SEED))
+    train, val = _split(make_patches(768, 16, seed=data_seed()))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = PatchNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -108,7 +105,7 @@ def build_patches(seed: int) -> dict[str, Any]:
 
 def build_sequence(seed: int, *, mix_batch: bool = False) -> dict[str, Any]:
     """GRU classifying the frequency of noisy oscillations ``[N, T, 2]``, Adam."""
-    train, val = _split(make_sequences(768, seed=_DATA_SEED))
+    train, val = _split(make_sequences(768, seed=data_seed()))
     train_loader, val_loader = loaders(train, val, batch_size=32)
     model = SequenceNet(2, 32, 3, mix_batch=mix_batch)
     return make_parts(model, torch.optim.Adam(model.parameters(), lr=1e-2), train_loader, val_loader)
@@ -116,10 +113,10 @@ def build_sequence(seed: int, *, mix_batch: bool = False) -> dict[str, Any]:
 
 def build_rgb(seed: int, *, reshape_bug: bool = False) -> dict[str, Any]:
     """CNN on RGB digits; the channels-last images are converted with a permute (or, broken, a view)."""
-    hwc, y = make_rgb_digits(_DATA_SEED)
+    hwc, y = make_rgb_digits(data_seed())
     n, h, w, c = hwc.shape
     x = hwc.view(n, c, h, w) if reshape_bug else hwc.permute(0, 3, 1, 2).contiguous()
-    train, val = train_val_split(x, y, val_fraction=0.2, seed=_DATA_SEED)
+    train, val = train_val_split(x, y, val_fraction=0.2, seed=data_seed())
     train_loader, val_loader = loaders(train, val, batch_size=64)
     model = RGBNet(10)
     return make_parts(model, torch.optim.Adam(model.parameters(), lr=3e-3), train_loader, val_loader)

@@ -62,14 +62,19 @@ class Setup:
     fix: str = ""
     loop: Callable[..., None] | None = None
 
-    def build(self, seed: int = 0) -> dict[str, Any]:
+    def build(self, seed: int = 0, *, data_seed: int = 0) -> dict[str, Any]:
         """Fresh model, loss, optimizer, data, scheduler: ``tlw.Runner(**setup.build())`` works.
 
         The global torch RNG is seeded with ``seed`` first, so the same seed
-        gives the same weights and (shuffled) batch order.
+        gives the same weights and (shuffled) batch order. ``data_seed`` draws
+        the data itself: the train/validation split and any generated inputs
+        or labels (a rule that holds for one split only is not a rule).
         """
+        from tlwidgets.zoo._parts import using_data_seed
+
         torch.manual_seed(seed)
-        parts = self.builder(seed)
+        with using_data_seed(data_seed):
+            parts = self.builder(seed)
         parts.setdefault("val_data", None)
         parts.setdefault("scheduler", None)
         parts.setdefault("scheduler_interval", "epoch")
@@ -78,13 +83,13 @@ class Setup:
             raise RuntimeError(f"setup {self.name!r} did not build {missing}")
         return parts
 
-    def runner(self, seed: int = 0, **kwargs: Any) -> Runner:
+    def runner(self, seed: int = 0, *, data_seed: int = 0, **kwargs: Any) -> Runner:
         """A :class:`~tlwidgets.core.runner.Runner` on a fresh build; ``kwargs`` go to the Runner."""
-        parts = self.build(seed)
+        parts = self.build(seed, data_seed=data_seed)
         parts.update(kwargs)
         return Runner(**parts)
 
-    def watch(self, seed: int = 0, **watch_kwargs: Any) -> Watcher:
+    def watch(self, seed: int = 0, *, data_seed: int = 0, **watch_kwargs: Any) -> Watcher:
         """Run :attr:`loop` on a fresh build under ``tlw.watch``; return the finished watcher.
 
         Raises
@@ -94,7 +99,7 @@ class Setup:
         """
         if self.loop is None:
             raise ValueError(f"setup {self.name!r} has no own training loop; use setup.runner()")
-        parts = self.build(seed)
+        parts = self.build(seed, data_seed=data_seed)
         watcher = watch(parts["model"], parts["optimizer"], loss_fn=parts["loss_fn"], **watch_kwargs)
         with watcher:
             self.loop(parts, **self.run)
@@ -104,6 +109,7 @@ class Setup:
         self,
         seed: int = 0,
         *,
+        data_seed: int = 0,
         checks: Iterable[str] | None = None,
         train: bool = True,
         **runner_kwargs: Any,
@@ -113,7 +119,9 @@ class Setup:
         Parameters
         ----------
         seed
-            Build seed.
+            Build seed (weights, batch order).
+        data_seed
+            Seed of the data (split, generated inputs and labels).
         checks
             Check names to run (default: :attr:`checks`). The checks restore
             every state they touch, so they do not change the run.
@@ -125,8 +133,8 @@ class Setup:
         if self.loop is not None:
             if checks:
                 raise ValueError("explicit checks need a Runner; own-loop setups have none")
-            return Diagnosis(self, self.watch(seed, **runner_kwargs), None, [])
-        runner = self.runner(seed, **runner_kwargs)
+            return Diagnosis(self, self.watch(seed, data_seed=data_seed, **runner_kwargs), None, [])
+        runner = self.runner(seed, data_seed=data_seed, **runner_kwargs)
         found = []
         for name in self.checks if checks is None else tuple(checks):
             f = CHECKS[name](runner)

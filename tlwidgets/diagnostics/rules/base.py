@@ -42,10 +42,12 @@ __all__ = [
     "SessionState",
     "is_embedding_param",
     "matrix_columns",
+    "measured_rows",
     "nanmedian",
     "rows_identical",
     "rule",
     "short_list",
+    "span_rows",
     "tail",
 ]
 
@@ -74,14 +76,17 @@ class Rule:
     needs
         Record data keys that must be present and not ``None``; otherwise the rule is skipped.
     every
-        Run when the step is a multiple of ``every`` (and on each of the first
-        ``early`` steps), so a rule costs ``1/every`` of its price per step. Trend
+        Run at most once every ``every`` steps (counted from its last run, on
+        the steps that are measured; and on each of the first ``early``), so a
+        rule costs ``1/every`` of its price per step. Trend
         rules: heavier window statistics. Stage rules: facts that persist over
         steps (a layer left in eval mode, a loss reduction); a stage rule always
         runs on an exact record (a stage stepped alone). Rules for process bugs
         that must be named within two steps keep ``every=1``.
     early
-        Steps at the start during which the rule runs after every step.
+        Stage rules: steps at the start during which the rule runs on every
+        record. Trend rules: the first evaluations (measured steps) on which it
+        runs every time.
     sessions
         Which sessions the rule applies to (``"runner"``, ``"watch"``).
     """
@@ -163,6 +168,11 @@ class SessionState:
         groups); cleared by every audit because controls may change them.
     last_step
         Newest global step seen: a smaller one means the session was rewound.
+    last_run
+        Step at which each scheduled rule last ran (key: rule name, and the
+        stage for stage rules): a rule is due again ``every`` steps later.
+    trend_calls
+        Trend evaluations so far (the trend rules' ``early`` counts these).
     """
 
     def __init__(self) -> None:
@@ -171,6 +181,22 @@ class SessionState:
         self.reported: dict[tuple[str, str], tuple[str, ...]] = {}
         self.cache: dict[str, Any] = {}
         self.last_step = 0
+        self.last_run: dict[Any, int] = {}
+        self.trend_calls = 0
+
+    def due(self, key: Any, step: int, every: int) -> bool:
+        """Is a rule with period ``every`` due at ``step`` (``every`` steps since it last ran)?
+
+        Counted from the last run, never as ``step % every``: the steps on which
+        anything is evaluated depend on the measurement schedule (every 20th
+        step in a sparse phase, a step after a change, ...), and a modulo test
+        against them can fail for ever. A rule that never ran counts from step 0
+        (so in a dense phase it runs on the multiples of ``every``).
+        """
+        if 0 <= step - self.last_run.get(key, 0) < every:
+            return False
+        self.last_run[key] = step
+        return True
 
     def of(self, name: str) -> dict[str, Any]:
         """The private state dict of rule ``name`` (created empty)."""
@@ -183,6 +209,8 @@ class SessionState:
         """Forget everything that depends on the order of steps (after a rewind)."""
         self.rules.clear()
         self.shared.clear()
+        self.last_run.clear()
+        self.trend_calls = 0
 
 
 class RuleContext:
@@ -352,35 +380,50 @@ def matrix_columns(session: Any) -> np.ndarray:
     return np.array(cols, dtype=np.int64)
 
 
-def tail(history: Any, key: str, n: int) -> np.ndarray:
+def tail(history: Any, key: str, n: int, *, measured: bool | None = None) -> np.ndarray:
     """The newest ``n`` rows of a history series, oldest first, without copying the whole ring.
 
     ``key`` is ``loss``, ``step``, ``epoch``, ``lr``, ``grad_norm``,
-    ``weight_norm`` or ``update_norm``. Per-parameter series are cut to the
-    parameter columns and returned as float64.
+    ``weight_norm`` or ``update_norm``. Per-parameter series count measured
+    rows only (unmeasured rows of the schedule hold NaN there); the loss and LR,
+    recorded every step, count every row unless ``measured=True`` (see
+    :meth:`tlwidgets.core.history.History.window`). Per-parameter series are cut
+    to the parameter columns and returned as float64.
     """
-    ring = (
-        history._stats.get(key)
-        if key in getattr(history, "_stats", {})
-        else getattr(history, f"_{key}", None)
-    )
-    if ring is None or not hasattr(ring, "_data"):  # another History implementation: go through its API
-        values = np.asarray(getattr(history, key))
-        return values[-n:] if n else values[:0]
-    length = len(ring)
-    n = min(n, length)
-    cap = ring.capacity
-    first = (ring._start + length - n) % cap
-    data = ring._data
-    if first + n <= cap:  # contiguous: a view, copied once by the conversion below
-        out = data[first : first + n]
-    else:
-        out = np.concatenate([data[first:], data[: first + n - cap]])
-    if key in ("grad_norm", "weight_norm", "update_norm"):
-        out = out[:, : len(history.param_names)]
-    if key in ("step", "epoch"):
-        return out.copy()
-    return out.astype(np.float64)  # always a copy
+    window = getattr(history, "window", None)
+    if window is not None:
+        return window(key, n, measured=measured)
+    values = np.asarray(getattr(history, key))  # another History implementation: its public arrays
+    if measured or (measured is None and key in ("grad_norm", "weight_norm", "update_norm")):
+        flags = getattr(history, "measured", None)
+        if flags is not None and len(flags) == len(values):
+            values = values[np.asarray(flags, dtype=bool)]
+    return values[-n:] if n > 0 else values[:0]
+
+
+def span_rows(history: Any, n: int) -> int:
+    """Rows (every step) that cover the newest ``n`` measured rows of ``history``.
+
+    A loss window over the same steps as a window of ``n`` measured statistics
+    is ``tail(history, "loss", span_rows(history, n))``.
+    """
+    span = getattr(history, "span", None)
+    if span is not None:
+        return int(span(n))
+    flags = getattr(history, "measured", None)
+    if flags is None or n <= 0:
+        return n
+    where = np.flatnonzero(np.asarray(flags, dtype=bool))
+    return len(flags) - int(where[-min(n, where.size)]) if where.size else 0
+
+
+def measured_rows(history: Any) -> int:
+    """Rows of ``history`` whose per-parameter statistics were measured (trend windows count these)."""
+    got = getattr(history, "measured_count", None)
+    if got is not None:
+        return int(got)
+    flags = getattr(history, "measured", None)
+    return int(np.sum(flags)) if flags is not None else len(history)
 
 
 def nanmedian(values: Any, axis: int | None = None) -> Any:

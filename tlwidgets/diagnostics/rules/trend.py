@@ -4,8 +4,15 @@ They read the newest rows of the per-step history (a window of at most a few
 dozen rows, never the whole ring), compare robust statistics (medians of
 window halves, not single steps, because minibatch losses are noisy) and run
 every few steps (``Rule.every``), so their cost per step stays in the
-microseconds. Label statistics accumulate in a small per-session state from
-the FETCH records.
+microseconds.
+
+Windows of per-parameter statistics count *measured* rows (the tracker
+measures every step in a dense phase and every ``measure_every``-th step
+otherwise), and the minimum evidence a rule waits for is a number of measured
+rows: a trend that starts at step 3,000 of a sparse phase is judged on as many
+measurements as one at step 30. Loss windows that go with them cover the same
+steps (``span_rows``), every step's loss included. Label statistics
+accumulate in a small per-session state from the FETCH records.
 """
 
 from __future__ import annotations
@@ -19,7 +26,15 @@ from torch import nn
 
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
-from tlwidgets.diagnostics.rules.base import RuleContext, nanmedian, rule, short_list, tail
+from tlwidgets.diagnostics.rules.base import (
+    RuleContext,
+    measured_rows,
+    nanmedian,
+    rule,
+    short_list,
+    span_rows,
+    tail,
+)
 
 __all__ = [
     "TREND_RULES",
@@ -62,6 +77,12 @@ LR_LOW_FASTEST = 3e-4
 #: ... or (with several groups) this fraction of the other groups' median ratio.
 LR_GROUP_LAG = 1e-2
 LR_LOW_MIN_STEPS = 20
+#: A group whose LR is below this fraction of its peak so far was lowered on purpose (a schedule
+#: decaying, a plateau reduction): tiny steps then are the schedule's, judged by scheduler-too-fast.
+LR_DECAYED = 0.1
+#: An LR named too high stays the cause of what follows (dead units, tiny steps after a blow-up)
+#: until it is lowered below this fraction of the LR it was named at.
+LR_HIGH_MEMORY = 1 / 3
 #: Barely moving: newest loss above this fraction of the starting loss.
 LOSS_BARELY_MOVED = 0.95
 #: scheduler-too-fast: LR at or below this fraction of its peak counts as collapsed, ...
@@ -131,9 +152,7 @@ def _loss0(ctx: RuleContext) -> float:
     h = ctx.session.history
     if len(h) < 5:
         return math.nan
-    ring = getattr(h, "_loss", None)
-    first = ring.values()[:5] if ring is not None and len(ring) < 50 else np.asarray(h.loss)[:5]
-    value = nanmedian(first)
+    value = nanmedian(np.asarray(h.loss)[:5])  # once per session: the copy of the ring is paid once
     if math.isfinite(value):
         shared["loss0"] = value
     return value
@@ -175,7 +194,7 @@ def _not_grown_from_zero(ctx: RuleContext, h: Any) -> np.ndarray:
     st = ctx.state
     first = st.get("first_norm")
     if first is None or len(first) != len(ctx.session.param_names):
-        first = st["first_norm"] = tail(h, "weight_norm", len(h))[0]
+        first = st["first_norm"] = tail(h, "weight_norm", len(h))[0]  # the first measured row
     return ~(first <= 0)
 
 
@@ -190,12 +209,12 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     """Update/weight ratio of each optimizer group against the ~1e-3 band, together with the loss trend."""
     s = ctx.session
     h = s.history
-    n = len(h)
+    n = measured_rows(h)
     if n < LR_MIN_STEPS:
         return []
     w = min(LR_WINDOW, n)
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
-    losses = tail(h, "loss", w)
+    losses = tail(h, "loss", span_rows(h, w))  # every step's loss over the steps of the window
     lrs = tail(h, "lr", 1)[-1]
     finite = losses[np.isfinite(losses)]
     if finite.size < LR_MIN_STEPS // 2:
@@ -206,6 +225,9 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     diverged = math.isfinite(loss0) and loss0 > 0 and last > LOSS_DIVERGE * loss0
     volatility = nanmedian(np.abs(np.diff(finite))) / abs(last) if last else 0.0
     still_high = not (math.isfinite(loss0) and loss0 > 0) or last > LR_STILL_HIGH * loss0
+    stalled = _stalled(finite, first, last)
+    peaks = _lr_peaks(ctx, lrs)
+    named_high = ctx.shared.get("lr_high", {})
     found: list[Finding] = []
     by_group: dict[int, tuple[np.ndarray, float]] = {}
     usable = _not_grown_from_zero(ctx, h)
@@ -252,11 +274,12 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             else:
                 how = "whatever the loss does"
             params = ctx.stable_params("lr-too-high", names, f"g{gi}")
+            _remember_high(ctx, gi, float(lrs[gi]))
             found.append(
                 ctx.finding(
                     "lr-too-high",
                     f"{label}each step changes the weights by {r:.1%} of their norm (median of the last {w} "
-                    "steps, "
+                    "measured steps, "
                     f"healthy is ~0.1%) at lr {lrs[gi]:.3g}, and {how}",
                     params=params,
                     stage=None,
@@ -274,7 +297,14 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         # (vanishing gradients, dead units), so the fastest layer must be slow too.
         # A collapsed schedule or clipping that cuts every step explains tiny updates: those findings
         # name the cause, and "raise the LR" would be the wrong fix.
-        held_back = ctx.shared.get("clipping") or gi in ctx.shared.get("sched_collapsed", ())
+        # So does a schedule that lowered the LR well below its peak (the end of a cosine): whether
+        # that came too early is scheduler-too-fast's question. And after an LR named too high, tiny
+        # steps are the aftermath of the blow-up (dead units), not a second, opposite cause.
+        decayed = gi < len(peaks) and lrs[gi] < LR_DECAYED * peaks[gi]
+        after_high = gi in named_high and lrs[gi] >= LR_HIGH_MEMORY * named_high[gi]
+        held_back = (
+            ctx.shared.get("clipping") or gi in ctx.shared.get("sched_collapsed", ()) or decayed or after_high
+        )
         if (
             not held_back
             and r < LR_LOW_RATIO
@@ -284,7 +314,9 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             and loss0 > 0
         ):
             recent = nanmedian(tail(h, "loss", 10))
-            barely = recent > LOSS_BARELY_MOVED * loss0 or (abs(rise) < 0.005 and r < LR_LOW_RATIO / 3)
+            # Barely moved since the start, or (an LR lowered late in a run) no improvement over the
+            # window that stands out of the batch-to-batch noise while the weights hardly change.
+            barely = recent > LOSS_BARELY_MOVED * loss0 or (stalled and r < LR_LOW_RATIO / 3)
             # With several groups the loss can move thanks to the others: a group far behind them lags.
             others = [v for g, (_, v) in by_group.items() if g != gi]
             lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others))
@@ -298,7 +330,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
                     ctx.finding(
                         "lr-too-low",
                         f"{label}each step changes the weights by only {r:.1e} of their norm (median of the "
-                        f"last {w} steps, healthy is ~1e-3) at lr {lrs[gi]:.3g}, and {how}",
+                        f"last {w} measured steps, healthy is ~1e-3) at lr {lrs[gi]:.3g}, and {how}",
                         params=params,
                         stage=None,
                         evidence={**evidence, "loss_recent": recent, "lagging": lagging},
@@ -308,6 +340,44 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
                     )
                 )
     return found
+
+
+def _stalled(losses: np.ndarray, first: float, last: float) -> bool:
+    """No improvement from the first half of a loss window to the second beyond its noise.
+
+    The noise is that of a difference of two half-window medians of i.i.d. batch
+    losses: the median's standard error is about 1.25 sigma / sqrt(k), and sigma
+    about 1.48 times the median absolute deviation. Improvements smaller than
+    2.5 such errors (or 0.5%) are not told apart from a flat loss.
+    """
+    if losses.size < 4 or not (math.isfinite(first) and math.isfinite(last)):
+        return False
+    mad = nanmedian(np.abs(losses - nanmedian(losses)))
+    k = losses.size / 2
+    se = math.sqrt(2.0) * 1.25 * 1.4826 * mad / math.sqrt(k)
+    return first - last < max(0.005 * abs(first), 2.5 * se)
+
+
+def _lr_peaks(ctx: RuleContext, lrs: np.ndarray) -> list[float]:
+    """Each group's highest LR seen by this rule so far; a set_lr or rewind starts it over."""
+    st = ctx.state
+    controls = ctx.session.history.controls
+    if st.get("controls") != len(controls):
+        if any(c.kind in ("set_lr", "rewind") for c in controls[st.get("controls", 0) :]):
+            st.pop("peaks", None)
+        st["controls"] = len(controls)
+    peaks: list[float] = st.setdefault("peaks", [])
+    for gi, lr in enumerate(np.asarray(lrs, dtype=np.float64).tolist()):
+        if gi >= len(peaks):
+            peaks.append(lr if math.isfinite(lr) else 0.0)
+        elif math.isfinite(lr) and lr > peaks[gi]:
+            peaks[gi] = lr
+    return peaks
+
+
+def _remember_high(ctx: RuleContext, group: int, lr: float) -> None:
+    """Note that ``group``'s LR was named too high at ``lr`` (read by the lr-too-low check)."""
+    ctx.shared.setdefault("lr_high", {})[group] = lr
 
 
 def _order_unknown(ctx: RuleContext) -> bool:
@@ -354,23 +424,33 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
         what = "the gradients became NaN/Inf"
     if ctx.shared.get("explode_init"):
         return []
-    n = len(h)
+    n = measured_rows(h)
     if n < 1:  # even one huge step before the NaN is telling
         return []
     w = min(5, n)
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
     lrs = tail(h, "lr", 1)[-1]
+    # The LR of the measured rows: when it moved since (a scheduler, a jump on an unmeasured step of a
+    # sparse phase), the steps just taken moved the weights in proportion to the LR they used (true of
+    # SGD, momentum and Adam alike), so the measured ratios are scaled to the newest LR.
+    lr_rows = tail(h, "lr", w, measured=True)
     found = []
     usable = _not_grown_from_zero(ctx, h)
     for gi in range(len(s.optimizer.param_groups)):
         cols = _group_columns(ctx, gi, usable)
         if cols.size == 0:
             continue
-        r = nanmedian(nanmedian(ratio[:, cols], axis=1))
+        scaled = ratio[:, cols]
+        if gi < lr_rows.shape[1] and gi < len(lrs) and lrs[gi] > 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                scale = np.where(lr_rows[:, gi] > 0, lrs[gi] / lr_rows[:, gi], 1.0)
+            scaled = scaled * np.where(np.isfinite(scale), scale, 1.0)[:, None]
+        r = nanmedian(nanmedian(scaled, axis=1))
         if not (math.isfinite(r) and r > LR_HIGH_RATIO * 2):
             continue
         names = [s.param_names[i] for i in cols]
         params = ctx.stable_params("lr-too-high", names, f"g{gi}")
+        _remember_high(ctx, gi, float(lrs[gi]))
         found.append(
             ctx.finding(
                 "lr-too-high",
@@ -413,7 +493,7 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
         if not math.isfinite(lr):
             continue
         while len(groups) <= gi:
-            groups.append({"peak": 0.0, "low": 0, "dips": 0, "in_dip": False, "first": None})
+            groups.append({"peak": 0.0, "low_since": None, "dips": 0, "in_dip": False, "first": None})
         g = groups[gi]
         if lr > g["peak"]:
             g["peak"] = float(lr)
@@ -422,7 +502,13 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
             continue
         # A hair of tolerance: MultiStepLR-style products (0.1 * 0.1) land just above 1e-2.
         collapsed = lr <= SCHED_COLLAPSE * peak * 1.001
-        g["low"] = g["low"] + 1 if collapsed else 0
+        # Steps spent collapsed, counted in steps (the rule runs on measured steps only, which in a
+        # sparse phase are measure_every steps apart): the newest step this LR will be used at.
+        if not collapsed:
+            g["low_since"] = None
+        elif g["low_since"] is None:
+            g["low_since"] = step
+        low = step - g["low_since"] + 1 if collapsed else 0
         if collapsed:
             if not g["in_dip"]:
                 g["dips"] += 1
@@ -435,11 +521,11 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
             continue
         first_step, first_epoch = g["first"]
         early = first_epoch < SCHED_EPOCHS if s.kind == "runner" else first_step <= SCHED_STEPS
-        long_low = g["low"] >= max(10, int(SCHED_LOW_SHARE * step))
+        long_low = low >= max(10, int(SCHED_LOW_SHARE * step))
         if early and (long_low or g["dips"] >= SCHED_DIPS):
             ctx.shared.setdefault("sched_collapsed", set()).add(gi)
             how = (
-                f"has stayed below {SCHED_COLLAPSE:g}x its peak for {g['low']} steps"
+                f"has stayed below {SCHED_COLLAPSE:g}x its peak for {low} steps"
                 if long_low
                 else f"has dropped below {SCHED_COLLAPSE:g}x its peak {g['dips']} times"
             )
@@ -460,7 +546,7 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
                         "collapse_step": first_step,
                         "collapse_epoch": first_epoch,
                         "dips": g["dips"],
-                        "low_steps": g["low"],
+                        "low_steps": low,
                         "scheduler_interval": interval,
                     },
                 )
@@ -482,7 +568,7 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
     """Total gradient norm grows by orders of magnitude, or is huge relative to the weights from the start."""
     s = ctx.session
     h = s.history
-    n = len(h)
+    n = measured_rows(h)
     if n == 0:
         return []
     st = ctx.state
@@ -580,7 +666,7 @@ def vanishing_gradients(ctx: RuleContext) -> list[Finding]:
     """The first layers' grad/weight ratio is orders of magnitude below the last layers' (several steps)."""
     s = ctx.session
     h = s.history
-    n = len(h)
+    n = measured_rows(h)
     if n < 5:
         return []
     mats = ctx.weight_matrices()
@@ -701,7 +787,7 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
     """Weight decay outpulls the data gradient: the weights shrink and the loss stays near its start."""
     s = ctx.session
     h = s.history
-    n = len(h)
+    n = measured_rows(h)
     if n < LR_LOW_MIN_STEPS:
         return []
     loss0 = _loss0(ctx)
@@ -717,7 +803,7 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
     st = ctx.state
     w = min(LR_WINDOW, n)
     gn_all, wn_all, up_all = tail(h, "grad_norm", w), tail(h, "weight_norm", w), tail(h, "update_norm", w)
-    lrs = tail(h, "lr", w)
+    lrs = tail(h, "lr", w, measured=True)  # the LRs of the measured rows
     found = []
     for gi, group in enumerate(s.optimizer.param_groups):
         wd = float(group.get("weight_decay", 0) or 0)
