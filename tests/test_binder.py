@@ -4,16 +4,31 @@ repo2docker installs ``binder/requirements.txt`` with pip and then runs ``binder
 the repository root. The slow test does the same in a fresh virtualenv (no system site-packages),
 on a copy of the checkout's files (``git ls-files``: what a clone holds, plus files not yet
 committed), then executes ``notebooks/GettingStarted.ipynb`` there with the environment's own
-``jupyter nbconvert`` and kernel. It takes about two to three minutes, most of it pip unpacking torch;
-``-m "not binder"`` leaves it out of a local run (CI runs everything).
+``jupyter nbconvert`` and kernel. It takes three to eight minutes (the latter on a loaded two-core
+machine), most of it pip fetching some 110 packages from PyPI and unpacking torch, and deleting the
+virtualenv; ``-m "not binder"`` leaves it out of a local run (CI runs everything).
 
-Two deviations from repo2docker, both for this machine and CI rather than for Binder:
+pip is isolated from the host, so the test proves what ``binder/requirements.txt`` installs on its
+own: ``PIP_CONFIG_FILE=os.devnull`` makes pip read no configuration file at all (no ``/etc/pip.conf``,
+``/etc/xdg/pip/pip.conf``, ``~/.config/pip/pip.conf`` or the virtualenv's own), and every ``PIP_*``
+variable of the host is dropped (``PIP_FIND_LINKS``, ``PIP_INDEX_URL``, ``PIP_EXTRA_INDEX_URL``,
+``PIP_CONSTRAINT``, ``PIP_CERT``, ...). On this project's machines those are exactly what would leak:
+a find-links folder holding the CPU torch wheel, local package indexes and a constraints file. The only
+``PIP_*`` variables set are the two in ``PIP_DELIBERATE``: the config-file one above and
+``PIP_DISABLE_PIP_VERSION_CHECK`` (it only silences pip's "new release" notice).
 
-- ``PIP_CONSTRAINT=constraints.txt`` pins torch to the version CI installs, so pip takes the local
-  CPU wheel (or the cached one) instead of fetching another build;
-- ``PIP_RETRIES=1``: where download.pytorch.org (the CPU index in requirements.txt) cannot be
-  reached, pip's default five retries with back-off cost about a minute over the ~100 packages;
-  one immediate retry costs nothing and still covers a transient PyPI error.
+One deviation from repo2docker remains, and only where it must: the CPU index line
+``--extra-index-url https://download.pytorch.org/whl/cpu``. Where that index answers, requirements.txt
+is used verbatim. Where it does not (this project's machines and CI reach PyPI and nothing else), pip
+would fall back to PyPI's torch, a CUDA build of several GB, so the test installs from a copy of
+requirements.txt in which that one line is replaced by a direct reference to a local CPU torch wheel
+(``torch @ file:///...+cpu...whl``), named explicitly: the file ``TLW_BINDER_TORCH_WHEEL`` gives, or
+the newest compatible ``torch-*+cpu-*.whl`` in a find-links folder of the host's pip configuration.
+Every other line still comes from requirements.txt and every other package from PyPI. torch's
+version is then the local wheel's rather than the newest ``+cpu`` release Binder would pick; that it
+is a CPU build is still checked. Smaller differences, none of which changes what is installed: the
+virtualenv uses the Python running the tests (repo2docker uses its own), and pip's download cache
+(``~/.cache/pip``, which only stores what the named sources served) is kept.
 """
 
 from __future__ import annotations
@@ -25,9 +40,15 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.tags import sys_tags
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +70,8 @@ print({PROBE_TAG!r} + json.dumps({{
 }}))
 """
 
-# Variables that would let the outer environment leak into the fresh one.
+# Variables that would let the outer Python or Jupyter leak into the fresh environment. Every PIP_*
+# variable goes too (see _binder_env), and JUPYTER_* ones.
 _DROP_ENV = {
     "PYTHONPATH",
     "PYTHONHOME",
@@ -57,14 +79,19 @@ _DROP_ENV = {
     "PYTHONUSERBASE",
     "VIRTUAL_ENV",
     "IPYTHONDIR",
-    "PIP_USER",
-    "PIP_TARGET",
-    "PIP_PREFIX",
-    "PIP_ROOT",
-    "PIP_NO_DEPS",
-    "PIP_REQUIRE_VIRTUALENV",
-    "PIP_CONSTRAINT",
 }
+
+# The only pip settings the test makes, all of them here (see the module docstring).
+PIP_DELIBERATE = {
+    # pip reads no configuration file: no global, user, site or virtualenv pip.conf.
+    "PIP_CONFIG_FILE": os.devnull,
+    # Only silences the "new pip release" notice (and its request to PyPI).
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+}
+
+# binder/requirements.txt's CPU index, the one line that may be replaced (see the module docstring).
+CPU_INDEX_LINE = "--extra-index-url https://download.pytorch.org/whl/cpu"
+TORCH_WHEEL_ENV = "TLW_BINDER_TORCH_WHEEL"
 
 
 def _in_ci() -> bool:
@@ -93,6 +120,64 @@ def test_binder_requirements_cover_the_package():
     assert len(names) == len(set(names)), f"a package is listed twice: {names}"
 
 
+# Host pip settings of the kinds this project's machines have (and worse), for the fast tests below.
+_HOST_PIP = {
+    "PIP_FIND_LINKS": "/opt/wheels",
+    "PIP_INDEX_URL": "https://mirror.invalid/simple",
+    "PIP_EXTRA_INDEX_URL": "file:///opt/pypi/simple",
+    "PIP_CONSTRAINT": "/etc/xdg/pip/constraints.txt",
+    "PIP_NO_INDEX": "1",
+    "PIP_CERT": "/etc/ssl/certs/ca-certificates.crt",
+    "PIP_CONFIG_FILE": "/etc/pip.conf",
+}
+
+
+def test_binder_env_leaves_no_host_pip_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the deliberate PIP_* variables reach the build's pip, and it reads no config file."""
+    for key, value in _HOST_PIP.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    env = _binder_env(dict(os.environ), tmp_path / "venv", tmp_path / "home")
+    pip_keys = {key for key in env if key.upper().startswith("PIP_")}
+    assert pip_keys == {"PIP_CONFIG_FILE", "PIP_DISABLE_PIP_VERSION_CHECK"}, pip_keys
+    assert env["PIP_CONFIG_FILE"] == os.devnull
+    assert "PYTHONPATH" not in env
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "venv" / "bin")
+
+
+def test_pip_reads_no_host_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip itself, run in that environment, reports no setting but the deliberate ones: none of the
+    host's configuration files (this machine has /etc/pip.conf and a user pip.conf) is read."""
+    monkeypatch.setenv("PIP_FIND_LINKS", _HOST_PIP["PIP_FIND_LINKS"])
+    env = _binder_env(dict(os.environ), tmp_path / "venv", tmp_path / "home")
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    expected = {f":env:.{key[len('PIP_') :].lower().replace('_', '-')}" for key in PIP_DELIBERATE}
+    seen = {line.split("=", 1)[0] for line in listing}
+    assert seen == expected, listing
+
+
+def test_swap_cpu_index_replaces_that_line_only() -> None:
+    """The copy of requirements.txt the slow test may install differs in the CPU index line alone."""
+    text = (ROOT / "binder" / "requirements.txt").read_text()
+    wheel = Path("/somewhere/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+    swapped = _swap_cpu_index(text, wheel).splitlines()
+    original = text.splitlines()
+    assert [line for line in original if line != CPU_INDEX_LINE] == [
+        line for line in swapped if not line.startswith(("# Replaced by", "torch @ "))
+    ]
+    assert f"torch @ {wheel.as_uri()}" in swapped
+    assert CPU_INDEX_LINE not in swapped
+    with pytest.raises(ValueError, match=r"update tests/test_binder\.py"):
+        _swap_cpu_index(text.replace(CPU_INDEX_LINE, "--extra-index-url https://elsewhere"), wheel)
+
+
 def _copy_checkout(dest: Path) -> None:
     """The checkout's files, as a clone (plus not yet committed files) would hold them."""
     try:
@@ -119,19 +204,22 @@ def _copy_checkout(dest: Path) -> None:
     assert (dest / "binder" / "postBuild").is_file() and copied > 10, f"copied only {copied} files"
 
 
-def _env(repo: Path, venv: Path, home: Path) -> dict[str, str]:
+def _binder_env(environ: Mapping[str, str], venv: Path, home: Path) -> dict[str, str]:
+    """The environment for every command of the build: ``environ`` (the host's) with no ``PIP_*``,
+    ``JUPYTER_*`` or Python-path variable left, plus :data:`PIP_DELIBERATE` and private Jupyter dirs.
+
+    A separate function so that a fast test can check it without building anything.
+    """
     env = {
         key: value
-        for key, value in os.environ.items()
-        if key not in _DROP_ENV and not key.startswith("JUPYTER")
+        for key, value in environ.items()
+        if key not in _DROP_ENV and not key.upper().startswith(("PIP_", "JUPYTER"))
     }
+    env.update(PIP_DELIBERATE)
     env.update(
         # As on Binder: the environment's bin first, so postBuild's `python` and jupyter's
         # subcommands (jupyter-nbconvert) are the environment's.
-        PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        PIP_CONSTRAINT=str(repo / "constraints.txt"),
-        PIP_RETRIES="1",
-        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        PATH=f"{venv / 'bin'}{os.pathsep}{environ.get('PATH', '')}",
         # No user-level Jupyter or IPython configuration, kernelspecs or startup files.
         JUPYTER_CONFIG_DIR=str(home / "jupyter-config"),
         JUPYTER_DATA_DIR=str(home / "jupyter-data"),
@@ -140,6 +228,102 @@ def _env(repo: Path, venv: Path, home: Path) -> dict[str, str]:
         IPYTHONDIR=str(home / "ipython"),
     )
     return env
+
+
+def _reachable(index_url: str, timeout: float = 10.0) -> bool:
+    """Whether the package index at ``index_url`` answers (any HTTP status counts as an answer)."""
+    request = urllib.request.Request(index_url.rstrip("/") + "/torch/", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _host_find_links() -> list[Path]:
+    """The local folders the host's pip takes wheels from (``find-links``, from its configuration
+    files and ``PIP_FIND_LINKS``), as ``pip config list`` reports them."""
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    folders = []
+    for match in re.finditer(r"^\S*\.find-links='(.*)'$", listing, flags=re.MULTILINE):
+        for entry in match.group(1).split():
+            path = Path(entry[len("file://") :] if entry.startswith("file://") else entry)
+            if path.is_dir() and path not in folders:
+                folders.append(path)
+    return folders
+
+
+def _local_torch_wheel(specifier: str) -> Path | None:
+    """A CPU torch wheel on this machine that this Python can install and ``specifier`` allows: the
+    file ``$TLW_BINDER_TORCH_WHEEL`` names, else the newest ``torch-*+cpu-*.whl`` in the host's
+    find-links folders. None when there is none."""
+    if os.environ.get(TORCH_WHEEL_ENV):
+        wheel = Path(os.environ[TORCH_WHEEL_ENV]).resolve()
+        return wheel if wheel.is_file() else None
+    supported = set(sys_tags())
+    allowed = SpecifierSet(specifier)
+    found = []
+    for folder in _host_find_links():
+        for wheel in folder.glob("torch-*+cpu*.whl"):
+            try:
+                name, version, _, tags = parse_wheel_filename(wheel.name)
+            except InvalidWheelFilename:
+                continue
+            if name == "torch" and tags & supported and allowed.contains(version, prereleases=False):
+                found.append((version, wheel.resolve()))
+    return max(found)[1] if found else None
+
+
+def _swap_cpu_index(requirements: str, torch_wheel: Path) -> str:
+    """``requirements`` with :data:`CPU_INDEX_LINE` replaced by a direct reference to ``torch_wheel``;
+    every other line is kept as it is. pip then takes torch from that file only (a direct reference
+    excludes every other candidate; the ``torch>=...`` line still has to accept its version)."""
+    lines = requirements.splitlines()
+    if CPU_INDEX_LINE not in lines:
+        raise ValueError(
+            f"binder/requirements.txt has no line {CPU_INDEX_LINE!r}: update tests/test_binder.py"
+        )
+    swapped = [
+        (
+            "# Replaced by tests/test_binder.py (that index cannot be reached here): "
+            f"{CPU_INDEX_LINE}\ntorch @ {torch_wheel.as_uri()}"
+        )
+        if line == CPU_INDEX_LINE
+        else line
+        for line in lines
+    ]
+    return "\n".join(swapped) + "\n"
+
+
+def _requirements_file(repo: Path, scratch: Path) -> tuple[Path, str]:
+    """The requirements file to install (and a note on where torch comes from): the copied
+    ``binder/requirements.txt`` itself where its CPU index answers, else a copy in ``scratch`` with
+    that one line swapped for a local CPU torch wheel (see the module docstring)."""
+    original = repo / "binder" / "requirements.txt"
+    if _reachable(CPU_INDEX_LINE.split()[1]):
+        return original, "torch from the CPU index"
+    text = original.read_text()
+    torch_lines = [line for line in _requirement_lines() if _name(line) == "torch"]
+    assert len(torch_lines) == 1, torch_lines
+    wheel = _local_torch_wheel(torch_lines[0][len("torch") :])
+    if wheel is None:
+        message = (
+            f"{CPU_INDEX_LINE.split()[1]} cannot be reached and there is no local CPU torch wheel "
+            f"(set {TORCH_WHEEL_ENV} or a pip find-links folder holding torch-*+cpu-*.whl)"
+        )
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    swapped = scratch / "requirements.binder.txt"
+    swapped.write_text(_swap_cpu_index(text, wheel))
+    return swapped, f"CPU index unreachable: torch from {wheel}"
 
 
 def _run(what: str, cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float, log: Path) -> float:
@@ -183,7 +367,8 @@ def test_binder_environment_runs_getting_started(tmp_path: Path):
     repo, venv, home = tmp_path / "repo", tmp_path / "venv", tmp_path / "home"
     _copy_checkout(repo)
     home.mkdir()
-    env = _env(repo, venv, home)
+    env = _binder_env(os.environ, venv, home)
+    requirements, torch_source = _requirements_file(repo, tmp_path)
     python = venv / "bin" / "python"
     timings: dict[str, float] = {}
     try:
@@ -197,8 +382,8 @@ def test_binder_environment_runs_getting_started(tmp_path: Path):
         )
         # repo2docker: `pip install -r binder/requirements.txt` from the repository root ...
         timings["requirements"] = _run(
-            "pip install -r binder/requirements.txt",
-            [str(python), "-m", "pip", "install", "-r", "binder/requirements.txt"],
+            f"pip install -r binder/requirements.txt ({torch_source})",
+            [str(python), "-m", "pip", "install", "-r", str(requirements)],
             cwd=repo,
             env=env,
             timeout=900,
@@ -268,7 +453,7 @@ def test_binder_environment_runs_getting_started(tmp_path: Path):
         print(
             "\nBinder environment: "
             + ", ".join(f"{step} {seconds:.0f}s" for step, seconds in timings.items())
-            + f" (logs in {tmp_path})"
+            + f" ({torch_source}; logs in {tmp_path})"
         )
 
     executed = json.loads((tmp_path / "executed.ipynb").read_text())
