@@ -10,6 +10,8 @@ test session; every test gets a fresh browser context through the ``lab`` fixtur
         assert lab.execute(page, "print(runner.global_step)").strip() == "1"  # read kernel state
         vpage = lab.voila(NOTEBOOKS_DIR / "my.ipynb")         # standalone Voila server
         lab.screenshot(page, "after-step")                    # artifacts/<test>-after-step.png
+        lab.line_curves(page.locator(".tlw-loss"))            # bqplot lines: stroke, point count
+        lab.heatmap_fills(page.locator(".tlw-heatmap"))       # GridHeatMap cell fills, row by row
 
 ``lab.write_notebook(name, [source, ...])`` builds a notebook from code strings. On failure the
 fixture saves screenshots of every open page and the browser console under the artifacts folder
@@ -367,6 +369,43 @@ async ([path, code, timeoutMs]) => {
 """
 
 
+# Reading what bqplot drew. bqplot also draws background and clip-path rects in every figure, so
+# "the figure has a rect" proves nothing: GridHeatMap draws one ``g.heatmaprow`` per row (in row
+# order, whatever the scale's direction) holding one ``rect.heatmapcell`` per column, filled from
+# the colour scale. A Lines mark draws each line as ``path.line`` inside a ``.curve`` group (the
+# legend draws ``path.line`` too, outside any ``.curve``); its ``d`` attribute has one M or L
+# command per finite point (d3 leaves NaN points out and starts a new M segment after them).
+_JS_HEATMAP_FILLS = """
+(root) => Array.from(root.querySelectorAll('g.heatmaprow')).map(
+  (row) => Array.from(row.querySelectorAll('rect.heatmapcell')).map((cell) => getComputedStyle(cell).fill)
+)
+"""
+
+_JS_LINE_CURVES = """
+(root) => Array.from(root.querySelectorAll('.curve path.line')).map((path) => {
+  const d = path.getAttribute('d') || '';
+  return {
+    stroke: getComputedStyle(path).stroke,
+    points: (d.match(/[ML]/g) || []).length,
+    segments: (d.match(/M/g) || []).length,
+  };
+})
+"""
+
+# The browser's own spelling of a CSS colour ("#d0d0d0" -> "rgb(208, 208, 208)"), to compare with
+# computed fills and strokes.
+_JS_CSS_COLOUR = """
+(colour) => {
+  const probe = document.createElement('div');
+  probe.style.color = colour;
+  document.body.appendChild(probe);
+  const spelled = getComputedStyle(probe).color;
+  probe.remove();
+  return spelled;
+}
+"""
+
+
 class Lab:
     """Per-test access to the shared JupyterLab server and browser (the ``lab`` fixture)."""
 
@@ -538,7 +577,110 @@ class Lab:
                 _kill_process_group(proc)
         raise RuntimeError(f"Voila did not start: {last_error}\n{_log_tail(log_path)}")
 
+    # -- reading bqplot figures -------------------------------------------------------------
+
+    def heatmap_fills(self, root: Any) -> list[list[str]]:
+        """Computed fill of every GridHeatMap cell under ``root`` (a Locator), one list per row."""
+        return root.evaluate(_JS_HEATMAP_FILLS)
+
+    def line_curves(self, root: Any) -> list[dict[str, Any]]:
+        """Every bqplot line under ``root`` (a Locator): ``{"stroke", "points", "segments"}``."""
+        return root.evaluate(_JS_LINE_CURVES)
+
+    def css_colour(self, page: Any, colour: str) -> str:
+        """``colour`` as the browser writes computed colours, e.g. ``rgb(208, 208, 208)``."""
+        return page.evaluate(_JS_CSS_COLOUR, colour)
+
+    def expect_heatmap(
+        self,
+        root: Any,
+        *,
+        rows: int,
+        columns: int,
+        grey: str,
+        grey_rows: Sequence[int] | None = (),
+        grey_columns: Sequence[int] = (),
+        timeout: float = 30.0,
+    ) -> list[list[str]]:
+        """Wait until the GridHeatMap under ``root`` shows ``rows`` x ``columns`` cells, filled
+        ``grey`` exactly in ``grey_rows`` and ``grey_columns``, and in more than one colour
+        elsewhere (a broken colour scale paints everything alike); fail with what it shows.
+
+        ``grey_rows=None``: the caller does not know which rows are frozen; any row may be grey
+        as a whole, but not every row (then grey would be all the heatmap shows).
+        """
+        want_grey = self.css_colour(root.page, grey)
+        grey_columns = set(grey_columns)
+        data_columns = columns - len(grey_columns)
+
+        def problems(fills: list[list[str]]) -> list[str]:
+            found = []
+            if len(fills) != rows:
+                found.append(f"{len(fills)} rows, expected {rows}")
+            lengths = sorted({len(row) for row in fills})
+            if lengths != [columns]:
+                found.append(f"cells per row {lengths}, expected {columns}")
+            if grey_rows is None:
+                frozen = {r for r, row in enumerate(fills) if row and all(f == want_grey for f in row)}
+                if data_columns and len(frozen) == len(fills):
+                    found.append("every row is grey")
+            else:
+                frozen = set(grey_rows)
+            wrong = [
+                (r, c)
+                for r, row in enumerate(fills)
+                for c, fill in enumerate(row)
+                if (fill == want_grey) != (r in frozen or c in grey_columns)
+            ]
+            if wrong:
+                found.append(
+                    f"{len(wrong)} cells grey where they should not be or not grey where they should, e.g. {wrong[:5]}"
+                )
+            coloured = {fill for row in fills for fill in row if fill != want_grey}
+            if len(coloured) < 2 and (len(fills) - len(frozen)) * data_columns > 1:
+                found.append(f"the data cells are all one colour: {coloured}")
+            return found
+
+        fills = self.poll(lambda: self.heatmap_fills(root), lambda f: not problems(f), timeout=timeout)
+        found = problems(fills)
+        assert not found, "heatmap: " + "; ".join(found)
+        return fills
+
+    def expect_line_points(self, root: Any, colour: str, points: int, *, timeout: float = 30.0) -> None:
+        """Wait until the one bqplot line under ``root`` stroked ``colour`` holds ``points`` finite
+        points in one unbroken segment; fail with what the lines hold otherwise."""
+        stroke = self.css_colour(root.page, colour)
+
+        def matching(curves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [c for c in curves if c["stroke"] == stroke]
+
+        def ok(curves: list[dict[str, Any]]) -> bool:
+            found = matching(curves)
+            return len(found) == 1 and found[0]["points"] == points and found[0]["segments"] == min(points, 1)
+
+        curves = self.poll(lambda: self.line_curves(root), ok, timeout=timeout)
+        assert ok(curves), f"expected one {colour} ({stroke}) line with {points} points; lines: {curves}"
+
+    @staticmethod
+    def poll(read: Any, done: Any, *, timeout: float = 30.0, interval: float = 0.1) -> Any:
+        """Call ``read()`` until ``done(value)`` or ``timeout`` seconds; return the last value.
+
+        For state the dashboard redraws on a throttle: the caller then asserts on the value, so
+        a failure shows what the page held instead of a bare timeout.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            value = read()
+            if done(value) or time.monotonic() >= deadline:
+                return value
+            time.sleep(interval)
+
     # -- debugging --------------------------------------------------------------------------
+
+    def artifact(self, name: str) -> Path:
+        """A path under the (git-ignored) artifacts folder, for files a test wants to keep."""
+        ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+        return ARTIFACTS_DIR / name
 
     def screenshot(self, page: Any, name: str) -> Path:
         """Save a full-page PNG under the artifacts folder; returns its path."""

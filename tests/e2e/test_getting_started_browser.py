@@ -2,12 +2,15 @@
 
 nbval runs the notebook headless (no front end); this test opens it in JupyterLab, runs all
 cells and checks, for every ``tlw.Dashboard`` the notebook displays, that the widget view
-rendered with its parts: status line, stage chips, the update heatmap and the loss plot as SVG,
-and the findings panel.
+rendered with its parts (status line, stage chips, findings panel) and that its plots show its
+runner's data: with N the global step on its status line, the loss line holds N points and the
+update heatmap one row per parameter by min(N, 50) steps, grey only in frozen rows (as many as
+❄ labels), in more than one colour.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -17,6 +20,17 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "GettingStarted.ipynb"
+STATUS_STEP = re.compile(r"\bstep (\d+)\b")  # "step 12 · epoch 0 · ..."; not "12 steps/s"
+#: The heatmap shows the newest 50 measured steps. run() and watch() measure every one of the
+#: first 200 steps, so after N steps it shows min(N, 50) columns (at least 2: bqplot squeezes a
+#: single column away, so the panel pads one for the step not taken yet, grey).
+HEATMAP_STEPS = 50
+GREY = "#d0d0d0"  # frozen rows and steps not taken
+# The raw loss line's colour (the LossPanel default every Dashboard uses), read in the kernel so
+# the test follows a change of palette; a throwaway panel, no names left in the notebook.
+RAW_LOSS_COLOUR = (
+    "print(__import__('tlwidgets.ui.loss').ui.loss.LossPanel(lambda _: lambda f: f).raw.colors[0])"
+)
 
 
 def _displayed_dashboards() -> int:
@@ -44,6 +58,7 @@ def test_getting_started_dashboards_render_in_jupyterlab(lab):
     dashboards = page.locator(".jp-OutputArea-output .tlw-dashboard")
     dashboards.nth(expected - 1).wait_for(state="attached", timeout=60_000)
     assert dashboards.count() == expected
+    raw_colour = lab.execute(page, RAW_LOSS_COLOUR).strip().splitlines()[-1]  # after any warning
     for i in range(expected):
         board = dashboards.nth(i)
         board.scroll_into_view_if_needed()
@@ -58,6 +73,37 @@ def test_getting_started_dashboards_render_in_jupyterlab(lab):
             assert box is not None and box["width"] > 50 and box["height"] > 50, (
                 f"dashboard {i}: {part} empty"
             )
+        status = board.locator(".tlw-status").inner_text()
+        match = STATUS_STEP.search(status)
+        assert match, f"dashboard {i}: no step on the status line {status!r}"
+        steps = int(match.group(1))
+        # Every step of the tutorial's short runs is kept and drawn (no decimation below 1500).
+        try:
+            lab.expect_line_points(board.locator(".tlw-loss"), raw_colour, steps)
+        except AssertionError as err:
+            raise AssertionError(f"dashboard {i} at step {steps}: {err}") from None
+        # The row count comes from the page (the tutorial's models differ): every row must be as
+        # long as the steps say; frozen rows (all grey) are checked against their ❄ labels.
+        heatmap = board.locator(".tlw-heatmap")
+        rows = heatmap.locator("g.heatmaprow").count()
+        columns = max(2, min(HEATMAP_STEPS, steps))
+        try:
+            fills = lab.expect_heatmap(
+                heatmap,
+                rows=rows,
+                columns=columns,
+                grey=GREY,
+                grey_rows=None,
+                grey_columns=range(steps, columns),
+            )
+        except AssertionError as err:
+            raise AssertionError(f"dashboard {i} at step {steps}: {err}") from None
+        assert rows >= 2, f"dashboard {i}: {rows} heatmap rows"
+        if steps:  # before the first step every cell is grey, frozen or not
+            grey = lab.css_colour(page, GREY)
+            grey_rows = sum(all(f == grey for f in row) for row in fills)
+            snowflakes = heatmap.locator("g.tick text", has_text="❄").count()
+            assert grey_rows == snowflakes, f"dashboard {i}: {grey_rows} grey rows, {snowflakes} ❄ labels"
     # No widget failed to render ("Error displaying widget" / "Loading widget..." left behind).
     outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
     assert not any("Error displaying widget" in text for text in outputs)

@@ -11,6 +11,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 SMOKE = Path(__file__).resolve().parent / "notebooks" / "smoke.ipynb"
+SMOKE_POINTS = 5  # the smoke figure's line: x=[0, 1, 2, 3, 4] (tests/e2e/make_notebooks.py)
 REPO_TLWIDGETS = Path(__file__).resolve().parents[2] / "tlwidgets"
 TIMEOUT_MS = 60_000
 
@@ -40,11 +41,13 @@ def test_lab_widgets_roundtrip_and_bqplot(lab, record_property):
     expect(label).to_have_text("clicked 2", timeout=TIMEOUT_MS)
     assert lab.execute(page, "print(len(clicks))").strip() == "2"
 
-    # bqplot rendered as SVG; a failed render shows the widget's text repr ("Figure(...)") instead.
+    # bqplot rendered the line with all its points; a failed render shows the widget's text repr
+    # ("Figure(...)") instead, and a path that exists but lost its data would have fewer points.
     figure = page.locator(".tlw-smoke-figure")
     expect(figure.locator("svg path.line").first).to_be_attached(timeout=TIMEOUT_MS)
-    d = figure.locator("svg path.line").first.get_attribute("d")
-    assert d and d.startswith("M"), f"bqplot line has no path data: {d!r}"
+    # Poll: the path element can be attached a moment before bqplot sets its data.
+    curves = lab.poll(lambda: lab.line_curves(figure), lambda cs: [c["points"] for c in cs] == [SMOKE_POINTS])
+    assert [c["points"] for c in curves] == [SMOKE_POINTS], f"bqplot lines: {curves}"
     outputs = "\n".join(page.locator(".jp-OutputArea-output").all_inner_texts())
     assert "Figure(" not in outputs, f"bqplot fell back to its text repr:\n{outputs}"
     t_done = time.perf_counter()
@@ -66,7 +69,11 @@ def test_voila_renders_widgets(lab, record_property):
     expect(label).to_have_text("not clicked", timeout=TIMEOUT_MS)
     button.click()
     expect(label).to_have_text("clicked 1", timeout=TIMEOUT_MS)
-    expect(page.locator(".tlw-smoke-figure svg path.line").first).to_be_attached(timeout=TIMEOUT_MS)
+    figure = page.locator(".tlw-smoke-figure")
+    expect(figure.locator("svg path.line").first).to_be_attached(timeout=TIMEOUT_MS)
+    # Poll: the path element can be attached a moment before bqplot sets its data.
+    curves = lab.poll(lambda: lab.line_curves(figure), lambda cs: [c["points"] for c in cs] == [SMOKE_POINTS])
+    assert [c["points"] for c in curves] == [SMOKE_POINTS], f"bqplot lines in Voila: {curves}"
     elapsed = time.perf_counter() - t0
     record_property("voila_s", round(elapsed, 2))
     print(f"voila render + click {elapsed:.1f} s")
