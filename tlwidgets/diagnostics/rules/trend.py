@@ -70,6 +70,19 @@ LOSS_DIVERGE = 1.5
 #: (while still above LR_STILL_HIGH of the starting loss).
 LOSS_VOLATILITY = 0.4
 LR_STILL_HIGH = 0.3
+#: ... (a median ratio above twice LR_HIGH_RATIO with such jumps is too high even when the loss has
+#: come down a long way: the batch-to-batch jumps are the steps overshooting).
+#: A blow-up: on LR_BLOWUP_STEPS measured steps of the window the weights changed by more than
+#: LR_EXTREME_RATIO of their norm, and the loss jumped above LOSS_BLOWUP times the run's first loss.
+#: The dead units and tiny steps that follow are its aftermath, not a second cause.
+LR_BLOWUP_STEPS = 2
+LOSS_BLOWUP = 3.0
+#: Persistently too high: on LR_PERSIST_HITS of the last LR_PERSIST_EVALS evaluations the median
+#: ratio was above LR_PERSIST_RATIO (20x the healthy ~1e-3) and the loss jumped (rise or volatility
+#: as above). A single window can look calm by chance; a run whose steps overshoot keeps doing it.
+LR_PERSIST_RATIO = 0.02
+LR_PERSIST_EVALS = 5
+LR_PERSIST_HITS = 4
 #: Median update/weight ratio below which an LR is "far below ~1e-3" (loss barely moving).
 LR_LOW_RATIO = 3e-5
 #: ... and the fastest-moving weight matrix below this.
@@ -226,6 +239,8 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     volatility = nanmedian(np.abs(np.diff(finite))) / abs(last) if last else 0.0
     still_high = not (math.isfinite(loss0) and loss0 > 0) or last > LR_STILL_HIGH * loss0
     stalled = _stalled(finite, first, last)
+    first_loss = _first_loss(ctx)
+    jumped = math.isfinite(first_loss) and first_loss > 0 and finite.max() > LOSS_BLOWUP * first_loss
     peaks = _lr_peaks(ctx, lrs)
     named_high = ctx.shared.get("lr_high", {})
     found: list[Finding] = []
@@ -235,10 +250,11 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         cols = _group_columns(ctx, gi, usable)
         if cols.size == 0 or gi >= len(lrs) or not lrs[gi] > 0:
             continue
-        r = nanmedian(nanmedian(ratio[:, cols], axis=1))
+        per_step = nanmedian(ratio[:, cols], axis=1)
+        r = nanmedian(per_step)
         if math.isfinite(r):
-            by_group[gi] = (cols, r)
-    for gi, (cols, r) in by_group.items():
+            by_group[gi] = (cols, r, int(np.sum(per_step > LR_EXTREME_RATIO)))
+    for gi, (cols, r, extreme_steps) in by_group.items():
         names = [s.param_names[i] for i in cols.tolist()]
         label = _group_label(ctx, gi)
         evidence = {
@@ -251,21 +267,32 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             "loss_last": last,
             "loss_start": loss0,
             "window": w,
+            "extreme_steps": extreme_steps,
         }
         # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
         # another class) or the gradients were huge from initialization on (the init, not the LR).
         explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init") or _order_unknown(ctx)
         if ctx.shared.get("stale_grads"):
             continue  # gradients summed over steps make every step grow: grads-not-zeroed says why
-        high = (
-            r > LR_HIGH_RATIO
-            and not explained
-            and (
-                rise > LOSS_RISE or diverged or (volatility > LOSS_VOLATILITY and still_high and rise > -0.5)
-            )
-        )
-        if r > LR_EXTREME_RATIO or high:
-            if diverged:
+        oscillating = volatility > LOSS_VOLATILITY and rise > -0.5 and (still_high or r > 2 * LR_HIGH_RATIO)
+        high = r > LR_HIGH_RATIO and not explained and (rise > LOSS_RISE or diverged or oscillating)
+        blowup = extreme_steps >= LR_BLOWUP_STEPS and jumped and not explained
+        jumpy = rise > LOSS_RISE or volatility > LOSS_VOLATILITY
+        recent_hits = ctx.state.setdefault("persist", {}).setdefault(gi, [])
+        recent_hits.append(bool(r > LR_PERSIST_RATIO and jumpy and not explained))
+        del recent_hits[:-LR_PERSIST_EVALS]
+        persistent = sum(recent_hits) >= LR_PERSIST_HITS
+        if persistent and not (high or blowup or r > LR_EXTREME_RATIO):
+            high = True
+            evidence["persistent_evaluations"] = sum(recent_hits)
+        if r > LR_EXTREME_RATIO or high or blowup:
+            if blowup and not high and r <= LR_EXTREME_RATIO:
+                how = (
+                    f"on {extreme_steps} of them the weights changed by more than "
+                    f"{LR_EXTREME_RATIO:.0%} of their norm while the loss jumped to {finite.max():.3g} "
+                    f"({finite.max() / first_loss:.3g}x its first value)"
+                )
+            elif diverged:
                 how = f"the loss is {last / loss0:.3g}x its starting value"
             elif rise > LOSS_RISE:
                 how = f"the loss rose {rise:.0%} over the last {w} steps"
@@ -318,7 +345,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             # window that stands out of the batch-to-batch noise while the weights hardly change.
             barely = recent > LOSS_BARELY_MOVED * loss0 or (stalled and r < LR_LOW_RATIO / 3)
             # With several groups the loss can move thanks to the others: a group far behind them lags.
-            others = [v for g, (_, v) in by_group.items() if g != gi]
+            others = [v for g, (_, v, _) in by_group.items() if g != gi]
             lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others))
             if barely or lagging:
                 params = ctx.stable_params("lr-too-low", names, f"g{gi}")
@@ -340,6 +367,17 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
                     )
                 )
     return found
+
+
+def _first_loss(ctx: RuleContext) -> float:
+    """The run's first training loss (the untrained model's), kept once known."""
+    got = ctx.shared.get("first_loss")
+    if got is None:
+        h = ctx.session.history
+        got = float(np.asarray(h.loss)[0]) if len(h) else math.nan
+        if math.isfinite(got):
+            ctx.shared["first_loss"] = got
+    return got
 
 
 def _stalled(losses: np.ndarray, first: float, last: float) -> bool:
