@@ -86,7 +86,9 @@ def test_lr_spike_that_kills_the_relus_names_the_lr_first() -> None:
     (f,) = find(r, "lr-too-high")
     # Named at the spike; later evaluations of the window keep it (the blow-up: steps above 50% of
     # the weights' norm and the loss many times its first value), never turning it into lr-too-low.
-    assert f.first_step == spike and "jumped" in f.message and f.evidence["update_ratio"] > trend.LR_HIGH_RATIO
+    assert (
+        f.first_step == spike and "jumped" in f.message and f.evidence["update_ratio"] > trend.LR_HIGH_RATIO
+    )
     assert "lr-too-low" not in codes(r)
     assert codes(r)[0] == "lr-too-high"
 
