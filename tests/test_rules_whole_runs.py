@@ -360,3 +360,31 @@ def test_lr_too_high_whatever_the_lr_and_seed(lr: float, seed: int) -> None:
     found = [f.code for f in runner.findings if f.severity in ("warning", "error")]
     assert "lr-too-low" not in found
     assert found and found[0] == "lr-too-high", found
+
+
+def _own_loop(model: nn.Module, opt: torch.optim.Optimizer, data: Any, steps: int) -> None:
+    crit = nn.CrossEntropyLoss()
+    done = 0
+    while done < steps:
+        for x, y in data:
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                return
+
+
+@pytest.mark.parametrize("when", list(SCHEDULES))
+@pytest.mark.parametrize("make", [lr_too_high], ids=lambda f: f.__name__)
+def test_watch_finds_a_bug_over_a_whole_run(make, when) -> None:
+    """The same bugs in the user's own loop under ``watch()``: found past the dense phase too."""
+    onset, schedule = SCHEDULES[when]["onset"], SCHEDULES[when]["schedule"]
+    case, code = make(onset, schedule)  # only its model, optimizer, data and switch are used
+    r = case.runner
+    with tlw.watch(r.model, r.optimizer, loss_fn=nn.CrossEntropyLoss(), **schedule) as w:
+        _own_loop(r.model, r.optimizer, r.train_data, STEPS)
+    found = [f for f in w.findings if f.code == code]
+    assert found, [(f.code, f.first_step) for f in w.findings]
+    if onset:
+        assert case.switch.fired_at == onset and found[0].first_step > 200
