@@ -183,3 +183,33 @@ def test_memory_below_two_mib_per_thousand_steps_for_sixty_params():
     held += sum(r._data.nbytes for r in h._stats.values())
     held += sum(r._data.nbytes for r in h.activations.values())
     assert held == full
+
+
+def test_window_of_measured_rows_matches_a_naive_reference() -> None:
+    """``window``/``span``/``measured_count`` against boolean masks of the public arrays, past a wrap."""
+    rng = np.random.default_rng(0)
+    h = History(["w", "b"], capacity=50)
+    for step in range(1, 131):  # wraps the ring twice
+        measured = step <= 20 or step % 7 == 0
+        stats = rng.random(2) if measured else np.full(2, np.nan)
+        h.append(
+            step=step,
+            epoch=0,
+            loss=float(step),
+            lr=[0.1],
+            grad_norm=stats,
+            weight_norm=stats + 1,
+            update_norm=stats / 10,
+            exact=False,
+            measured=measured,
+        )
+        mask = h.measured
+        assert h.measured_count == int(mask.sum())
+        for n in (1, 5, 200):
+            assert np.array_equal(h.window("grad_norm", n), h.grad_norm[mask][-n:], equal_nan=True)
+            assert np.array_equal(h.window("step", n, measured=True), h.step[mask][-n:])
+            assert np.array_equal(h.window("loss", n), h.loss[-n:])
+            steps = h.step[mask][-n:]
+            assert h.span(n) == (len(h) - int(np.flatnonzero(h.step == steps[0])[0]) if steps.size else 0)
+    with pytest.raises(KeyError, match="no per-step series"):
+        h.window("update_ratio", 3)

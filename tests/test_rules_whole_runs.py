@@ -66,7 +66,7 @@ class Case:
     switch: AtStep | None = None
 
 
-def _classifier(onset: int, schedule: dict, *, sizes=(20, 32, 4), lr=0.05, momentum=0.9, **kw) -> Case:
+def _classifier(schedule: dict, *, sizes=(20, 32, 4), lr=0.05, momentum=0.9, **kw) -> Case:
     model = mlp(sizes)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     x, y = classification(n=1024)
@@ -79,11 +79,6 @@ def _found(case: Case, code: str) -> list[Any]:
     return got
 
 
-def _run(case: Case, steps: int = STEPS) -> tlw.Runner:
-    case.runner.run(steps=steps)
-    return case.runner
-
-
 def _onset_ok(case: Case, finding: Any, onset: int) -> None:
     """The finding is about the injected bug: raised at or after its onset."""
     if case.switch is not None:
@@ -93,7 +88,7 @@ def _onset_ok(case: Case, finding: Any, onset: int) -> None:
 
 # ---------------------------------------------------------------------------------------- the bugs
 def lr_too_high(onset: int, schedule: dict) -> tuple[Case, str]:
-    case = _classifier(onset, schedule)
+    case = _classifier(schedule)
     opt = case.runner.optimizer
 
     def jump() -> None:  # a buggy warm restart: 60x the LR
@@ -105,7 +100,7 @@ def lr_too_high(onset: int, schedule: dict) -> tuple[Case, str]:
 
 
 def lr_too_low(onset: int, schedule: dict) -> tuple[Case, str]:
-    case = _classifier(onset, schedule, lr=1e-7 if onset == 0 else 0.05)
+    case = _classifier(schedule, lr=1e-7 if onset == 0 else 0.05)
     if onset:
         case.runner.run(steps=onset)
         case.runner.set_lr(1e-7)  # a typo'd learning rate set mid-run
@@ -183,7 +178,7 @@ def vanishing_gradients(onset: int, schedule: dict) -> tuple[Case, str]:
 
 
 def dead_relu(onset: int, schedule: dict) -> tuple[Case, str]:
-    case = _classifier(onset, schedule)
+    case = _classifier(schedule)
     first = case.runner.model[0]
 
     def kill() -> None:  # e.g. a bad bias re-initialization in the user's code
@@ -195,7 +190,7 @@ def dead_relu(onset: int, schedule: dict) -> tuple[Case, str]:
 
 
 def over_regularization(onset: int, schedule: dict) -> tuple[Case, str]:
-    case = _classifier(onset, schedule)
+    case = _classifier(schedule)
     opt = case.runner.optimizer
 
     def decay() -> None:  # weight_decay=1.0 where 1e-4 was meant

@@ -42,12 +42,10 @@ __all__ = [
     "SessionState",
     "is_embedding_param",
     "matrix_columns",
-    "measured_rows",
     "nanmedian",
     "rows_identical",
     "rule",
     "short_list",
-    "span_rows",
     "tail",
 ]
 
@@ -381,49 +379,16 @@ def matrix_columns(session: Any) -> np.ndarray:
 
 
 def tail(history: Any, key: str, n: int, *, measured: bool | None = None) -> np.ndarray:
-    """The newest ``n`` rows of a history series, oldest first, without copying the whole ring.
+    """The newest ``n`` rows of a history series, oldest first (:meth:`History.window`).
 
     ``key`` is ``loss``, ``step``, ``epoch``, ``lr``, ``grad_norm``,
     ``weight_norm`` or ``update_norm``. Per-parameter series count measured
     rows only (unmeasured rows of the schedule hold NaN there); the loss and LR,
-    recorded every step, count every row unless ``measured=True`` (see
-    :meth:`tlwidgets.core.history.History.window`). Per-parameter series are cut
-    to the parameter columns and returned as float64.
+    recorded every step, count every row unless ``measured=True``. Trend rules
+    size their windows with ``history.measured_count`` and cover the same steps
+    with a loss window of ``history.span(n)`` rows.
     """
-    window = getattr(history, "window", None)
-    if window is not None:
-        return window(key, n, measured=measured)
-    values = np.asarray(getattr(history, key))  # another History implementation: its public arrays
-    if measured or (measured is None and key in ("grad_norm", "weight_norm", "update_norm")):
-        flags = getattr(history, "measured", None)
-        if flags is not None and len(flags) == len(values):
-            values = values[np.asarray(flags, dtype=bool)]
-    return values[-n:] if n > 0 else values[:0]
-
-
-def span_rows(history: Any, n: int) -> int:
-    """Rows (every step) that cover the newest ``n`` measured rows of ``history``.
-
-    A loss window over the same steps as a window of ``n`` measured statistics
-    is ``tail(history, "loss", span_rows(history, n))``.
-    """
-    span = getattr(history, "span", None)
-    if span is not None:
-        return int(span(n))
-    flags = getattr(history, "measured", None)
-    if flags is None or n <= 0:
-        return n
-    where = np.flatnonzero(np.asarray(flags, dtype=bool))
-    return len(flags) - int(where[-min(n, where.size)]) if where.size else 0
-
-
-def measured_rows(history: Any) -> int:
-    """Rows of ``history`` whose per-parameter statistics were measured (trend windows count these)."""
-    got = getattr(history, "measured_count", None)
-    if got is not None:
-        return int(got)
-    flags = getattr(history, "measured", None)
-    return int(np.sum(flags)) if flags is not None else len(history)
+    return history.window(key, n, measured=measured)
 
 
 def nanmedian(values: Any, axis: int | None = None) -> Any:

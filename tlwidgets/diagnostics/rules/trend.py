@@ -11,7 +11,7 @@ measures every step in a dense phase and every ``measure_every``-th step
 otherwise), and the minimum evidence a rule waits for is a number of measured
 rows: a trend that starts at step 3,000 of a sparse phase is judged on as many
 measurements as one at step 30. Loss windows that go with them cover the same
-steps (``span_rows``), every step's loss included. Label statistics
+steps (``History.span``), every step's loss included. Label statistics
 accumulate in a small per-session state from the FETCH records.
 """
 
@@ -28,11 +28,9 @@ from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 from tlwidgets.diagnostics.rules.base import (
     RuleContext,
-    measured_rows,
     nanmedian,
     rule,
     short_list,
-    span_rows,
     tail,
 )
 
@@ -222,12 +220,12 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     """Update/weight ratio of each optimizer group against the ~1e-3 band, together with the loss trend."""
     s = ctx.session
     h = s.history
-    n = measured_rows(h)
+    n = h.measured_count
     if n < LR_MIN_STEPS:
         return []
     w = min(LR_WINDOW, n)
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
-    losses = tail(h, "loss", span_rows(h, w))  # every step's loss over the steps of the window
+    losses = tail(h, "loss", h.span(w))  # every step's loss over the steps of the window
     lrs = tail(h, "lr", 1)[-1]
     finite = losses[np.isfinite(losses)]
     if finite.size < LR_MIN_STEPS // 2:
@@ -282,10 +280,9 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         recent_hits.append(bool(r > LR_PERSIST_RATIO and jumpy and not explained))
         del recent_hits[:-LR_PERSIST_EVALS]
         persistent = sum(recent_hits) >= LR_PERSIST_HITS
-        if persistent and not (high or blowup or r > LR_EXTREME_RATIO):
-            high = True
+        if persistent:
             evidence["persistent_evaluations"] = sum(recent_hits)
-        if r > LR_EXTREME_RATIO or high or blowup:
+        if r > LR_EXTREME_RATIO or high or blowup or persistent:
             if blowup and not high and r <= LR_EXTREME_RATIO:
                 how = (
                     f"on {extreme_steps} of them the weights changed by more than "
@@ -399,11 +396,8 @@ def _stalled(losses: np.ndarray, first: float, last: float) -> bool:
 def _lr_peaks(ctx: RuleContext, lrs: np.ndarray) -> list[float]:
     """Each group's highest LR seen by this rule so far; a set_lr or rewind starts it over."""
     st = ctx.state
-    controls = ctx.session.history.controls
-    if st.get("controls") != len(controls):
-        if any(c.kind in ("set_lr", "rewind") for c in controls[st.get("controls", 0) :]):
-            st.pop("peaks", None)
-        st["controls"] = len(controls)
+    if _lr_set_since_last_look(ctx):
+        st.pop("peaks", None)
     peaks: list[float] = st.setdefault("peaks", [])
     for gi, lr in enumerate(np.asarray(lrs, dtype=np.float64).tolist()):
         if gi >= len(peaks):
@@ -411,6 +405,19 @@ def _lr_peaks(ctx: RuleContext, lrs: np.ndarray) -> list[float]:
         elif math.isfinite(lr) and lr > peaks[gi]:
             peaks[gi] = lr
     return peaks
+
+
+def _lr_set_since_last_look(ctx: RuleContext) -> bool:
+    """Was an LR set by hand (``set_lr``) or the run rewound since this rule last asked?
+
+    A user's LR is a new starting point, not a move of the schedule: rules that track an LR's
+    peak start over.
+    """
+    st = ctx.state
+    controls = ctx.session.history.controls
+    seen = st.get("controls", 0)
+    st["controls"] = len(controls)
+    return any(c.kind in ("set_lr", "rewind") for c in controls[seen:])
 
 
 def _remember_high(ctx: RuleContext, group: int, lr: float) -> None:
@@ -462,7 +469,7 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
         what = "the gradients became NaN/Inf"
     if ctx.shared.get("explode_init"):
         return []
-    n = measured_rows(h)
+    n = h.measured_count
     if n < 1:  # even one huge step before the NaN is telling
         return []
     w = min(5, n)
@@ -518,13 +525,8 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
     step = int(s.global_step)
     epoch = int(getattr(s, "epoch", 0) or 0)
     # A set_lr is the user's choice, not the schedule's: restart the peak of that group.
-    controls = h.controls
-    seen = st.get("controls", 0)
-    if len(controls) != seen:
-        for c in controls[seen:]:
-            if c.kind in ("set_lr", "rewind"):
-                st.pop("groups", None)
-        st["controls"] = len(controls)
+    if _lr_set_since_last_look(ctx):
+        st.pop("groups", None)
     groups: list[dict[str, Any]] = st.setdefault("groups", [])
     found = []
     for gi, lr in enumerate(row):
@@ -606,7 +608,7 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
     """Total gradient norm grows by orders of magnitude, or is huge relative to the weights from the start."""
     s = ctx.session
     h = s.history
-    n = measured_rows(h)
+    n = h.measured_count
     if n == 0:
         return []
     st = ctx.state
@@ -704,7 +706,7 @@ def vanishing_gradients(ctx: RuleContext) -> list[Finding]:
     """The first layers' grad/weight ratio is orders of magnitude below the last layers' (several steps)."""
     s = ctx.session
     h = s.history
-    n = measured_rows(h)
+    n = h.measured_count
     if n < 5:
         return []
     mats = ctx.weight_matrices()
@@ -825,7 +827,7 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
     """Weight decay outpulls the data gradient: the weights shrink and the loss stays near its start."""
     s = ctx.session
     h = s.history
-    n = measured_rows(h)
+    n = h.measured_count
     if n < LR_LOW_MIN_STEPS:
         return []
     loss0 = _loss0(ctx)
