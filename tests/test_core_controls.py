@@ -271,9 +271,11 @@ def test_invalid_control_input_raises_and_changes_nothing():
         runner.freeze(3)
     with pytest.raises(KeyError):
         runner.unfreeze("nope")
-    for bad in (-0.1, float("nan"), float("inf"), "0.1", True):
+    for bad in (-0.1, float("nan"), float("inf"), True):
         with pytest.raises(ValueError):
             runner.set_lr(bad)
+    with pytest.raises(TypeError):
+        runner.set_lr("0.1")
     with pytest.raises(ValueError):
         runner.unfreeze("layer1", lr=-1.0)
     for group in (1, 5, -2):
@@ -344,3 +346,174 @@ def test_every_control_is_an_event_and_a_history_marker():
     assert [c.kind for c in runner.history.controls] == kinds
     assert all(c.step == 1 for c in seen)
     assert seen[0].detail["params"] == ["head.weight", "head.bias"]
+
+
+# ---------------------------------------------------------------------- set_lr inputs (issue #11)
+@pytest.mark.parametrize(
+    "lr",
+    [
+        np.float32(0.01),
+        np.float64(0.01),
+        np.int64(0),
+        np.array(0.01),
+        torch.tensor(0.01),
+        torch.tensor(0.01, dtype=torch.float64),
+        torch.tensor(0),
+    ],
+    ids=["np.float32", "np.float64", "np.int64", "np.array-0d", "tensor-f32", "tensor-f64", "tensor-int"],
+)
+def test_set_lr_accepts_real_number_scalars(lr):
+    runner = _runner()
+    seen = _controls(runner)
+    runner.set_lr(lr)
+    g = runner.optimizer.param_groups[0]["lr"]
+    assert type(g) is float and g == float(lr)  # stored as a plain float, never the caller's object
+    assert type(seen[-1].detail["lr"]) is float
+    runner.unfreeze("layer1", lr=lr)  # the same conversion for unfreeze(lr=...)
+    assert runner.lrs == [float(lr)]
+    runner.run(steps=1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        True,
+        np.bool_(False),
+        torch.tensor(True),
+        -0.1,
+        np.float32(-1),
+        torch.tensor(-1.0),
+        float("nan"),
+        np.float32("nan"),
+        torch.tensor(float("inf")),
+        float("-inf"),
+    ],
+    ids=[
+        "True",
+        "np.bool_",
+        "tensor-bool",
+        "negative",
+        "np-negative",
+        "tensor-negative",
+        "nan",
+        "np-nan",
+        "tensor-inf",
+        "-inf",
+    ],
+)
+def test_set_lr_rejects_bool_nan_inf_and_negative_values(bad):
+    runner = _runner()
+    with pytest.raises(ValueError, match="lr must be"):
+        runner.set_lr(bad)
+    with pytest.raises(ValueError, match="lr must be"):
+        runner.unfreeze("layer1", lr=bad)
+    assert runner.lrs == [0.1] and runner.history.controls == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["0.1", None, [0.1], torch.tensor([0.1, 0.2]), np.array([0.1]), 1j],
+    ids=["str", "None", "list", "tensor-1d", "array-1d", "complex"],
+)
+def test_set_lr_rejects_what_is_not_a_real_number_with_type_error(bad):
+    runner = _runner()
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        runner.set_lr(bad)
+    assert runner.lrs == [0.1] and runner.history.controls == []
+
+
+@pytest.mark.parametrize("group", ["1", "0", 1.0, 0.0, None, True], ids=repr)
+def test_set_lr_group_of_the_wrong_type_is_a_type_error(group):
+    runner, _, _ = _partial_setup(None)  # two groups: 0 and 1
+    with pytest.raises(TypeError, match="group must be an int"):
+        runner.set_lr(0.1, group)
+    assert runner.history.controls == []
+
+
+def test_set_lr_group_accepts_numpy_ints_and_lists_valid_groups_when_out_of_range():
+    model = Net()
+    opt = torch.optim.SGD(
+        [
+            {"params": model.layer1.parameters()},
+            {"params": [*model.layer10.parameters(), *model.bn.parameters(), *model.head.parameters()]},
+        ],
+        lr=0.1,
+    )
+    runner = make_runner(model, make_batches(4), optimizer=opt)
+    runner.set_lr(0.02, np.int64(1))
+    runner.set_lr(0.03, group=np.int32(-2))
+    assert runner.lrs == [0.03, 0.02]
+    assert [c.detail["group"] for c in runner.history.controls] == [1, 0]
+    assert all(type(c.detail["group"]) is int for c in runner.history.controls)
+    for group in (2, -3, np.int64(7)):
+        with pytest.raises(IndexError, match=r"valid groups are 0, 1 \(or -2, -1 from the end\)"):
+            runner.set_lr(0.1, group=group)
+    assert runner.lrs == [0.03, 0.02]
+
+
+# ---------------------------------------------------------------------- batch-norm eval mode as a control
+def test_set_bn_eval_is_a_recorded_control_that_holds_and_releases_frozen_bn():
+    runner = _runner()
+    runner.run(steps=1)
+    runner.freeze("bn")  # option off: the layer still updates its statistics
+    assert runner.bn_eval == () and runner.model.bn.training
+    seen = _controls(runner)
+    assert runner.set_bn_eval(True) == ["bn"]
+    assert runner.freeze_bn_stats is True  # without names: the option for later freezes too
+    assert runner.bn_eval == ("bn",) and runner.model.bn.training is False
+    change = seen[-1]
+    assert change.kind == "bn_eval" and change.step == 1
+    assert change.detail == {"on": True, "modules": ["bn"]}
+    assert runner.history.controls[-1] is change
+    mean = runner.model.bn.running_mean.clone()
+    runner.run(steps=2)
+    assert torch.equal(mean, runner.model.bn.running_mean)
+    assert runner.set_bn_eval(False) == ["bn"]
+    assert runner.freeze_bn_stats is False and runner.bn_eval == () and runner.model.bn.training
+    assert [c.kind for c in seen] == ["bn_eval", "bn_eval"] and seen[-1].detail["on"] is False
+    runner.run(steps=1)
+    assert not torch.equal(mean, runner.model.bn.running_mean)
+
+
+def test_set_bn_eval_with_names_touches_only_those_and_keeps_the_option():
+    runner = _runner()
+    runner.freeze("bn", "head")
+    seen = _controls(runner)
+    assert runner.set_bn_eval(True, "head") == []  # no batch-norm layer there: recorded, nothing held
+    assert runner.bn_eval == () and runner.freeze_bn_stats is False
+    assert runner.set_bn_eval(True, "bn") == ["bn"]
+    assert runner.freeze_bn_stats is False and runner.bn_eval == ("bn",)
+    assert seen[-1].detail == {"on": True, "modules": ["bn"], "names": ["bn"]}
+    assert seen[-1].label() == "bn_eval bn"
+    runner.unfreeze("bn")  # unfreezing releases the layer, as before
+    assert runner.bn_eval == () and runner.model.bn.training
+    assert runner.set_bn_eval(True, "bn") == []  # a trainable layer is not held
+    with pytest.raises(KeyError):
+        runner.set_bn_eval(True, "nope")
+    with pytest.raises(TypeError, match="on must be True or False"):
+        runner.set_bn_eval("yes")
+    with pytest.raises(AttributeError):
+        runner.bn_eval = ("bn",)
+
+
+def test_set_bn_eval_is_undone_by_rewind():
+    runner = _runner()
+    runner.freeze("bn")
+    ck = runner.checkpoint()
+    runner.set_bn_eval(True)
+    runner.run(steps=2)
+    runner.rewind(ck)
+    assert runner.bn_eval == () and runner.model.bn.training
+
+
+def test_set_bn_eval_on_a_watcher():
+    import tlwidgets as tlw
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tlw.watch(model, opt, loss_fn=nn.CrossEntropyLoss()) as w:
+        w.freeze("bn")
+        seen = _controls(w)
+        assert w.set_bn_eval(True) == ["bn"] and not model.bn.training and w.bn_eval == ("bn",)
+        assert w.set_bn_eval(False) == ["bn"] and model.bn.training and w.bn_eval == ()
+        assert [c.kind for c in seen] == ["bn_eval", "bn_eval"]

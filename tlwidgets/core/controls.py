@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -159,7 +162,12 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
 
 
 class ControlsMixin:
-    """``freeze`` / ``unfreeze`` / ``set_lr`` for a Runner or a Watcher.
+    """``freeze`` / ``unfreeze`` / ``set_lr`` / ``set_bn_eval`` for a Runner or a Watcher.
+
+    Every control is applied at a stage boundary (deferred when called from
+    inside a stage), recorded as a :class:`~tlwidgets.core.records.ControlChange`
+    in ``history.controls`` and announced as an ``Event.CONTROL``; a UI changes
+    training state through these methods only.
 
     The host provides ``model``, ``optimizer``, ``scheduler``, ``named_params``,
     ``param_names``, ``history``, ``events``, ``global_step``,
@@ -170,6 +178,16 @@ class ControlsMixin:
     def frozen(self) -> list[str]:
         """Names of the parameters with ``requires_grad=False``."""
         return [n for n, p in self.named_params if not p.requires_grad]
+
+    @property
+    def bn_eval(self) -> tuple[str, ...]:
+        """Batch-norm layers held in eval mode because they are frozen (module names, read-only).
+
+        Set by ``freeze(..., bn_eval=True)`` (or the ``freeze_bn_stats`` option)
+        and by :meth:`set_bn_eval`; released by :meth:`set_bn_eval` with
+        ``on=False`` and by unfreezing the layer.
+        """
+        return tuple(self._bn_eval)
 
     def param_group_of(self) -> dict[str, int | None]:
         """Optimizer group index of each parameter (None when not in the optimizer)."""
@@ -214,15 +232,61 @@ class ControlsMixin:
 
         The scheduler's base values are rescaled by the same factor, so the
         schedule keeps its shape at the new level.
+
+        Parameters
+        ----------
+        lr
+            A real number >= 0: a Python or numpy scalar, or a 0-d tensor or
+            array (stored as a plain ``float``).
+        group
+            Index of the optimizer's param group (an int, numpy ints too;
+            negative counts from the end).
+
+        Raises
+        ------
+        TypeError
+            ``lr`` is not a real number, or ``group`` is not an int.
+        ValueError
+            ``lr`` is a bool, NaN, infinite or negative.
+        IndexError
+            ``group`` is out of range (the message lists the valid groups).
         """
-        _check_lr(lr)
-        n = len(self.optimizer.param_groups)
-        if not isinstance(group, int) or not -n <= group < n:
-            raise IndexError(
-                f"group must be an index below {n} (the optimizer has {n} param groups), got {group!r}"
-            )
-        group = group % n
-        self._control(lambda: self._apply_set_lr(float(lr), group), None)
+        value = _check_lr(lr)
+        index = _check_group(group, len(self.optimizer.param_groups))
+        self._control(lambda: self._apply_set_lr(value, index), None)
+
+    def set_bn_eval(self, on: bool, *names: str) -> list[str]:
+        """Hold frozen batch-norm layers in eval mode (``on=True``) or release them (``on=False``).
+
+        A batch-norm layer held in eval mode keeps its running mean and
+        variance while training goes on (the runner puts it back in eval mode
+        before every forward, whatever ``model.train()`` did). Only layers
+        whose own parameters are all frozen are held; releasing puts a layer
+        back in the model's mode.
+
+        Parameters
+        ----------
+        on
+            Hold (True) or release (False).
+        *names
+            Module or parameter names (dotted subtrees, as for :meth:`freeze`);
+            none means every batch-norm layer, and then ``on`` also becomes the
+            ``freeze_bn_stats`` option that later :meth:`freeze` calls follow.
+
+        Returns
+        -------
+        list[str]
+            The module names whose mode this changes (possibly empty; the
+            change is recorded either way).
+        """
+        if not isinstance(on, (bool, np.bool_)):
+            raise TypeError(f"on must be True or False, got {on!r}")
+        on = bool(on)
+        params = dict(self.named_params)
+        chosen = set(resolve_names(names, self.param_names)) if names else None
+        layers = self._frozen_bn_layers(params) if on else list(self._bn_eval.items())
+        modules = [m for m, layer in layers if chosen is None or _owns_any(m, layer, chosen)]
+        return self._control(lambda: self._apply_bn_eval(on, modules, list(names)), modules)
 
     def _control(self, apply: Callable[[], Any], result: Any) -> Any:
         self._check_open()
@@ -242,19 +306,38 @@ class ControlsMixin:
             params[n].requires_grad_(False)
             params[n].grad = None
         if self.freeze_bn_stats if bn_eval is None else bn_eval:
-            for mname, m in self.model.named_modules():
-                own = [f"{mname}.{k}" if mname else k for k, _ in m.named_parameters(recurse=False)]
-                if (
-                    is_norm_layer(m)
-                    and isinstance(m, nn.modules.batchnorm._BatchNorm)
-                    and own
-                    and all(not params[o].requires_grad for o in own if o in params)
-                ):
-                    self._bn_eval[mname] = m
-                    m.eval()
+            for mname, m in self._frozen_bn_layers(params):
+                self._bn_eval[mname] = m
+                m.eval()
         self._after_control(
             ControlChange("freeze", self.global_step, {"names": list(names), "params": list(chosen)})
         )
+
+    def _frozen_bn_layers(self, params: dict[str, torch.Tensor]) -> list[tuple[str, nn.Module]]:
+        """``(name, layer)`` of the batch-norm layers whose own parameters are all frozen."""
+        out = []
+        for mname, m in self.model.named_modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            own = [o for o in _own_param_names(mname, m) if o in params]
+            if own and all(not params[o].requires_grad for o in own):
+                out.append((mname, m))
+        return out
+
+    def _apply_bn_eval(self, on: bool, modules: Sequence[str], names: Sequence[str]) -> None:
+        layers = dict(self.model.named_modules())
+        for mname in modules:
+            if on:
+                self._bn_eval[mname] = layers[mname]
+                layers[mname].eval()
+            elif mname in self._bn_eval:
+                self._bn_eval.pop(mname).train(self.model.training)
+        if not names:
+            self.freeze_bn_stats = on
+        detail: dict[str, Any] = {"on": on, "modules": list(modules)}
+        if names:
+            detail["names"] = list(names)
+        self._after_control(ControlChange("bn_eval", self.global_step, detail))
 
     def _apply_unfreeze(self, chosen: Sequence[str], names: Sequence[str], lr: float | None) -> None:
         params = dict(self.named_params)
@@ -271,7 +354,7 @@ class ControlsMixin:
                 del self._bn_eval[mname]
         detail: dict[str, Any] = {"names": list(names), "params": list(chosen)}
         if new:
-            base = lr if lr is not None else _base_lr(self.optimizer, self.scheduler, 0)
+            base = _check_lr(lr) if lr is not None else _base_lr(self.optimizer, self.scheduler, 0)
             self.optimizer.add_param_group({"params": new, "lr": base})
             extend_scheduler(self.scheduler, self.optimizer, base)
             detail.update(
@@ -313,9 +396,57 @@ class ControlsMixin:
         self.events.emit(Event.CONTROL, change)
 
 
-def _check_lr(lr: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+def _check_lr(lr: Any) -> float:
+    """``lr`` as a float: a real number >= 0 (Python/numpy scalar, 0-d tensor or array).
+
+    Raises TypeError for what is not a real number and ValueError for a bool,
+    NaN, an infinity or a negative value.
+    """
+    value = lr
+    if isinstance(value, (torch.Tensor, np.ndarray)):  # 0-d only; .item() gives a Python scalar
+        if value.ndim != 0:
+            raise TypeError(
+                f"lr must be a real number (a scalar), got a {type(value).__name__} "
+                f"of shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"lr must be a number, not a bool, got {lr!r}")
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"lr must be a real number >= 0, got {type(lr).__name__} {lr!r}")
+    out = float(value)
+    if not math.isfinite(out) or out < 0:
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    return out
+
+
+def _check_group(group: Any, n: int) -> int:
+    """``group`` as an index in ``range(n)`` (negative counts from the end)."""
+    try:
+        if isinstance(group, (bool, np.bool_)):
+            raise TypeError
+        index = operator.index(group)  # int, numpy ints, 0-d integer tensors; not str/float/bool
+    except TypeError:
+        raise TypeError(
+            f"group must be an int (a param group index), got {type(group).__name__} {group!r}"
+        ) from None
+    if not -n <= index < n:
+        valid = ", ".join(map(str, range(n)))
+        back = ", ".join(map(str, range(-n, 0)))
+        raise IndexError(
+            f"group {index} is out of range: the optimizer has {n} param group{'s' if n != 1 else ''}; "
+            f"valid groups are {valid} (or {back} from the end)"
+        )
+    return index % n
+
+
+def _own_param_names(mname: str, module: nn.Module) -> list[str]:
+    return [f"{mname}.{k}" if mname else k for k, _ in module.named_parameters(recurse=False)]
+
+
+def _owns_any(mname: str, module: nn.Module, chosen: set[str]) -> bool:
+    """Does the layer ``mname`` hold one of the ``chosen`` parameter names?"""
+    return any(o in chosen for o in _own_param_names(mname, module))
 
 
 def _base_lr(optimizer: torch.optim.Optimizer, scheduler: Any, group: int) -> float:
