@@ -551,6 +551,32 @@ def test_freeze_bn_statistics_option():
         r.close()
 
 
+def test_freeze_bn_statistics_option_goes_through_the_control_api():
+    # The checkbox used to put layers in eval mode and release them by editing the session's
+    # private state: no control event, no history row, no marker on the loss plot.
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), make_data())
+    d = tlw.Dashboard(r)
+    try:
+        d.freeze.toggles["1"].value = True
+        n = len(r.history.controls)
+        d.freeze.bn_stats.value = True
+        d.freeze.bn_stats.value = False
+        changes = r.history.controls[n:]
+        assert [(c.kind, c.detail["on"], c.detail["modules"]) for c in changes] == [
+            ("bn_eval", True, ["1"]),
+            ("bn_eval", False, ["1"]),
+        ]
+        assert r.bn_eval == () and model[1].training and not r.freeze_bn_stats
+        r.set_bn_eval(True)  # set from code: the checkbox follows
+        d.refresh()
+        assert d.freeze.bn_stats.value is True
+        assert len(r.history.controls) == n + 3  # following it did not record another change
+    finally:
+        d.close()
+        r.close()
+
+
 # --------------------------------------------------------------------------- findings and selection
 
 
@@ -854,6 +880,31 @@ def test_close_unsubscribes_and_restores_the_tracker(runner):
     redraws = d.refresher.redraws
     runner.run(steps=3)
     assert d.refresher.redraws == redraws
+
+
+@pytest.mark.parametrize("closed_first", ["older", "newer"])
+def test_two_dashboards_on_one_runner_keep_their_own_tracking_meters(runner, closed_first):
+    d1 = tlw.Dashboard(runner)
+    d2 = tlw.Dashboard(runner)
+    try:
+        runner.run(steps=3)
+        for d in (d1, d2):
+            assert d.tracking.steps == 3 and d.tracking.seconds > 0
+        gone, kept = (d1, d2) if closed_first == "older" else (d2, d1)
+        gone.close()
+        before = kept.tracking.seconds
+        runner.run(steps=3)
+        assert kept.tracking.steps == 6
+        assert kept.tracking.seconds > before  # closing the other dashboard did not stop this meter
+        assert gone.tracking.steps == 3
+        kept.refresh()
+        assert "tracking –" not in kept.status.text
+    finally:
+        d1.close()
+        d2.close()
+    # the last one closed restores the tracker's own methods
+    assert "measure_grads" not in runner.tracker.__dict__
+    assert "before_step" not in runner.tracker.stats.__dict__
 
 
 def test_tracking_cost_is_measured(dash, runner):

@@ -176,22 +176,11 @@ class FreezePanel(widgets.VBox):
         return on_change
 
     def _bn_changed(self, change: dict[str, Any]) -> None:
-        self.session.freeze_bn_stats = bool(change["new"])
-        frozen_bn = [
-            n
-            for n, m in self.session.model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and any(True for _ in m.parameters(recurse=False))
-            and not any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
-        if change["new"]:
-            if frozen_bn:  # already frozen layers: apply the option to them now
-                self.session.freeze(*frozen_bn, bn_eval=True)
-        else:
-            # Release the layers put in eval mode by freezing (the core keeps them in _bn_eval).
-            held = getattr(self.session, "_bn_eval", {})
-            for mname in list(held):
-                held.pop(mname).train(self.session.model.training)
+        if self._updating:
+            return
+        # One recorded control: the option for later freezes, applied to (or released from) the
+        # batch-norm layers frozen already.
+        self.session.set_bn_eval(bool(change["new"]))
         self._on_change()
 
     def next_block(self) -> str | None:
@@ -255,6 +244,9 @@ class FreezePanel(widgets.VBox):
                 )
                 if self.infos[name].value != text:
                     self.infos[name].value = text
+            option = bool(getattr(session, "freeze_bn_stats", False))
+            if self.bn_stats.value != option:  # set from code (set_bn_eval) or restored
+                self.bn_stats.value = option
         finally:
             self._updating = False
         n_frozen = int((~rg).sum())

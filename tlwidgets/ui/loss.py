@@ -17,6 +17,7 @@ MARKER_COLORS = {
     "freeze": "#1565c0",
     "unfreeze": "#2e7d32",
     "set_lr": "#ef6c00",
+    "bn_eval": "#6a1b9a",
     "rewind": "#c62828",
     "checkpoint": "#757575",
 }

@@ -49,11 +49,22 @@ class TrackingTimer:
     """Time spent in the tracker's own measurements, per optimizer step.
 
     The core does not time its statistics, so this wraps (on the instance
-    only, removed by :meth:`close`) the tracker methods the runner and the
-    watcher call around each step: grad norms, the pre-step snapshot, the
-    post-step update/weight norms plus history row, and activation statistics.
-    Costs paid inside hooks during forward/backward are not included, so the
-    figure is a lower bound of the tracking overhead.
+    only) the tracker methods the runner and the watcher call around each
+    step: grad norms, the pre-step snapshot, the post-step update/weight norms
+    plus history row, and activation statistics. Costs paid inside hooks
+    during forward/backward are not included, so the figure is a lower bound
+    of the tracking overhead.
+
+    Several timers on one tracker (two dashboards on one runner) share one
+    wrapper per method, which adds each call's time to every timer attached;
+    :meth:`close` detaches this timer only, and the last one to close puts the
+    tracker's own methods back.
+
+    Parameters
+    ----------
+    session
+        A Runner or Watcher (its ``tracker`` is timed); without a tracker the
+        timer stays at 0.
     """
 
     _METHODS = (
@@ -64,30 +75,20 @@ class TrackingTimer:
     )
 
     def __init__(self, session: Any) -> None:
+        #: Seconds measured since this timer was created.
         self.seconds = 0.0
+        #: Steps counted by :meth:`step_done`.
         self.steps = 0
-        self._patched: list[tuple[Any, str]] = []
+        self._attached: list[_SharedTiming] = []
         tracker = getattr(session, "tracker", None)
         if tracker is None:
             return
         for owner_attr, name in self._METHODS:
-            owner = getattr(tracker, owner_attr) if owner_attr else tracker
-            original = getattr(owner, name, None)
-            if original is None or not callable(original):
-                continue
-            setattr(owner, name, self._timed(original))
-            self._patched.append((owner, name))
-
-    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return wrapper
+            owner = getattr(tracker, owner_attr, None) if owner_attr else tracker
+            timing = _SharedTiming.attach(owner, name) if owner is not None else None
+            if timing is not None:
+                timing.timers.append(self)
+                self._attached.append(timing)
 
     def step_done(self) -> None:
         self.steps += 1
@@ -97,7 +98,60 @@ class TrackingTimer:
         return 1000.0 * self.seconds / self.steps if self.steps else 0.0
 
     def close(self) -> None:
-        """Restore the tracker's own methods."""
-        for owner, name in self._patched:
-            owner.__dict__.pop(name, None)
-        self._patched = []
+        """Stop timing; the last timer of a tracker restores the tracker's own methods."""
+        for timing in self._attached:
+            timing.detach(self)
+        self._attached = []
+
+
+class _SharedTiming:
+    """The timing wrapper of one tracker method, shared by the timers attached to it."""
+
+    def __init__(self, owner: Any, name: str, original: Callable[..., Any]) -> None:
+        self.owner = owner
+        self.name = name
+        self.timers: list[TrackingTimer] = []
+        own = vars(owner)
+        self._had_own, self._own = name in own, own.get(name)  # an instance attribute we cover
+        timers = self.timers
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t0
+                for timer in timers:
+                    timer.seconds += elapsed
+
+        wrapper._tlw_timing = self  # type: ignore[attr-defined]
+        self.wrapper = wrapper
+        setattr(owner, name, wrapper)
+
+    @classmethod
+    def attach(cls, owner: Any, name: str) -> _SharedTiming | None:
+        """The wrapper installed on ``owner.name`` (installed now if there is none yet)."""
+        try:
+            current = vars(owner).get(name)
+        except TypeError:  # no instance __dict__ (slots): nothing can be wrapped per instance
+            return None
+        timing = getattr(current, "_tlw_timing", None)
+        if isinstance(timing, cls) and timing.owner is owner:
+            return timing
+        original = getattr(owner, name, None)
+        if original is None or not callable(original):
+            return None
+        return cls(owner, name, original)
+
+    def detach(self, timer: TrackingTimer) -> None:
+        """Stop adding time to ``timer``; without timers left, uninstall the wrapper."""
+        self.timers[:] = [t for t in self.timers if t is not timer]
+        if self.timers:
+            return
+        own = vars(self.owner)
+        if own.get(self.name) is self.wrapper:  # not covered by someone else's wrapper since
+            if self._had_own:
+                own[self.name] = self._own
+            else:
+                del own[self.name]
