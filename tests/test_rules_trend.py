@@ -9,6 +9,7 @@ from test_rules_support import classification, codes, digits, find, loader, mlp,
 from torch import nn
 
 import tlwidgets as tlw
+from tlwidgets.diagnostics.derived import binom_tail
 from tlwidgets.diagnostics.rules import trend
 
 
@@ -402,4 +403,4 @@ def test_binomial_tail_matches_a_direct_sum() -> None:
 
     p = np.array([0.1, 0.5, 0.9])
     direct = [sum(comb(12, k) * q**k * (1 - q) ** (12 - k) for k in range(10, 13)) for q in p]
-    assert trend._binom_tail(12, p, 10) == pytest.approx(direct, rel=1e-9)
+    assert binom_tail(12, p, 10) == pytest.approx(direct, rel=1e-9)

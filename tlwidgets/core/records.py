@@ -6,6 +6,7 @@ import dataclasses
 import traceback
 from typing import Any
 
+from tlwidgets.core.facts import StageFacts, facts_for
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
@@ -46,8 +47,9 @@ class StageRecord:
         True when statistics are exact (interactive stage stepping); False when
         they are subset estimates (see ``docs/tracking.md``).
     data
-        Stage-specific observations (keys documented per stage in
-        ``docs/records.md``), plain Python / numpy values.
+        The stage's typed facts (:mod:`tlwidgets.core.facts`: ``LossFacts``,
+        ``StepFacts``, ...), read as attributes (``rec.data.loss``) or, like a
+        dict of the facts that were recorded, by key (``rec["loss"]``).
     duration_s
         Wall time of the stage.
     error
@@ -62,10 +64,18 @@ class StageRecord:
     batch: int
     ok: bool = True
     exact: bool = True
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: StageFacts = None  # type: ignore[assignment]  # set in __post_init__
     duration_s: float = 0.0
     error: ErrorInfo | None = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stage = Stage(self.stage)
+        given = self.data
+        if not isinstance(given, StageFacts) or given.stage is not self.stage:
+            self.data = facts_for(self.stage)
+            if given:
+                self.data.update(given)
 
     @property
     def status(self) -> str:

@@ -56,6 +56,20 @@ class FindingsMixin:
             self.diagnostic_errors.append("rank failed")
             return list(self._log)
 
+    def has_finding(self, *codes: str) -> bool:
+        """Is a finding with one of ``codes`` in the log (cheap: no ranking)?"""
+        wanted = set(codes)
+        return any(f.code in wanted for f in self._log)
+
+    def findings_with(self, code: str) -> list[Finding]:
+        """Findings of ``code`` in the log, in the order they were first raised (no ranking)."""
+        return [f for f in self._log if f.code == code]
+
+    def retire_finding(self, code: str, params: Sequence[str]) -> None:
+        """Drop the finding filed under ``(code, params)``: a rule reports the problem under a wider
+        parameter set now (see ``RuleContext.stable_params``)."""
+        self._log.discard(code, tuple(params))
+
     def _publish(self, findings: Iterable[Finding]) -> None:
         for f in findings:
             stored, new = self._log.add(f)

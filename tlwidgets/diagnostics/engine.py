@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +17,10 @@ from tlwidgets.diagnostics.rules import Rule, RuleContext, SessionState, default
 __all__ = ["RuleDiagnoser"]
 
 log = logging.getLogger(__name__)
+
+#: ``TLW_STRICT_RULES=1`` makes a rule's exception propagate (for developing rules and in tests),
+#: instead of being recorded in ``session.diagnostic_errors``.
+_STRICT = os.environ.get("TLW_STRICT_RULES", "") not in ("", "0")
 
 
 class RuleDiagnoser:
@@ -92,6 +97,8 @@ class RuleDiagnoser:
             try:
                 got = r.fn(ctx)
             except Exception as exc:  # a rule bug must not stop training nor hide other rules
+                if _STRICT:
+                    raise
                 log.debug("rule %s raised", r.name, exc_info=True)
                 errors = getattr(session, "diagnostic_errors", None)
                 if isinstance(errors, list):
@@ -115,9 +122,9 @@ class RuleDiagnoser:
 
     def on_stage(self, session: Any, record: StageRecord) -> list[Finding]:
         """Stage rules of ``record.stage`` due at its step; loop events go to the own-loop rules."""
-        data = record.data
-        if data.get("loop_event"):
+        if record.stage is Stage.BACKWARD and record.data.loop_event:
             return self._run(self._applicable(self._loop, session.kind, "loop"), session, record)
+        self.state(session).derived.observe(record)
         rules = self._applicable(self._by_stage.get(record.stage, ()), session.kind, record.stage)
         if not record.exact:
             step = record.step

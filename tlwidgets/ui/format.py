@@ -9,6 +9,17 @@ from typing import Any
 
 import numpy as np
 
+from tlwidgets.core.facts import (
+    BackwardFacts,
+    FetchFacts,
+    ForwardFacts,
+    LossFacts,
+    StageFacts,
+    StepFacts,
+    ToDeviceFacts,
+    ZeroGradFacts,
+)
+
 __all__ = ["fmt", "fmt_bytes", "names_html", "record_html", "table_html"]
 
 esc = html.escape
@@ -102,7 +113,7 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
     """Everything a stage record holds, as HTML (tables for tensors, parameters and modules)."""
     if record is None:
         return "<i>this stage has not run yet</i>"
-    data: dict[str, Any] = dict(getattr(record, "data", {}) or {})
+    data: StageFacts = getattr(record, "data", None) or StageFacts()
     stage = getattr(record, "stage", None)
     name = getattr(stage, "value", str(stage))
     status = getattr(record, "status", "ok")
@@ -122,14 +133,15 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
     def take(*keys: str) -> list[tuple[str, Any]]:
         out = []
         for k in keys:
-            if k in data:
+            value = getattr(data, k, None)
+            if value is not None:
                 used.add(k)
-                out.append((k.replace("_", " "), data[k]))
+                out.append((k.replace("_", " "), value))
         return out
 
-    if name == "fetch":
+    if isinstance(data, FetchFacts):
         parts.append(_kv(take("structure", "batch_size", "non_finite", "input_std", "input_absmax")))
-        tensors = data.get("tensors") or {}
+        tensors = data.tensors or {}
         used.add("tensors")
         if tensors:
             rows = [
@@ -153,7 +165,7 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
                     rows,
                 )
             )
-        counts = data.get("label_counts")
+        counts = data.label_counts
         used.add("label_counts")
         if counts is not None and len(counts):
             counts = np.asarray(counts)
@@ -164,17 +176,17 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
                 for i, c in enumerate(counts[:30])
             )
             parts.append(f"<div><b>labels in this batch</b>{bars}</div>")
-    elif name == "zero_grad":
+    elif isinstance(data, ZeroGradFacts):
         parts.append(_kv(take("grads_before", "grads_after")))
         used.add("not_cleared")
-        parts.append(f"<div>grads not cleared: {esc(_list(data.get('not_cleared') or []))}</div>")
-    elif name == "to_device":
+        parts.append(f"<div>grads not cleared: {esc(_list(data.not_cleared or []))}</div>")
+    elif isinstance(data, ToDeviceFacts):
         pairs = take("device", "devices_before", "devices", "param_devices")
-        if "bytes" in data:
+        if data.bytes is not None:
             used.add("bytes")
-            pairs.append(("bytes moved", fmt_bytes(data["bytes"])))
+            pairs.append(("bytes moved", fmt_bytes(data.bytes)))
         parts.append(_kv(pairs))
-    elif name == "forward":
+    elif isinstance(data, ForwardFacts):
         parts.append(
             _kv(
                 take(
@@ -192,7 +204,7 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
                 )
             )
         )
-        acts = data.get("activations") or {}
+        acts = data.activations or {}
         used.add("activations")
         if acts:
             rows = [
@@ -204,7 +216,7 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
             parts.append(
                 "<div><small>no activation statistics this step (they are taken on a schedule)</small></div>"
             )
-    elif name == "loss":
+    elif isinstance(data, LossFacts):
         pairs = take(
             "loss",
             "expected_initial_loss",
@@ -222,31 +234,31 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
         for k in ("output_row_sum_dev", "output_logsumexp_dev"):
             used.add(k)
         parts.append(_kv(pairs))
-        if "reached" in data:
+        if data.reached is not None:
             used.update(("reached", "unreached"))
             parts.append(
-                f"<div>the loss reaches {len(data['reached'])} parameter tensor(s); "
-                f"trainable but not reached: {esc(_list(data.get('unreached') or []))}</div>"
+                f"<div>the loss reaches {len(data.reached)} parameter tensor(s); "
+                f"trainable but not reached: {esc(_list(data.unreached or []))}</div>"
             )
-    elif name == "backward":
+    elif isinstance(data, BackwardFacts):
         parts.append(_kv(take("total_grad_norm", "grad_exact", "clip_ratio")))
         used.update(("missing_grad", "non_finite_grad", "grad_norm"))
-        parts.append(f"<div>no gradient: {esc(_list(data.get('missing_grad') or []))}</div>")
-        parts.append(f"<div>NaN/Inf gradient: {esc(_list(data.get('non_finite_grad') or []))}</div>")
-        if "grad_norm" in data and param_names:
-            parts.append(_per_param(param_names, {"grad norm": data["grad_norm"]}))
-    elif name == "step":
+        parts.append(f"<div>no gradient: {esc(_list(data.missing_grad or []))}</div>")
+        parts.append(f"<div>NaN/Inf gradient: {esc(_list(data.non_finite_grad or []))}</div>")
+        if data.grad_norm is not None and param_names:
+            parts.append(_per_param(param_names, {"grad norm": data.grad_norm}))
+    elif isinstance(data, StepFacts):
         parts.append(_kv(take("lr", "update_exact", "rolled_back")))
         used.update(("changed", "frozen_changed", "update_norm", "weight_norm", "update_ratio"))
-        parts.append(f"<div>frozen but changed: {esc(_list(data.get('frozen_changed') or []))}</div>")
-        if "update_norm" in data and param_names:
+        parts.append(f"<div>frozen but changed: {esc(_list(data.frozen_changed or []))}</div>")
+        if data.update_norm is not None and param_names:
             parts.append(
                 _per_param(
                     param_names,
                     {
-                        "update norm": data.get("update_norm"),
-                        "weight norm": data.get("weight_norm"),
-                        "update/weight": data.get("update_ratio"),
+                        "update norm": data.update_norm,
+                        "weight norm": data.weight_norm,
+                        "update/weight": data.update_ratio,
                     },
                 )
             )

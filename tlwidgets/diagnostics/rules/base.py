@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.facts import StageFacts, facts_for
 from tlwidgets.core.findings import Code, Finding
 from tlwidgets.core.records import StageRecord
 from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.derived import Derived, DerivedView
 
 __all__ = [
     "KINDS",
@@ -108,6 +110,11 @@ class Rule:
             raise ValueError(f"stage rule {self.name!r} must name the stages it reads")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        for stage in self.stages:  # a typo in needs would silently skip the rule for ever
+            known = {f.name for f in dataclasses.fields(facts_for(stage))}
+            unknown = sorted(set(self.needs) - known)
+            if unknown:
+                raise ValueError(f"rule {self.name!r} needs {unknown}: {stage.value} records lack them")
         bad = set(self.sessions) - set(_SESSIONS)
         if bad:
             raise ValueError(f"sessions must be among {_SESSIONS}, got {sorted(bad)}")
@@ -116,8 +123,8 @@ class Rule:
         """True when ``record`` holds every key the rule needs (not ``None``)."""
         if not self.needs:
             return True
-        data = getattr(record, "data", None) or {}
-        return all(data.get(k) is not None for k in self.needs)
+        data = getattr(record, "data", None)
+        return data is not None and all(data.get(k) is not None for k in self.needs)
 
 
 def rule(
@@ -156,8 +163,10 @@ class SessionState:
     ----------
     rules
         Private dict of each rule, by rule name.
-    shared
-        Facts several rules read (e.g. running label counts), by key.
+    derived
+        Facts several rules read (:class:`~tlwidgets.diagnostics.derived.Derived`:
+        running label counts, the first losses); what one rule concludes reaches
+        another only as a published finding.
     reported
         The parameter tuple last reported under each (code, group), so a
         recurring finding keeps a stable key (see :meth:`RuleContext.stable_params`).
@@ -175,7 +184,7 @@ class SessionState:
 
     def __init__(self) -> None:
         self.rules: dict[str, dict[str, Any]] = {}
-        self.shared: dict[str, Any] = {}
+        self.derived = Derived()
         self.reported: dict[tuple[str, str], tuple[str, ...]] = {}
         self.cache: dict[str, Any] = {}
         self.last_step = 0
@@ -206,7 +215,7 @@ class SessionState:
     def reset_time(self) -> None:
         """Forget everything that depends on the order of steps (after a rewind)."""
         self.rules.clear()
-        self.shared.clear()
+        self.derived = Derived()
         self.last_run.clear()
         self.trend_calls = 0
 
@@ -246,14 +255,18 @@ class RuleContext:
         return int(self.session.global_step)
 
     @property
-    def data(self) -> dict[str, Any]:
-        """The record's data dict (empty without a record)."""
+    def data(self) -> StageFacts:
+        """The record's typed facts (:mod:`tlwidgets.core.facts`; empty without a stage record)."""
         rec = self.record
-        return rec.data if isinstance(rec, StageRecord) else {}
+        return rec.data if isinstance(rec, StageRecord) else StageFacts()
 
     @property
-    def shared(self) -> dict[str, Any]:
-        return self.session_state.shared
+    def derived(self) -> DerivedView:
+        """Facts several rules read, the same for every rule of an evaluation.
+
+        See :mod:`tlwidgets.diagnostics.derived`.
+        """
+        return DerivedView(self.session, self.session_state.derived)
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """``build()`` once per audit period (controls clear the cache)."""
@@ -354,9 +367,7 @@ class RuleContext:
         union = set(old) | set(names)
         new = tuple(sorted(union, key=lambda n: (order.get(n, len(order)), n)))
         if old and new != old:
-            log = getattr(self.session, "_log", None)
-            if log is not None and hasattr(log, "discard"):
-                log.discard(code, old)
+            self.session.retire_finding(code, old)
         self.session_state.reported[key] = new
         return new
 

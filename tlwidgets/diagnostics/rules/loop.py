@@ -37,7 +37,7 @@ CLIP_MEASUREMENTS = 3
 
 def _loop(ctx: RuleContext) -> dict | None:
     d = ctx.data
-    return d.get("loop") if d.get("loop_event") else None
+    return d.loop if d.loop_event else None
 
 
 @rule("grads-not-zeroed", ["grads-not-zeroed"], "loop", sessions=("watch",))
@@ -46,7 +46,6 @@ def grads_not_zeroed(ctx: RuleContext) -> list[Finding]:
     loop = _loop(ctx)
     if not loop or loop.get("stale_steps", 0) < STALE_STEPS:
         return []
-    ctx.shared["stale_grads"] = True
     return [
         ctx.finding(
             "grads-not-zeroed",
@@ -112,7 +111,6 @@ def grad_clipping_too_strong(ctx: RuleContext) -> list[Finding]:
     med = nanmedian(recent)
     if not med < CLIP_RATIO or _powers_of_two(recent):
         return []
-    ctx.shared["clipping"] = True
     return [
         ctx.finding(
             "grad-clipping-too-strong",

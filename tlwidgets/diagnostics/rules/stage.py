@@ -126,7 +126,7 @@ def input_not_normalized(ctx: RuleContext) -> list[Finding]:
     if first is not None and is_norm_layer(first):  # the model normalizes its own input
         return []
     found = []
-    for path, info in ctx.data["tensors"].items():
+    for path, info in ctx.data.tensors.items():
         if not path.startswith("inputs") or "std" not in info or len(info.get("shape", ())) < 2:
             continue  # targets, integer tensors (token ids), per-example scalars (timesteps, lengths)
         lo, hi, std, mean = info.get("min"), info.get("max"), info.get("std"), info.get("mean")
@@ -162,7 +162,7 @@ def input_not_normalized(ctx: RuleContext) -> list[Finding]:
 
 # ================================================================================ LOSS
 def _loss_name(ctx: RuleContext) -> str:
-    name = ctx.data.get("loss_fn")
+    name = ctx.data.loss_fn
     if name:
         return str(name)
     fn = getattr(ctx.session, "loss_fn", None)
@@ -180,7 +180,7 @@ def _loss_name(ctx: RuleContext) -> str:
 def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
     """(Log-)probabilities fed to a loss that applies (log_)softmax itself (or softmax fed to NLL)."""
     d = ctx.data
-    prob, logprob = d.get("output_is_probability"), d.get("output_is_log_probability")
+    prob, logprob = d.output_is_probability, d.output_is_log_probability
     if not (prob or logprob) and ctx.session.kind != "runner":
         return []
     name = _loss_name(ctx)
@@ -199,10 +199,10 @@ def softmax_before_loss(ctx: RuleContext) -> list[Finding]:
         return [
             ctx.finding(
                 "softmax-before-loss",
-                f"{name} receives {kind}: rows sum to 1 within {d.get('output_row_sum_dev', 0):.1e}"
+                f"{name} receives {kind}: rows sum to 1 within {d.output_row_sum_dev or 0:.1e}"
                 if prob
                 else f"{name} receives {kind}: logsumexp of each row is 0 within "
-                f"{d.get('output_logsumexp_dev', 0):.1e}",
+                f"{d.output_logsumexp_dev or 0:.1e}",
                 evidence={"loss_fn": name, "probability": bool(prob), "log_probability": bool(logprob)},
                 cause=cause,
                 fix=fix,
@@ -230,7 +230,7 @@ def _sigmoid_before_bce(ctx: RuleContext, name: str) -> list[Finding]:
     fwd = ctx.session.records.get(Stage.FORWARD)
     if fwd is None or fwd.step != ctx.step:
         return []
-    lo, hi = fwd.data.get("output_min"), fwd.data.get("output_max")
+    lo, hi = fwd.data.output_min, fwd.data.output_max
     st = ctx.state
     inside = lo is not None and hi is not None and lo > 0.0 and hi < 1.0
     st["inside"] = st.get("inside", 0) + 1 if inside else 0
@@ -261,13 +261,13 @@ def _sigmoid_before_bce(ctx: RuleContext, name: str) -> list[Finding]:
 def shape_broadcast(ctx: RuleContext) -> list[Finding]:
     """Prediction and target shapes differ but broadcast, so an element-wise loss compares all pairs."""
     d = ctx.data
-    out, tgt = tuple(d["output_shape"]), tuple(d["target_shape"])
+    out, tgt = tuple(d.output_shape), tuple(d.target_shape)
     if out == tgt or not out or not tgt:
         return []
     name = _loss_name(ctx)
     if name in _CLASS_LOSSES:
         return []  # (N, C) outputs with (N,) class targets are the normal layout
-    floating = str(d.get("target_dtype") or "").startswith(("float", "bfloat", "half", "double"))
+    floating = str(d.target_dtype or "").startswith(("float", "bfloat", "half", "double"))
     if name not in _ELEMENTWISE and not floating:
         return []
     try:
@@ -295,26 +295,26 @@ def loss_sum_reduction(ctx: RuleContext) -> list[Finding]:
     """``reduction='sum'``, or a class loss larger than any mean over the batch could be."""
     d = ctx.data
     name = _loss_name(ctx)
-    if d.get("reduction") == "sum":
+    if d.reduction == "sum":
         return [
             ctx.finding(
                 "loss-sum-reduction",
                 f"{name} uses reduction='sum': the loss and its gradient grow with the batch size "
-                f"({d.get('batch_size')})",
-                evidence={"reduction": "sum", "batch_size": d.get("batch_size"), "loss": d.get("loss")},
+                f"({d.batch_size})",
+                evidence={"reduction": "sum", "batch_size": d.batch_size, "loss": d.loss},
             )
         ]
     # For a cross-entropy-like loss on logits z, every example's loss is at most
     # ln C + (max z - min z); a mean over the batch cannot exceed that bound.
-    if d.get("reduction") is not None or ctx.session.kind != "runner":
+    if d.reduction is not None or ctx.session.kind != "runner":
         return []
-    expected, loss, batch = d.get("expected_initial_loss"), d.get("loss"), d.get("batch_size") or 0
+    expected, loss, batch = d.expected_initial_loss, d.loss, d.batch_size or 0
     fwd = ctx.session.records.get(Stage.FORWARD)
     if expected is None or batch < 4 or fwd is None or fwd.step != ctx.step or not math.isfinite(loss):
         return []
-    if not str(d.get("target_dtype") or "").startswith(("int", "long", "uint")):
+    if not str(d.target_dtype or "").startswith(("int", "long", "uint")):
         return []
-    lo, hi = fwd.data.get("output_min"), fwd.data.get("output_max")
+    lo, hi = fwd.data.output_min, fwd.data.output_max
     if lo is None or hi is None:
         return []
     bound = expected + (hi - lo) + max(0.0, -lo)
@@ -346,7 +346,7 @@ def _bn_train_modules(ctx: RuleContext, fwd: Any) -> list[str]:
     )
     if not bns:
         return []
-    eval_names = set(fwd.data.get("eval_modules") or [])
+    eval_names = set(fwd.data.eval_modules or [])
     return [n for n in bns if n not in eval_names]
 
 
@@ -354,9 +354,9 @@ def _bn_train_modules(ctx: RuleContext, fwd: Any) -> list[str]:
 def bn_small_batch(ctx: RuleContext) -> list[Finding]:
     """Batch norm in train mode on a batch of 1 or 2 examples."""
     fetch = ctx.session.records.get(Stage.FETCH)
-    batch = fetch.data.get("batch_size") if fetch is not None and fetch.step == ctx.step else None
+    batch = fetch.data.batch_size if fetch is not None and fetch.step == ctx.step else None
     if batch is None:
-        batch = ctx.data.get("batch_size")
+        batch = ctx.data.batch_size
     if batch is None or batch > 2:
         return []
     fwd = ctx.session.records.get(Stage.FORWARD)
@@ -387,7 +387,7 @@ def disconnected_by_graph(ctx: RuleContext) -> list[Finding]:
     """Trainable optimizer parameters the loss's graph does not reach, two measured steps in a row."""
     groups = ctx.group_index()
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
-    unreached = [n for n in ctx.data["unreached"] if n in index and groups[index[n]] >= 0]
+    unreached = [n for n in ctx.data.unreached if n in index and groups[index[n]] >= 0]
     return _disconnected(ctx, unreached, "the loss's autograd graph does not reach them")
 
 
@@ -405,15 +405,15 @@ def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
     at ``optimizer.step()`` had its gradient cleared in between (a
     ``zero_grad()`` between ``backward()`` and ``step()``).
     """
-    if not ctx.data["missing_grad"] and not ctx.state.get("streak") and not ctx.state.get("cleared"):
+    if not ctx.data.missing_grad and not ctx.state.get("streak") and not ctx.state.get("cleared"):
         return []  # the common case, every step: every trainable parameter got its gradient
     groups = ctx.group_index()
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
-    missing = [n for n in ctx.data["missing_grad"] if n in index and groups[index[n]] >= 0]
+    missing = [n for n in ctx.data.missing_grad if n in index and groups[index[n]] >= 0]
     found: list[Finding] = []
     if ctx.session.kind == "watch" and missing:
         loss = ctx.session.records.get(Stage.LOSS)
-        reached = set(loss.data.get("reached") or []) if loss is not None and loss.step == ctx.step else set()
+        reached = set(loss.data.reached or []) if loss is not None and loss.step == ctx.step else set()
         cleared = [n for n in missing if n in reached]
         st = ctx.state
         st["cleared"] = st.get("cleared", 0) + 1 if cleared else 0
@@ -481,7 +481,7 @@ def zero_init(ctx: RuleContext) -> list[Finding]:
     """
     st = ctx.state
     checks = st.get("checks", 0)
-    if ctx.data.get("loop_event") or checks >= ZERO_INIT_MAX_CHECKS:
+    if ctx.data.loop_event or checks >= ZERO_INIT_MAX_CHECKS:
         return []
     st["checks"] = checks + 1
     owners = ctx.param_module()
@@ -562,7 +562,7 @@ def dead_units_from_grads(ctx: RuleContext) -> list[Finding]:
     the bias gradients.
     """
     s = ctx.session
-    if ctx.data.get("loop_event"):
+    if ctx.data.loop_event:
         return []
     has_relu_modules = ctx.cached("has_relu_modules", lambda: any(_relu_like(m) for m in s.model.modules()))
     if has_relu_modules:
@@ -621,7 +621,7 @@ def dead_units_from_grads(ctx: RuleContext) -> list[Finding]:
 )
 def frozen_param_changed(ctx: RuleContext) -> list[Finding]:
     """A parameter with ``requires_grad=False`` changed during ``optimizer.step()``."""
-    changed = list(ctx.data["frozen_changed"])
+    changed = list(ctx.data.frozen_changed)
     if not changed:
         return []
     opt = ctx.session.optimizer
@@ -663,14 +663,14 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     """A trainable optimizer parameter with a non-zero gradient but a zero update, step after step."""
     s = ctx.session
     st = ctx.state
-    update = ctx.data["update_norm"]
+    update = ctx.data.update_norm
     # The common case first (this runs every step): every parameter moved.
     if not st.get("streak_any") and update.size and update.min() > 0:
         return []
     bwd = s.records.get(Stage.BACKWARD)
-    if bwd is None or bwd.step != ctx.step or bwd.data.get("grad_norm") is None:
+    if bwd is None or bwd.step != ctx.step or bwd.data.grad_norm is None:
         return []
-    grad = bwd.data["grad_norm"]
+    grad = bwd.data.grad_norm
     if np.shape(grad) != np.shape(update):
         return []
     stuck = (update == 0) & (grad > 0)
@@ -701,7 +701,8 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     # With an LR above 0, a zero update must not be explained by rounding: a plain SGD step
     # (lr x grad) would have moved the weights visibly. Tiny LRs and vanishing gradients are
     # reported by the LR and gradient rules instead.
-    weight = np.asarray(ctx.data.get("weight_norm", np.full(update.shape, np.nan)), dtype=np.float64)
+    weight = ctx.data.weight_norm
+    weight = np.asarray(np.full(update.shape, np.nan) if weight is None else weight, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         visible = (lr * grad > VISIBLE_UPDATE * weight) | (weight == 0)
     need = np.where(lr == 0, NOT_UPDATING_STEPS_LR0, NOT_UPDATING_STEPS)
@@ -765,10 +766,10 @@ def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     dropout inside a fully frozen part of the model.
     """
     fwd = _forward_of_step(ctx)
-    if fwd is None or fwd.data.get("grad_enabled") is False:
+    if fwd is None or fwd.data.grad_enabled is False:
         return []
-    eval_names = list(fwd.data.get("eval_modules") or [])
-    model_eval = fwd.data.get("training") is False or "<model>" in eval_names
+    eval_names = list(fwd.data.eval_modules or [])
+    model_eval = fwd.data.training is False or "<model>" in eval_names
     if not eval_names and not model_eval:
         return []
     mods = ctx.modules()
@@ -834,7 +835,7 @@ def eval_mode_training(ctx: RuleContext) -> list[Finding]:
 def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
     """Batch-norm layers with frozen parameters that run in train mode, so their running statistics move."""
     fwd = _forward_of_step(ctx)
-    if fwd is None or fwd.data.get("grad_enabled") is False:
+    if fwd is None or fwd.data.grad_enabled is False:
         return []
     bns = ctx.cached(
         "bn_modules_obj",
@@ -846,7 +847,7 @@ def frozen_bn_stats_drift(ctx: RuleContext) -> list[Finding]:
     )
     if not bns:
         return []
-    eval_names = fwd.data.get("eval_modules") or ()
+    eval_names = fwd.data.eval_modules or ()
     drifting = [
         name
         for name, m, own in bns

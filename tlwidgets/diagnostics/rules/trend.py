@@ -17,7 +17,6 @@ accumulate in a small per-session state from the FETCH records.
 
 from __future__ import annotations
 
-import collections
 import math
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.derived import PURE_P_VALUE, PURE_SHARE  # noqa: F401 (PURE_P_VALUE: public threshold)
 from tlwidgets.diagnostics.rules.base import (
     RuleContext,
     nanmedian,
@@ -141,32 +141,13 @@ OVERFIT_ACCURACY_SLACK = 0.005
 IMBALANCE_RATIO = 10.0
 IMBALANCE_MIN_SAMPLES = 150
 IMBALANCE_PER_CLASS = 20
-#: unshuffled-data: share of the majority class that makes a batch "one class", window, and
-#: the observed vs expected (under random order) fraction of such batches.
-PURE_SHARE = 0.9
-PURE_WINDOW = 16
-PURE_MIN_BATCHES = 4
-PURE_OBSERVED = 0.5
-#: Chance of seeing that many single-class batches under random order must be below this.
-PURE_P_VALUE = 1e-6
-#: ... and below this the order is suspect: label statistics wait (the stream may be sorted).
-PURE_SUSPECT = 1e-2
+#: unshuffled-data thresholds live with the label tally they test (:mod:`tlwidgets.diagnostics.derived`).
 
 
 # ================================================================================ helpers
 def _loss0(ctx: RuleContext) -> float:
     """Median of the run's first 5 training losses (kept once known)."""
-    shared = ctx.shared
-    got = shared.get("loss0")
-    if got is not None:
-        return got
-    h = ctx.session.history
-    if len(h) < 5:
-        return math.nan
-    value = nanmedian(np.asarray(h.loss)[:5])  # once per session: the copy of the ring is paid once
-    if math.isfinite(value):
-        shared["loss0"] = value
-    return value
+    return ctx.derived.loss0
 
 
 def _halves(losses: np.ndarray) -> tuple[float, float]:
@@ -240,7 +221,8 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     first_loss = _first_loss(ctx)
     jumped = math.isfinite(first_loss) and first_loss > 0 and finite.max() > LOSS_BLOWUP * first_loss
     peaks = _lr_peaks(ctx, lrs)
-    named_high = ctx.shared.get("lr_high", {})
+    derived = ctx.derived
+    named_high = derived.lr_named_high
     found: list[Finding] = []
     by_group: dict[int, tuple[np.ndarray, float]] = {}
     usable = _not_grown_from_zero(ctx, h)
@@ -269,8 +251,8 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         }
         # Loss jumps have better explanations when batches are sorted by class (each step pulls toward
         # another class) or the gradients were huge from initialization on (the init, not the LR).
-        explained = ctx.shared.get("unshuffled") or ctx.shared.get("explode_init") or _order_unknown(ctx)
-        if ctx.shared.get("stale_grads"):
+        explained = derived.unshuffled or derived.explode_init or derived.order_unknown
+        if derived.stale_grads:
             continue  # gradients summed over steps make every step grow: grads-not-zeroed says why
         oscillating = volatility > LOSS_VOLATILITY and rise > -0.5 and (still_high or r > 2 * LR_HIGH_RATIO)
         high = r > LR_HIGH_RATIO and not explained and (rise > LOSS_RISE or diverged or oscillating)
@@ -298,7 +280,6 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             else:
                 how = "whatever the loss does"
             params = ctx.stable_params("lr-too-high", names, f"g{gi}")
-            _remember_high(ctx, gi, float(lrs[gi]))
             found.append(
                 ctx.finding(
                     "lr-too-high",
@@ -326,9 +307,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         # steps are the aftermath of the blow-up (dead units), not a second, opposite cause.
         decayed = gi < len(peaks) and lrs[gi] < LR_DECAYED * peaks[gi]
         after_high = gi in named_high and lrs[gi] >= LR_HIGH_MEMORY * named_high[gi]
-        held_back = (
-            ctx.shared.get("clipping") or gi in ctx.shared.get("sched_collapsed", ()) or decayed or after_high
-        )
+        held_back = derived.clipping or gi in derived.collapsed_groups or decayed or after_high
         if (
             not held_back
             and r < LR_LOW_RATIO
@@ -368,13 +347,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
 
 def _first_loss(ctx: RuleContext) -> float:
     """The run's first training loss (the untrained model's), kept once known."""
-    got = ctx.shared.get("first_loss")
-    if got is None:
-        h = ctx.session.history
-        got = float(np.asarray(h.loss)[0]) if len(h) else math.nan
-        if math.isfinite(got):
-            ctx.shared["first_loss"] = got
-    return got
+    return ctx.derived.first_loss
 
 
 def _stalled(losses: np.ndarray, first: float, last: float) -> bool:
@@ -420,23 +393,6 @@ def _lr_set_since_last_look(ctx: RuleContext) -> bool:
     return any(c.kind in ("set_lr", "rewind") for c in controls[seen:])
 
 
-def _remember_high(ctx: RuleContext, group: int, lr: float) -> None:
-    """Note that ``group``'s LR was named too high at ``lr`` (read by the lr-too-low check)."""
-    ctx.shared.setdefault("lr_high", {})[group] = lr
-
-
-def _order_unknown(ctx: RuleContext) -> bool:
-    """Class labels are seen but the batch order is not yet known to be random (or looks sorted).
-
-    Waits for the few scanned batches the order test needs, but not forever (a session that
-    scans batches rarely must not silence the LR rules).
-    """
-    labels = ctx.shared.get("labels")
-    if labels is None or not labels.get("suspect"):
-        return False
-    return len(labels["recent"]) >= PURE_MIN_BATCHES or ctx.session.global_step < 50
-
-
 def _fastest(ratio: np.ndarray) -> float:
     """Median over steps of the largest ratio among the columns (NaN ignored)."""
     return nanmedian(np.where(np.isnan(ratio), -np.inf, ratio).max(axis=1))
@@ -450,13 +406,13 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     s = ctx.session
     h = s.history
     if ctx.record.stage is Stage.LOSS:
-        if d.get("finite") is False:
-            what = f"the loss became {d.get('loss')}"
+        if d.finite is False:
+            what = f"the loss became {d.loss}"
         else:
             # A finite blow-up: the loss jumped LOSS_SPIKE-fold in one step (it may recover or the
             # units die afterwards, which hides the cause from the windowed LR rule).
             # Against the median of the last few losses, so one easy batch before a hard one is no spike.
-            loss = d.get("loss")
+            loss = d.loss
             if loss is None or not len(h):
                 return []
             before = nanmedian(tail(h, "loss", 5))
@@ -464,10 +420,10 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
                 return []
             what = f"the loss jumped to {loss:.3g} from about {before:.3g} in one step"
     else:
-        if not d.get("non_finite_grad") or d.get("loop_event"):
+        if not d.non_finite_grad or d.loop_event:
             return []
         what = "the gradients became NaN/Inf"
-    if ctx.shared.get("explode_init"):
+    if ctx.derived.explode_init:
         return []
     n = h.measured_count
     if n < 1:  # even one huge step before the NaN is telling
@@ -495,7 +451,6 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
             continue
         names = [s.param_names[i] for i in cols]
         params = ctx.stable_params("lr-too-high", names, f"g{gi}")
-        _remember_high(ctx, gi, float(lrs[gi]))
         found.append(
             ctx.finding(
                 "lr-too-high",
@@ -563,7 +518,6 @@ def scheduler_too_fast(ctx: RuleContext) -> list[Finding]:
         early = first_epoch < SCHED_EPOCHS if s.kind == "runner" else first_step <= SCHED_STEPS
         long_low = low >= max(10, int(SCHED_LOW_SHARE * step))
         if early and (long_low or g["dips"] >= SCHED_DIPS):
-            ctx.shared.setdefault("sched_collapsed", set()).add(gi)
             how = (
                 f"has stayed below {SCHED_COLLAPSE:g}x its peak for {low} steps"
                 if long_low
@@ -625,7 +579,6 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
             rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
         st["init_hits"] = st.get("init_hits", 0) + 1 if math.isfinite(rel) and rel > EXPLODE_INIT_RATIO else 0
         if st["init_hits"] >= 2:
-            ctx.shared["explode_init"] = True
             found.append(
                 ctx.finding(
                     "exploding-gradients",
@@ -672,14 +625,14 @@ def exploding_at_overflow(ctx: RuleContext) -> list[Finding]:
     (NaN alone, without Inf, more often comes from an op with an undefined
     derivative such as sqrt at 0; that stays a plain ``non-finite-grad``.)
     """
-    bad = ctx.data["non_finite_grad"]
+    bad = ctx.data.non_finite_grad
     if not bad:
         return []
     loss = ctx.session.records.get(Stage.LOSS)
-    value = loss.data.get("loss") if loss is not None and loss.step == ctx.step else None
+    value = loss.data.loss if loss is not None and loss.step == ctx.step else None
     if value is None or not math.isfinite(value):
         return []
-    grad = np.asarray(ctx.data["grad_norm"], dtype=np.float64)
+    grad = np.asarray(ctx.data.grad_norm, dtype=np.float64)
     inf = [n for n, g in zip(ctx.session.param_names, grad) if np.isposinf(g)]
     if not inf:
         return []
@@ -779,7 +732,7 @@ def dead_relu(ctx: RuleContext) -> list[Finding]:
         fwd = s.records.get(Stage.FORWARD)
         if fwd is None or fwd.step != rec.step:
             return []
-    acts = fwd.data.get("activations")
+    acts = fwd.data.activations
     if not acts:
         return []
     relu = _dead_candidates(ctx)
@@ -988,9 +941,7 @@ def loss_plateau(ctx: RuleContext) -> list[Finding]:
     loss0 = _loss0(ctx)
     if math.isfinite(loss0) and loss0 > 0 and recent < 0.05 * loss0:
         return []  # converged: the loss is a small fraction of where it started
-    log = getattr(s, "_log", None)
-    present = {f.code for f in (log if log is not None else [])}
-    if present & _EXPLAINS_PLATEAU:
+    if s.has_finding(*_EXPLAINS_PLATEAU):
         return []
     chance = _chance_loss(s)
     at_chance = chance is not None and recent > 0.95 * chance
@@ -1012,7 +963,7 @@ def loss_plateau(ctx: RuleContext) -> list[Finding]:
 def _chance_loss(session: Any) -> float | None:
     """ln(C) for a class loss on C-way outputs (the loss of predicting the uniform distribution)."""
     rec = session.records.get(Stage.LOSS)
-    value = rec.data.get("expected_initial_loss") if rec is not None else None
+    value = rec.data.expected_initial_loss if rec is not None else None
     return float(value) if value is not None else None
 
 
@@ -1062,103 +1013,46 @@ def overfitting(ctx: RuleContext) -> list[Finding]:
 
 
 # ================================================================================ labels
-def _binom_tail(b: int, p: np.ndarray, k: int) -> np.ndarray:
-    """P(X >= k) for X ~ Binomial(b, p), vectorized over p (log-space, exact)."""
-    ks = np.arange(k, b + 1)
-    logc = np.array([math.lgamma(b + 1) - math.lgamma(j + 1) - math.lgamma(b - j + 1) for j in ks])
-    with np.errstate(divide="ignore"):
-        lp, lq = np.log(p)[:, None], np.log1p(-p)[:, None]
-    terms = np.exp(logc[None, :] + ks[None, :] * lp + (b - ks)[None, :] * lq)
-    terms[~np.isfinite(terms)] = 0.0
-    return terms.sum(axis=1)
-
-
 def _loss_is_weighted(loss_fn: Any) -> bool:
     return any(getattr(loss_fn, attr, None) is not None for attr in ("weight", "pos_weight"))
 
 
 @rule("labels", ["class-imbalance", "unshuffled-data"], "stage", stages=[Stage.FETCH], needs=["label_counts"])
 def labels(ctx: RuleContext) -> list[Finding]:
-    """Running label counts: a heavily skewed distribution, or batches that each hold one class."""
-    counts = np.asarray(ctx.data["label_counts"], dtype=np.int64)
-    batch = int(counts.sum())
-    if batch == 0:
-        return []
+    """Running label counts (:class:`~tlwidgets.diagnostics.derived.LabelTally`, fed before the rules):
+    a heavily skewed distribution, or batches that each hold one class."""
+    tally = ctx.derived.labels
     rec = ctx.record
-    st = ctx.shared.setdefault(
-        "labels", {"counts": np.zeros(0, np.int64), "recent": collections.deque(maxlen=PURE_WINDOW)}
-    )
     key = (rec.epoch, rec.batch, rec.step)
-    if st.get("key") == key:  # the same batch described again (a retried FETCH)
+    if ctx.state.get("key") == key:  # the same batch described again (a retried FETCH)
         return []
-    st["key"] = key
-    if st.get("epoch") != rec.epoch:
-        st["epoch"] = rec.epoch
-        st["epoch_counts"] = np.zeros(0, np.int64)
-    total = st["counts"]
-    if total.size < counts.size:
-        total = np.concatenate([total, np.zeros(counts.size - total.size, np.int64)])
-    total[: counts.size] += counts
-    st["counts"] = total
-    ec = st["epoch_counts"]
-    if ec.size < counts.size:
-        ec = np.concatenate([ec, np.zeros(counts.size - ec.size, np.int64)])
-    ec[: counts.size] += counts
-    st["epoch_counts"] = ec
-    major = int(np.argmax(counts))
-    st["recent"].append((batch, counts[major] / batch, major))
-    found: list[Finding] = []
-    suspect = _unshuffled(ctx, st, found)
-    st["suspect"] = suspect
-    ctx.shared["unshuffled"] = any(f.code == "unshuffled-data" for f in found) or ctx.shared.get(
-        "unshuffled", False
-    )
-    if not suspect:
-        found.extend(_imbalance(ctx, st["counts"], "so far"))
-    return found
-
-
-def _unshuffled(ctx: RuleContext, st: dict, found: list[Finding]) -> bool:
-    """Append an unshuffled-data finding when warranted; return whether batches look sorted."""
-    recent = st["recent"]
-    total = st["counts"]
-    if len(recent) < PURE_MIN_BATCHES or np.count_nonzero(total) < 2:
-        return len(recent) < PURE_MIN_BATCHES
-    b = int(nanmedian([bb for bb, _, _ in recent]))
-    if b < 2:
-        return False
-    flags = [share >= PURE_SHARE for bb, share, _ in recent if bb >= 2]
-    m, k = len(flags), int(sum(flags))
-    observed = k / m if m else 0.0
-    if observed <= 0.3:
-        return False  # the usual shuffled case: few single-class batches, nothing to test
-    p = total[total > 0] / total.sum()
-    p = np.sort(p)[-50:]  # classes with tiny shares cannot fill a batch
-    expected = min(1.0, float(_binom_tail(b, p, math.ceil(PURE_SHARE * b)).sum()))
-    # How likely are k or more single-class batches out of m if the order were random?
-    p_value = float(_binom_tail(m, np.array([expected]), k)[0]) if 0 < expected < 1 else float(expected >= 1)
-    suspect = p_value < PURE_SUSPECT
-    if observed >= PURE_OBSERVED and p_value < PURE_P_VALUE:
-        classes = sorted({m for _, _, m in recent})
-        found.append(
+    ctx.state["key"] = key
+    order = tally.order
+    if order is None:
+        return []
+    if order.sorted:
+        return [
             ctx.finding(
                 "unshuffled-data",
-                f"{observed:.0%} of the last {len(recent)} batches hold a single class (at least "
-                f"{PURE_SHARE:.0%} of the batch), against {expected:.1%} expected from random order over "
-                f"{np.count_nonzero(total)} classes; recent classes: "
-                f"{short_list([str(c) for c in classes], 8)}",
+                f"{order.observed:.0%} of the last {len(tally.recent)} batches hold a single class (at "
+                f"least {PURE_SHARE:.0%} of the batch), against {order.expected:.1%} expected from random "
+                "order over "
+                f"{np.count_nonzero(tally.counts)} classes; recent classes: "
+                f"{short_list([str(c) for c in order.classes], 8)}",
                 stage=Stage.FETCH,
                 evidence={
-                    "observed_single_class": observed,
-                    "expected_single_class": expected,
-                    "p_value": p_value,
-                    "batch_size": b,
-                    "classes_seen": int(np.count_nonzero(total)),
-                    "recent_classes": classes,
+                    "observed_single_class": order.observed,
+                    "expected_single_class": order.expected,
+                    "p_value": order.p_value,
+                    "batch_size": order.batch_size,
+                    "classes_seen": int(np.count_nonzero(tally.counts)),
+                    "recent_classes": list(order.classes),
                 },
             )
-        )
-    return suspect
+        ]
+    if order.suspect:
+        return []
+    return _imbalance(ctx, tally.counts, "so far")
 
 
 def _imbalance(ctx: RuleContext, counts: np.ndarray, when: str) -> list[Finding]:
@@ -1210,7 +1104,7 @@ def _session_loss_name(session: Any) -> str:
 )
 def binary_labels(ctx: RuleContext) -> list[Finding]:
     """Binary 0/1 float targets of a BCE loss: the share of positives is the mean of the targets."""
-    info = ctx.data["tensors"].get("targets")
+    info = ctx.data.tensors.get("targets")
     if not info or info.get("mean") is None or _session_loss_name(ctx.session) not in _BINARY_LOSSES:
         return []
     shape = tuple(info.get("shape", ()))
@@ -1234,10 +1128,10 @@ def binary_labels(ctx: RuleContext) -> list[Finding]:
 @rule("labels-epoch", ["class-imbalance"], "epoch")
 def labels_epoch(ctx: RuleContext) -> list[Finding]:
     """At an epoch end the epoch's label counts are the full distribution, whatever the batch order."""
-    st = ctx.shared.get("labels")
-    if not st or st.get("epoch_counts") is None or st.get("suspect"):
+    tally = ctx.derived.labels
+    if tally.epoch_counts is None or tally.suspect:
         return []  # sorted batches: the sampled batches of the epoch need not reflect the distribution
-    return _imbalance(ctx, st["epoch_counts"], f"in epoch {ctx.record.epoch}")
+    return _imbalance(ctx, tally.epoch_counts, f"in epoch {ctx.record.epoch}")
 
 
 TREND_RULES = (
