@@ -9,7 +9,9 @@ collected with one host transfer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,20 +29,31 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return leaves or [("", model)]
 
 
-def first_tensor(obj: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a module's output (tuples, lists, dicts)."""
+def first_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
+    """The first floating-point tensor in a module's output.
+
+    Looks through tuples, lists, mappings, dataclasses (Hugging Face's
+    ``ModelOutput`` is one) and plain objects with attributes (a
+    ``SimpleNamespace``), a few levels deep.
+    """
     if isinstance(obj, torch.Tensor):
         return obj if obj.is_floating_point() else None
-    if isinstance(obj, (tuple, list)):
-        for v in obj:
-            t = first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(obj, dict):
-        for v in obj.values():
-            t = first_tensor(v)
-            if t is not None:
-                return t
+    if _depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return None
+    if isinstance(obj, Mapping):
+        values: Any = obj.values()
+    elif isinstance(obj, (tuple, list)):
+        values = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = (getattr(obj, f.name, None) for f in dataclasses.fields(obj))
+    elif isinstance(getattr(obj, "__dict__", None), dict) and not isinstance(obj, nn.Module):
+        values = vars(obj).values()
+    else:
+        return None
+    for v in values:
+        t = first_tensor(v, _depth + 1)
+        if t is not None:
+            return t
     return None
 
 

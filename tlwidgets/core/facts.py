@@ -45,10 +45,14 @@ class StageFacts(MutableMapping):
     measured
         False on a step the schedule did not measure: only the cheap facts
         (the loss value, the LRs) are there.
+    tracking_error
+        tlwidgets' own statistics failed on this stage (the facts they would
+        have given are missing); the user's code ran normally.
     """
 
     stage: ClassVar[Stage | None] = None
     measured: bool = True
+    tracking_error: str | None = None
 
     # -------------------------------------------------------------- mapping view
     def _names(self) -> tuple[str, ...]:
