@@ -9,6 +9,10 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Bool, observe
 
+from tlwidgets.core.events import Event
+from tlwidgets.core.stages import Stage
+from tlwidgets.ui.panel import Panel, PanelHost
+
 __all__ = ["RUN_MODES", "ControlsPanel"]
 
 #: Run modes offered by the selector: label -> key.
@@ -17,8 +21,10 @@ RUN_MODES = {"N steps": "steps", "one epoch": "epoch", "until a finding": "findi
 _BTN = {"width": "auto"}
 
 
-class ControlsPanel(widgets.HBox):
+class ControlsPanel(Panel, widgets.HBox):
     """The buttons that drive a Runner (no training logic: the dashboard wires the actions).
+
+    With a watcher (``can_step=False``) the buttons are hidden: your own loop does the stepping.
 
     Attributes
     ----------
@@ -32,8 +38,26 @@ class ControlsPanel(widgets.HBox):
         Take a checkpoint; rewind to the one chosen in ``checkpoints``.
     """
 
+    name = "controls"
+    events = (Event.STAGE, Event.CONTROL)
+    required = True
+
     running = Bool(False, help="True while a run started from the dashboard is in progress.")
     can_step = Bool(True, help="False for a watcher: the user's own loop does the stepping.")
+
+    @classmethod
+    def build(cls, host: PanelHost) -> ControlsPanel:
+        panel = cls(can_step=host.is_runner)
+        guard = host.guard
+        panel.connect(
+            step_stage=guard("Step stage")(host.step_stage),
+            step=guard("Step")(host.step),
+            run=guard("Run")(host.run),
+            pause=guard("Pause")(host.pause),
+            checkpoint=guard("Checkpoint")(host.checkpoint),
+            rewind=guard("Rewind")(host.rewind),
+        )
+        return panel
 
     def __init__(self, *, can_step: bool = True, **kwargs: Any) -> None:
         self.step_stage_button = _button(
@@ -106,6 +130,16 @@ class ControlsPanel(widgets.HBox):
         self.pause_button.on_click(lambda _b: pause())
         self.checkpoint_button.on_click(lambda _b: checkpoint())
         self.rewind_button.on_click(lambda _b: rewind())
+
+    def draw(self, session: Any) -> None:
+        """Offer the session's checkpoints; Checkpoint is enabled at a step boundary only."""
+        if not self.can_step:
+            return
+        labels = [
+            (f"#{ck.id} step {ck.step}" + (f" {ck.label}" if ck.label else ""), ck)
+            for ck in reversed(session.checkpoints)
+        ]
+        self.set_checkpoints(labels, session.stage is Stage.FETCH)
 
     def run_request(self) -> tuple[str, int]:
         """The selected run mode and N."""

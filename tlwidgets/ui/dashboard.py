@@ -1,58 +1,63 @@
-"""``tlw.Dashboard``: the panels, wired to a Runner's (or Watcher's) events and controls."""
+"""``tlw.Dashboard``: the registered panels, wired to a Runner's (or Watcher's) events and controls."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import ipywidgets as widgets
 from traitlets import Bool, Int, Unicode
 
 from tlwidgets.core.events import Event
 from tlwidgets.core.stages import Stage
-from tlwidgets.ui.controls import ControlsPanel
-from tlwidgets.ui.errors import ErrorArea
-from tlwidgets.ui.findings import FindingsPanel
-from tlwidgets.ui.freeze import FreezePanel
-from tlwidgets.ui.heatmap import HeatmapPanel
-from tlwidgets.ui.loss import LossPanel
-from tlwidgets.ui.lr import LRPanel
-from tlwidgets.ui.meters import RateMeter, TrackingTimer
-from tlwidgets.ui.pipeline import PipelinePanel
+from tlwidgets.ui.errors import guard_with
+from tlwidgets.ui.panel import Panel
 from tlwidgets.ui.refresh import Refresher
-from tlwidgets.ui.status import StatusLine
+from tlwidgets.ui.registry import PANELS, resolve_parts
 from tlwidgets.ui.style import CSS
 
 __all__ = ["Dashboard"]
 
-ALL_PARTS = ("status", "controls", "pipeline", "heatmap", "loss", "freeze", "lr", "findings")
+log = logging.getLogger("tlwidgets.ui")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Dashboard(widgets.VBox):
     """An ipywidgets dashboard for a :class:`~tlwidgets.Runner` or a :class:`~tlwidgets.Watcher`.
 
-    Panels (public attributes): ``controls`` (Step stage, Step, Run, Pause,
+    The dashboard is built from panels (:class:`~tlwidgets.ui.Panel`), by
+    default every one in :data:`tlwidgets.ui.PANELS`; each is a public
+    attribute named after it: ``controls`` (Step stage, Step, Run, Pause,
     Checkpoint/Rewind), ``status`` (the status line), ``pipeline`` (stage
     chips, records, loss→parameter graph), ``heatmap`` (update/weight per
     parameter and step), ``loss`` (loss, validation, control markers),
     ``freeze`` (module tree with freeze toggles), ``lr`` (LR sliders, range
     test), ``findings`` (ranked diagnoses) and ``errors`` (exceptions raised in
-    runs and callbacks).
+    runs and callbacks). ``panels`` maps names to panels.
 
-    The dashboard holds no training logic: it subscribes to the session's
-    events, marks panels dirty and redraws them at most ``max_redraws_per_s``
-    times a second (and at once after a click or at the end of a run); its
-    buttons call the session's methods. Runs started with Run are asyncio
-    tasks that yield between stages, so Pause, sliders and toggles act at the
-    next stage boundary. Without a running event loop (a plain script or
-    test) Run runs synchronously.
+    The dashboard holds no training logic. In one place for all panels it
+    subscribes to the session events the panels declare, hands each event to
+    the panels that listen (:meth:`Panel.on_event`), marks them dirty and
+    redraws dirty panels at most ``max_redraws_per_s`` times a second (and at
+    once after a click or at the end of a run); its buttons call the session's
+    methods. Runs started with Run are asyncio tasks that yield between
+    stages, so Pause, sliders and toggles act at the next stage boundary.
+    Without a running event loop (a plain script or test) Run runs
+    synchronously.
 
     Parameters
     ----------
     session
         A ``tlw.Runner`` or the ``tlw.watch(...)`` watcher (stepping controls hidden).
+    parts
+        The panels to show: registered names and/or :class:`~tlwidgets.ui.Panel`
+        classes (a class need not be registered). None: every registered panel.
+        The controls, the status line and the error area are always there; an
+        attribute of a registered panel left out is None.
     heatmap_steps
         Recent steps shown by the heatmap.
     max_redraws_per_s
@@ -69,6 +74,7 @@ class Dashboard(widgets.VBox):
         self,
         session: Any,
         *,
+        parts: Iterable[str | type[Panel]] | None = None,
         heatmap_steps: int = 50,
         max_redraws_per_s: float = 10.0,
         clock: Callable[[], float] = time.perf_counter,
@@ -80,9 +86,17 @@ class Dashboard(widgets.VBox):
                 "Dashboard takes a tlw.Runner or the watcher from tlw.watch(...), "
                 f"got {type(session).__name__}"
             )
+        classes = resolve_parts(parts)
+        for cls in classes:
+            if hasattr(type(self), cls.name) or cls.name in _OWN_ATTRIBUTES:
+                raise ValueError(
+                    f"panel name {cls.name!r} ({cls.__qualname__}) is taken by the Dashboard itself; "
+                    "choose another name"
+                )
         self.session = session
         self.is_runner = kind == "runner"
         self.clock = clock
+        self.heatmap_steps = heatmap_steps
         self.task: asyncio.Task | None = None
         self.last_result: Any = None
         self._stop_on_finding = False
@@ -93,193 +107,175 @@ class Dashboard(widgets.VBox):
         self.pause_latency_s: float | None = None
         self._last_run_rate = 0.0
         self._ui_s = 0.0
-        self._last_lrs: list[float] = [float(g["lr"]) for g in session.optimizer.param_groups]
         self._closed = False
+        self._unsubscribe: list[Callable[[], None]] = []
 
-        self.errors = ErrorArea()
-        guard = self.errors.guard
-        self.status = StatusLine()
-        self.controls = ControlsPanel(can_step=self.is_runner)
-        self.pipeline = PipelinePanel(guard, self.refresh)
-        self.heatmap = HeatmapPanel(
-            list(session.param_names), guard, self._selected_cell, steps=heatmap_steps
-        )
-        self.loss = LossPanel(guard)
-        self.freeze = FreezePanel(session, guard, self.refresh)
-        self.lr = LRPanel(session, guard, self.refresh, is_running=lambda: self.running)
-        self.findings = FindingsPanel(guard, self.select_finding)
+        #: The panels shown, by name (also attributes: ``dashboard.<name>``).
+        self.panels: dict[str, Panel] = {}
+        for name in PANELS:  # a registered panel left out reads as None
+            setattr(self, name, None)
+        try:
+            for cls in classes:
+                panel = cls.build(self)
+                self.panels[cls.name] = panel
+                setattr(self, cls.name, panel)
+        except BaseException:
+            self._close_panels()  # e.g. the status line already timing the tracker
+            raise
+        ordered = list(self.panels.values())
+        self._draw_order = [p for p in ordered if not p.draw_last] + [p for p in ordered if p.draw_last]
         self.refresher = Refresher(
             self._draw,
             max_rate=max_redraws_per_s,
             clock=clock,
-            on_error=lambda e: self.errors.report("redraw", e),
-            # The plots cost the browser most to re-render: during a run they follow at ~4/s.
-            part_intervals={"heatmap": 0.25, "loss": 0.25},
-        )
-        self.rate = RateMeter(clock=clock)
-        self.tracking = TrackingTimer(session)
-        self.controls.connect(
-            step_stage=guard("Step stage")(self.step_stage),
-            step=guard("Step")(self.step),
-            run=guard("Run")(self.run),
-            pause=guard("Pause")(self.pause),
-            checkpoint=guard("Checkpoint")(self.checkpoint),
-            rewind=guard("Rewind")(self.rewind),
+            on_error=lambda e: self.report("redraw", e),
+            part_intervals={p.name: p.min_interval for p in ordered if p.min_interval > 0},
         )
 
-        title = widgets.HTML("<span class='tlw-title'>tlwidgets</span>")
-        self.tabs = widgets.Tab(children=[self.findings, self.freeze, self.lr])
-        self.tabs.titles = ("Findings", "Freeze", "LR")
-        self.tabs.add_class("tlw-tabs")
-        self.heatmap.layout = widgets.Layout(flex="1 1 55%", min_width="380px")
-        self.loss.layout = widgets.Layout(flex="1 1 45%", min_width="320px")
-        plots = widgets.HBox(
-            [self.heatmap, self.loss], layout=widgets.Layout(flex_flow="row wrap", width="100%")
-        )
-        super().__init__(
-            children=[
-                widgets.HTML(CSS),
-                widgets.HBox([title, self.status], layout=widgets.Layout(align_items="center")),
-                self.controls,
-                self.errors,
-                self.pipeline,
-                plots,
-                self.tabs,
-            ],
-            **kwargs,
-        )
+        super().__init__(children=self._layout(ordered), **kwargs)
         self.add_class("tlw-dashboard")
         if not self.is_runner:
             self.add_class("tlw-dashboard-watch")
 
-        self._unsubscribe = [
-            session.events.on(Event.STAGE, self._timed(self._on_stage)),
-            session.events.on(Event.STEP, self._timed(self._on_step)),
-            session.events.on(Event.EPOCH, self._timed(self._on_epoch)),
-            session.events.on(Event.FINDING, self._timed(self._on_finding)),
-            session.events.on(Event.ERROR, self._timed(self._on_error)),
-            session.events.on(Event.CONTROL, self._timed(self._on_control)),
-        ]
-        for rec in (getattr(session, "records", {}) or {}).values():
-            self.pipeline.remember(rec)
+        # One subscription per event that a panel (or the dashboard's run control) listens to.
+        listeners: dict[Event, list[Panel]] = {}
+        for panel in ordered:
+            for ev in panel.events:
+                listeners.setdefault(Event(ev), []).append(panel)
+        for ev in Event:
+            if ev in listeners or ev is Event.FINDING:
+                self._unsubscribe.append(session.events.on(ev, self._dispatcher(ev, listeners.get(ev, []))))
         self.refresh()
         self._ui_s = 0.0  # the status reports the cost per step of following the run, not of building
 
+    def _layout(self, panels: list[Panel]) -> list[widgets.Widget]:
+        """The dashboard's children: title and header panels, main panels, plots side by side, tabs."""
+        by_slot: dict[str, list[Panel]] = {}
+        for panel in panels:
+            by_slot.setdefault(panel.slot, []).append(panel)
+        title = widgets.HTML("<span class='tlw-title'>tlwidgets</span>")
+        children: list[widgets.Widget] = [
+            widgets.HTML(CSS),
+            widgets.HBox(
+                [title, *(_widget(p) for p in by_slot.get("header", []))],
+                layout=widgets.Layout(align_items="center"),
+            ),
+            *(_widget(p) for p in by_slot.get("main", [])),
+        ]
+        plots = [_widget(p) for p in by_slot.get("plots", [])]
+        if plots:
+            children.append(widgets.HBox(plots, layout=widgets.Layout(flex_flow="row wrap", width="100%")))
+        self._tab_panels = by_slot.get("tabs", [])
+        self.tabs: widgets.Tab | None = None
+        if self._tab_panels:
+            self.tabs = widgets.Tab(children=[_widget(p) for p in self._tab_panels])
+            self.tabs.titles = tuple(p.tab_caption() for p in self._tab_panels)
+            self.tabs.add_class("tlw-tabs")
+            children.append(self.tabs)
+        return children
+
     # ------------------------------------------------------------------ events (cheap: mark dirty)
-    def _timed(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
-        def wrapper(payload: Any) -> None:
+    def _dispatcher(self, event: Event, listeners: list[Panel]) -> Callable[[Any], None]:
+        """The one handler of ``event``: run control, then each listening panel; mark them dirty."""
+        panels = tuple(listeners)
+
+        def dispatch(payload: Any) -> None:
             t0 = time.perf_counter()
             try:
-                handler(payload)
-            except Exception as exc:  # shown in the dashboard; the EventBus would only log it
-                self.errors.report(f"{handler.__name__.strip('_')} handler", exc)
+                if event is Event.FINDING:
+                    self._on_finding(payload)
+                dirty = []
+                for panel in panels:
+                    try:
+                        if panel.on_event(event, payload) is not False:
+                            dirty.append(panel.name)
+                    except Exception as exc:  # shown in the dashboard; the EventBus would only log it
+                        self.report(f"{panel.name} panel ({event.value} event)", exc)
+                if dirty:
+                    self.refresher.mark(*dirty)
+            except Exception as exc:
+                self.report(f"{event.value} handler", exc)
             finally:
                 self._ui_s += time.perf_counter() - t0
 
-        return wrapper
-
-    def _on_stage(self, record: Any) -> None:
-        self.pipeline.remember(record)
-        self.refresher.mark("pipeline", "status", "controls")
-
-    def _on_step(self, summary: Any) -> None:
-        self.rate.add(summary.step)
-        self.tracking.step_done()
-        parts = ["heatmap", "loss", "status"]
-        lrs = list(summary.lr)
-        if lrs != self._last_lrs:  # a scheduler (or a control) moved the LR
-            self._last_lrs = lrs
-            parts += ["lr", "freeze"]
-        self.refresher.mark(*parts)
-
-    def _on_epoch(self, record: Any) -> None:
-        self.refresher.mark("loss", "lr", "freeze", "status")
+        dispatch.__name__ = f"on_{event.value}"
+        return dispatch
 
     def _on_finding(self, finding: Any) -> None:
         if self._stop_on_finding and self.running and self.is_runner:
             self.session.pause()
             self._stopped_by_finding = finding
-        self.refresher.mark("findings")
-
-    def _on_error(self, record: Any) -> None:
-        err = record.error
-        text = f"{err.type}: {err.message}" if err is not None else "failed"
-        self.errors.report(f"stage {record.stage.value} (step {record.step})", message=text)
-        self.refresher.mark("pipeline", "findings", "status")
-
-    def _on_control(self, change: Any) -> None:
-        self._last_lrs = [float(g["lr"]) for g in self.session.optimizer.param_groups]
-        if change.kind == "rewind":
-            self.rate.reset()
-        self.refresher.mark("freeze", "lr", "heatmap", "loss", "controls", "status", "findings")
 
     # ------------------------------------------------------------------ drawing
     def refresh(self) -> None:
         """Redraw everything now (after a click, at the end of a run)."""
-        self.refresher.dirty.update(ALL_PARTS)
+        self.refresher.dirty.update(self.panels)
         self.refresher.flush()
 
     def _draw(self, parts: set[str]) -> None:
         if self._closed:
             return
-        s = self.session
-        t0 = time.perf_counter()
-        for part in ALL_PARTS:  # fixed order: status last sees the final state
-            if part not in parts or part == "status":
+        for panel in self._draw_order:  # fixed order: the status line last sees the final state
+            if panel.name not in parts:
                 continue
+            t0 = time.perf_counter()
             try:
-                if part == "controls":
-                    self._draw_controls()
-                else:
-                    getattr(self, part).draw(s)
+                panel.draw(self.session)
             except Exception as exc:
-                self.errors.report(f"drawing {part}", exc)
-        n = self.findings.count
-        title = f"Findings ({n})" if n else "Findings"
-        if self.tabs.titles[0] != title:
-            self.tabs.set_title(0, title)
-        self._ui_s += time.perf_counter() - t0
-        if "status" in parts:
-            self._draw_status()
+                self.report(f"drawing {panel.name}", exc)
+            finally:
+                self._ui_s += time.perf_counter() - t0
+        if self.tabs is not None:
+            for i, panel in enumerate(self._tab_panels):
+                caption = panel.tab_caption()
+                if self.tabs.titles[i] != caption:
+                    self.tabs.set_title(i, caption)
 
-    def _draw_controls(self) -> None:
-        if not self.is_runner:
-            return
-        s = self.session
-        labels = [
-            (f"#{ck.id} step {ck.step}" + (f" {ck.label}" if ck.label else ""), ck)
-            for ck in reversed(s.checkpoints)
-        ]
-        at_boundary = s.stage is Stage.FETCH and not s.records.get(Stage.FETCH)
-        self.controls.set_checkpoints(labels, at_boundary or (s.stage is Stage.FETCH))
+    # ------------------------------------------------------------------ what panels use (PanelHost)
+    def guard(self, where: str) -> Callable[[F], F]:
+        """Decorator for widget callbacks: an exception is shown in the error area, not lost."""
+        return guard_with(self.report, where)
 
-    def _draw_status(self) -> None:
-        s = self.session
-        steps = max(self.tracking.steps, 1)
-        if self.running:
-            state = "running"
-        elif not self.is_runner:
-            state = "watching your loop"
-        elif self.last_result is not None and getattr(self.last_result, "stopped_by", "") == "pause":
-            state = "paused"
+    def report(self, where: str, exc: BaseException | None = None, *, message: str | None = None) -> None:
+        """Show an exception (or a plain message) that happened in ``where`` in the error area."""
+        errors = self.panels.get("errors") if hasattr(self, "panels") else None
+        if errors is not None:
+            errors.report(where, exc, message=message)
+        elif exc is not None:
+            info = (type(exc), exc, exc.__traceback__)
+            log.error("tlwidgets dashboard: %s raised %s", where, exc, exc_info=info)
         else:
-            state = "idle"
-        self.status.draw(
-            s,
-            rate=self.rate.rate() if self.running or not self.is_runner else self._last_run_rate,
-            rate_label="steps/s" if self.running or not self.is_runner else "steps/s (last run)",
-            tracking_ms=self.tracking.ms_per_step() if self.tracking.steps else None,
-            ui_ms=1000.0 * self._ui_s / steps if self.tracking.steps else None,
-            state=state,
-        )
+            log.error("tlwidgets dashboard: %s: %s", where, message)
+
+    @property
+    def rate(self) -> Any:
+        """The step-rate meter (:class:`~tlwidgets.ui.meters.RateMeter`, kept by the status line)."""
+        return self.status.rate
+
+    @property
+    def tracking(self) -> Any:
+        """The tracking-cost meter (:class:`~tlwidgets.ui.meters.TrackingTimer`, kept by the status line)."""
+        return self.status.tracking
+
+    @property
+    def last_run_rate(self) -> float:
+        """Steps per second of the last run started from this dashboard (0 before one)."""
+        return self._last_run_rate
+
+    @property
+    def ui_seconds(self) -> float:
+        """Seconds spent in event handlers and redraws since the dashboard was built."""
+        return self._ui_s
 
     # ------------------------------------------------------------------ actions (buttons call these)
     def step_stage(self) -> Any:
         """Run one stage (exact statistics); show its record if a record is open."""
         self._require_runner("Step stage")
         rec = self.session.step_stage()
-        if self.pipeline.shown_stage is not None and getattr(rec, "stage", None) is not None:
-            self.pipeline.show(rec.stage)
+        pipeline = self.panels.get("pipeline")
+        stage = getattr(rec, "stage", None)
+        if pipeline is not None and pipeline.shown_stage is not None and stage is not None:
+            pipeline.show(stage)
         self.refresh()
         return rec
 
@@ -344,7 +340,7 @@ class Dashboard(widgets.VBox):
             result = None if task.cancelled() or exc is not None else task.result()
             self._run_finished(result, exc, cancelled=task.cancelled())
         except Exception as err:  # never lose it: this runs from the event loop
-            self.errors.report("run task", err)
+            self.report("run task", err)
 
     def _run_finished(self, result: Any, exc: BaseException | None, cancelled: bool = False) -> None:
         self._stop_on_finding = False
@@ -355,7 +351,7 @@ class Dashboard(widgets.VBox):
             self._last_run_rate = (self.session.global_step - step0) / elapsed
         self.running = False
         if exc is not None:
-            self.errors.report("run", exc)
+            self.report("run", exc)
             self.controls.say("the run raised (see the error above)")
         elif cancelled:
             self.controls.say("run cancelled")
@@ -371,7 +367,7 @@ class Dashboard(widgets.VBox):
         try:
             # Status first, then the buttons: when Run is enabled again in the browser, the status
             # line already shows where the run stopped; the heavier panels follow.
-            self._draw_status()
+            self.status.draw(self.session)
             self.controls.running = False
             self.refresh()
         finally:
@@ -424,15 +420,24 @@ class Dashboard(widgets.VBox):
             raise RuntimeError(f"{what} needs a tlw.Runner; with watch() your own loop does the stepping")
 
     # ------------------------------------------------------------------ selection
-    def _selected_cell(self, param: str | None, step: int | None) -> None:
+    def select(self, param: str | None, step: int | None, stage: Any = None) -> None:
+        """Select a parameter, a step and (optionally) a stage in every panel, then redraw.
+
+        Each panel follows through :meth:`Panel.show_selection`: the heatmap
+        highlights the parameter's row and shows its history, the loss plot
+        marks the step, the pipeline opens the stage's record.
+        """
         self.selected_param = param
         self.selected_step = step
-        self.loss.selected_step = step
-        self.refresher.dirty.add("loss")
+        for panel in self.panels.values():
+            try:
+                panel.show_selection(param, step, stage)
+            except Exception as exc:
+                self.report(f"{panel.name} panel (selection)", exc)
         self.refresh()
 
     def select_finding(self, finding: Any) -> None:
-        """Select a finding's step and (first) parameter in the heatmap and loss plot."""
+        """Select a finding's step, (first) parameter and stage (heatmap, loss plot, pipeline)."""
         names = list(self.session.param_names)
         param = None
         for p in getattr(finding, "params", ()) or ():
@@ -443,30 +448,55 @@ class Dashboard(widgets.VBox):
             if under:
                 param = under[0]
                 break
-        self.selected_param = param
-        self.selected_step = finding.step
-        self.heatmap.select(param)
-        self.loss.selected_step = finding.step
-        if finding.stage is not None:
-            self.pipeline.show(finding.stage)
-        self.refresh()
+        self.select(param, finding.step, finding.stage)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Unsubscribe from the session, restore its tracker and close every widget."""
+        """Unsubscribe from the session, close every panel (the status line restores the
+        tracker) and every widget."""
         if getattr(self, "_closed", True):  # also when __init__ failed before the end
             return
         self._closed = True
         for off in self._unsubscribe:
             off()
         self.refresher.cancel()
-        self.tracking.close()
         if self.task is not None and not self.task.done() and self.is_runner:
             self.session.pause()
+        self._close_panels()
         _close_tree(self)
+
+    def _close_panels(self) -> None:
+        for panel in self.panels.values():
+            try:
+                closer = getattr(panel, "close", None) or _widget(panel).close
+                closer()
+            except Exception as exc:  # closing one panel must not keep the others open
+                log.error("tlwidgets dashboard: closing panel %s raised %s", panel.name, exc)
 
     def __repr__(self) -> str:
         return f"Dashboard({self.session!r})"
+
+
+#: Instance attributes of the Dashboard that a panel name must not replace.
+_OWN_ATTRIBUTES = frozenset(
+    {
+        "session",
+        "is_runner",
+        "clock",
+        "heatmap_steps",
+        "task",
+        "last_result",
+        "pause_latency_s",
+        "panels",
+        "refresher",
+        "tabs",
+    }
+)
+
+
+def _widget(panel: Panel) -> widgets.Widget:
+    """The widget a panel shows: the panel itself, or its ``widget`` attribute."""
+    return panel if isinstance(panel, widgets.Widget) else panel.widget  # type: ignore[attr-defined]
 
 
 def _close_tree(widget: Any) -> None:

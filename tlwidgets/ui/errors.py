@@ -13,14 +13,34 @@ from typing import Any, TypeVar
 import ipywidgets as widgets
 from traitlets import Int
 
-__all__ = ["ErrorArea"]
+from tlwidgets.core.events import Event
+from tlwidgets.ui.panel import Panel
+
+__all__ = ["ErrorArea", "guard_with"]
 
 log = logging.getLogger("tlwidgets.ui")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class ErrorArea(widgets.VBox):
+def guard_with(report: Callable[[str, BaseException], None], where: str) -> Callable[[F], F]:
+    """Decorator: run a callback, passing any exception to ``report(where, exc)`` instead of raising it."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                report(where, exc)
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+class ErrorArea(Panel, widgets.VBox):
     """Shows the latest exceptions raised in dashboard runs and widget callbacks.
 
     ipywidgets swallows exceptions raised in button callbacks (it logs them or
@@ -35,6 +55,10 @@ class ErrorArea(widgets.VBox):
     max_shown
         How many of the latest errors stay visible.
     """
+
+    name = "errors"
+    events = (Event.ERROR,)
+    required = True
 
     count = Int(0, help="Errors reported since the dashboard was created (also those no longer shown).")
 
@@ -73,19 +97,14 @@ class ErrorArea(widgets.VBox):
 
     def guard(self, where: str) -> Callable[[F], F]:
         """Decorator: run a callback, reporting any exception here instead of raising it."""
+        return guard_with(self.report, where)
 
-        def deco(fn: F) -> F:
-            @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    self.report(where, exc)
-                    return None
-
-            return wrapper  # type: ignore[return-value]
-
-        return deco
+    def on_event(self, event: Event, payload: Any) -> bool | None:
+        """A stage failed in user code: show it here (drawn at once, no redraw needed)."""
+        err = getattr(payload, "error", None)
+        text = f"{err.type}: {err.message}" if err is not None else "failed"
+        self.report(f"stage {payload.stage.value} (step {payload.step})", message=text)
+        return False
 
     def clear(self) -> None:
         """Hide the errors shown so far (the count stays)."""

@@ -8,13 +8,16 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Int
 
+from tlwidgets.core.events import Event
+from tlwidgets.ui.panel import Panel, PanelHost
+
 __all__ = ["FindingsPanel"]
 
 #: Most findings listed (the ranked head; the rest are counted).
 MAX_SHOWN = 30
 
 
-class FindingsPanel(widgets.VBox):
+class FindingsPanel(Panel, widgets.VBox):
     """The session's findings in its ranking order (most likely root cause first), each with
     severity, code, message, cause, fix and step, and a button that selects the finding's step and
     parameters in the heatmap and loss panels. CSS class ``tlw-findings``.
@@ -27,7 +30,20 @@ class FindingsPanel(widgets.VBox):
         ``on_select(finding)`` when a finding's "show" button is clicked.
     """
 
+    name = "findings"
+    events = (Event.FINDING, Event.ERROR, Event.CONTROL)
+    slot = "tabs"
+    caption = "Findings"
+
     count = Int(0, help="Findings listed.")
+
+    @classmethod
+    def build(cls, host: PanelHost) -> FindingsPanel:
+        return cls(host.guard, host.select_finding)
+
+    def tab_caption(self) -> str:
+        """ "Findings (n)" once there are some."""
+        return f"{self.caption} ({self.count})" if self.count else self.caption
 
     def __init__(
         self, guard: Callable[[str], Callable], on_select: Callable[[Any], None], **kwargs: Any

@@ -11,6 +11,8 @@ import numpy as np
 from torch import nn
 from traitlets import Int
 
+from tlwidgets.ui.panel import LRFollowingPanel, PanelHost
+
 __all__ = ["FreezePanel", "blocks", "module_rows"]
 
 #: Most module rows shown; deeper levels are dropped first when a model has more.
@@ -83,7 +85,7 @@ def blocks(model: nn.Module, param_names: list[str]) -> list[str]:
     return current
 
 
-class FreezePanel(widgets.VBox):
+class FreezePanel(LRFollowingPanel, widgets.VBox):
     """One row per module: name (indented by depth), a toggle (CSS ``tlw-freeze``), parameter
     counts, optimizer group and LR; a "freeze batch-norm statistics" option and a button that
     unfreezes the next block from the output side (gradual unfreezing).
@@ -98,7 +100,17 @@ class FreezePanel(widgets.VBox):
         Called after an action so the dashboard redraws.
     """
 
+    name = "freeze"
+    slot = "tabs"
+    caption = "Freeze"
+
     frozen_count = Int(0, help="Parameter tensors frozen now.")
+
+    @classmethod
+    def build(cls, host: PanelHost) -> FreezePanel:
+        panel = cls(host.session, host.guard, host.refresh)
+        panel.remember_lrs()
+        return panel
 
     def __init__(
         self, session: Any, guard: Callable[[str], Callable], on_change: Callable[[], None], **kwargs: Any

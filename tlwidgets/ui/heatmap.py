@@ -12,6 +12,9 @@ import ipywidgets as widgets
 import numpy as np
 from traitlets import Int, Unicode
 
+from tlwidgets.core.events import Event
+from tlwidgets.ui.panel import Panel, PanelHost
+
 __all__ = ["RATIO_COLORS", "HeatmapPanel", "short_name"]
 
 #: Colours at log10(update/weight) = -6, -5, ..., 0:
@@ -75,7 +78,7 @@ def log10_safe(values: np.ndarray) -> np.ndarray:
     return out
 
 
-class HeatmapPanel(widgets.VBox):
+class HeatmapPanel(Panel, widgets.VBox):
     """Rows = parameters, columns = the last ``steps`` optimizer steps.
 
     Colour is log10 of the update/weight ratio (switch: log10 grad norm).
@@ -94,6 +97,11 @@ class HeatmapPanel(widgets.VBox):
     steps
         Columns shown.
     """
+
+    name = "heatmap"
+    events = (Event.STEP, Event.CONTROL)
+    slot = "plots"
+    min_interval = 0.25  # costly for the browser to re-render: at most ~4 redraws a second in a run
 
     metric = Unicode(
         "update_ratio", help="Colour: 'update_ratio' (log10 update/weight) or 'grad_norm' (log10)."
@@ -207,6 +215,21 @@ class HeatmapPanel(widgets.VBox):
         self.grid.on_element_click(guard("heatmap click")(self._cell_clicked))
         self._frozen: set[str] = set()
         self._session: Any = None
+
+    @classmethod
+    def build(cls, host: PanelHost) -> HeatmapPanel:
+        return cls(
+            list(host.session.param_names),
+            host.guard,
+            host.select,
+            steps=host.heatmap_steps,
+            layout=widgets.Layout(flex="1 1 55%", min_width="380px"),
+        )
+
+    def show_selection(self, param: str | None, step: int | None, stage: Any) -> None:
+        """Highlight the selected parameter's row and show its history."""
+        if param != self.selected_param:
+            self.select(param)
 
     # -- drawing ------------------------------------------------------------------------
     def _row_labels(self, frozen: set[str]) -> dict[str, str]:

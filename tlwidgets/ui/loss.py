@@ -10,6 +10,9 @@ import ipywidgets as widgets
 import numpy as np
 from traitlets import Int
 
+from tlwidgets.core.events import Event
+from tlwidgets.ui.panel import Panel, PanelHost
+
 __all__ = ["MARKER_COLORS", "LossPanel", "moving_average"]
 
 #: Marker colour per control kind.
@@ -39,15 +42,28 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-class LossPanel(widgets.VBox):
+class LossPanel(Panel, widgets.VBox):
     """Training loss (raw and smoothed) against the global step, validation loss at each epoch
     end, and a vertical marker with a label at every control change (freeze, unfreeze, LR,
     checkpoint, rewind) so cause and effect line up. CSS class ``tlw-loss``.
     """
 
+    name = "loss"
+    events = (Event.STEP, Event.EPOCH, Event.CONTROL)
+    slot = "plots"
+    min_interval = 0.25  # costly for the browser to re-render: at most ~4 redraws a second in a run
+
     selected_step = Int(
         None, allow_none=True, help="Step marked by a dashed line (a finding or cell clicked)."
     )
+
+    @classmethod
+    def build(cls, host: PanelHost) -> LossPanel:
+        return cls(host.guard, layout=widgets.Layout(flex="1 1 45%", min_width="320px"))
+
+    def show_selection(self, param: str | None, step: int | None, stage: Any) -> None:
+        """Mark the selected step with a dashed line (drawn at the next redraw)."""
+        self.selected_step = step
 
     def __init__(self, guard: Callable[[str], Callable], **kwargs: Any) -> None:
         self.x = bq.LinearScale()

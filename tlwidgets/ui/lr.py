@@ -12,13 +12,15 @@ import ipywidgets as widgets
 import numpy as np
 from traitlets import Float
 
+from tlwidgets.ui.panel import LRFollowingPanel, PanelHost
+
 __all__ = ["LRPanel"]
 
 #: Slider range, as powers of ten.
 LOG_MIN, LOG_MAX = -7.0, 1.0
 
 
-class LRPanel(widgets.VBox):
+class LRPanel(LRFollowingPanel, widgets.VBox):
     """One ``FloatLogSlider`` per optimizer group (CSS ``tlw-lr``); its value is the group's
     effective LR (what the optimizer uses now, after the scheduler). Moving a slider calls
     ``session.set_lr(value, group)``, which also rescales the scheduler's base so the schedule
@@ -28,7 +30,17 @@ class LRPanel(widgets.VBox):
     restored afterwards), plots loss against LR and offers its suggestion.
     """
 
+    name = "lr"
+    slot = "tabs"
+    caption = "LR"
+
     suggestion = Float(None, allow_none=True, help="LR suggested by the last range test.")
+
+    @classmethod
+    def build(cls, host: PanelHost) -> LRPanel:
+        panel = cls(host.session, host.guard, host.refresh, is_running=lambda: host.running)
+        panel.remember_lrs()
+        return panel
 
     def __init__(
         self,

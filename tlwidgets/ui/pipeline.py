@@ -9,8 +9,10 @@ from typing import Any
 import ipywidgets as widgets
 from traitlets import Unicode
 
+from tlwidgets.core.events import Event
 from tlwidgets.core.stages import Stage
 from tlwidgets.ui.format import names_html, record_html
+from tlwidgets.ui.panel import Panel, PanelHost
 
 __all__ = ["PipelinePanel"]
 
@@ -26,7 +28,7 @@ _HELP = {
 }
 
 
-class PipelinePanel(widgets.VBox):
+class PipelinePanel(Panel, widgets.VBox):
     """Stage chips (CSS ``tlw-stage``; ``tlw-stage-current`` on the next one; ``tlw-stage-ok`` /
     ``-warning`` / ``-error`` on the ones done in this step), the record of the chosen stage and a
     graph view of which parameters the loss reaches.
@@ -38,6 +40,9 @@ class PipelinePanel(widgets.VBox):
     on_change
         Called after a click so the dashboard redraws.
     """
+
+    name = "pipeline"
+    events = (Event.STAGE, Event.ERROR, Event.CONTROL)
 
     shown_stage = Unicode(None, allow_none=True, help="Stage whose record is shown below the chips.")
     current = Unicode(None, allow_none=True, help="The stage that runs next (the highlighted chip).")
@@ -86,7 +91,24 @@ class PipelinePanel(widgets.VBox):
         super().__init__(children=[self.chip_row, self.record_view, self.graph_view], **kwargs)
         self.add_class("tlw-pipeline")
 
+    @classmethod
+    def build(cls, host: PanelHost) -> PipelinePanel:
+        panel = cls(host.guard, host.refresh)
+        for rec in (getattr(host.session, "records", {}) or {}).values():
+            panel.remember(rec)
+        return panel
+
     # -- events -------------------------------------------------------------------------
+    def on_event(self, event: Event, payload: Any) -> bool | None:
+        if event is Event.STAGE:
+            self.remember(payload)
+        return True
+
+    def show_selection(self, param: str | None, step: int | None, stage: Any) -> None:
+        """A finding selected: open its stage's record."""
+        if stage is not None:
+            self.show(stage)
+
     def remember(self, record: Any) -> None:
         """Keep the latest record of each stage (cheap: a reference) and the loss's reach."""
         self._records[record.stage] = record
