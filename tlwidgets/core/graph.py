@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch import nn
 
 from tlwidgets.core.activations import first_tensor
 
-__all__ = ["locate_non_finite", "reached_params"]
+__all__ = ["locate_non_finite", "reached_params", "reaches_any"]
 
 
 def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
@@ -36,6 +36,34 @@ def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.T
         stack.extend(f for f, _ in fn.next_functions)
     order = [n for n, _ in named_params]
     return [n for n in order if n in found]
+
+
+def reaches_any(root: torch.Tensor, param_ids: Collection[int]) -> bool:
+    """Whether ``root.backward()`` would give any of the parameters with these ``id()`` s a gradient.
+
+    The same walk as :func:`reached_params`, but it stops at the first such
+    parameter: for a loss computed from the model's output that is a few
+    nodes (the output layer's ``AccumulateGrad`` sits right under it), so it
+    is cheap enough to ask of every criterion call. A graph that does not
+    reach them (a probe trained on ``features.detach()``, a discriminator's
+    loss on ``fake.detach()`` seen by the generator's watcher) is walked to
+    its end; such graphs are the small ones.
+    """
+    fn = root.grad_fn
+    if fn is None:
+        return root.requires_grad and id(root) in param_ids  # the parameter itself
+    seen: set[int] = set()
+    stack = [fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) in param_ids:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False
 
 
 def locate_non_finite(
@@ -65,9 +93,9 @@ def locate_non_finite(
             if result["module"] is not None:
                 return
             tin = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            bad_in = any(not bool(torch.isfinite(a).all()) for a in tin)
+            bad_in = any(not _all_finite(a) for a in tin)
             t = first_tensor(output)
-            bad_out = t is not None and not bool(torch.isfinite(t).all())
+            bad_out = t is not None and not _all_finite(t)
             if bad_in and result["inputs_non_finite"] is None:
                 result["inputs_non_finite"] = name
             if bad_out and not bad_in:
@@ -86,7 +114,7 @@ def locate_non_finite(
     try:
         with torch.no_grad():
             out = first_tensor(forward())
-        result["output_non_finite"] = out is not None and not bool(torch.isfinite(out).all())
+        result["output_non_finite"] = out is not None and not _all_finite(out)
     except Exception as exc:  # the replay is best effort; never mask the real finding
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -99,3 +127,12 @@ def locate_non_finite(
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     return result
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``; for a sparse tensor, in its stored values (the implicit zeros are finite)."""
+    if t.layout == torch.sparse_coo:
+        t = t._values()  # also defined on an uncoalesced tensor, where values() raises
+    elif t.layout != torch.strided:
+        t = t.values()
+    return bool(torch.isfinite(t).all()) if t.is_floating_point() or t.is_complex() else True

@@ -1,13 +1,46 @@
-"""Attach to the user's own training loop through public hooks only."""
+"""Attach to the user's own training loop through public hooks only.
+
+How the watcher reads a loop
+----------------------------
+It follows the autograd graph, not call counts:
+
+- A **backward pass** counts as training the watched model only when it
+  reaches the model's parameters: the gradient hooks of a few of them (spread
+  over the model, among those the optimizer holds) fire. A probe trained on
+  ``features.detach()``, or a discriminator's loss on ``fake.detach()`` seen
+  by the generator's watcher, never reaches them and is not seen as a pass.
+- A **criterion call** is a loss term of the watched model only when its
+  graph reaches the model's parameters. The terms backpropagated in one pass
+  combine into that pass's loss (see :class:`Watcher` for the value).
+- Gradients live in **windows**: from one reset (``zero_grad()``, set to
+  ``None``, or overwritten) to the next. A step is *missing* only when a reset
+  discards a window in which gradients were produced and no optimizer step
+  consumed them; a step *consumes stale gradients* only when a backward pass
+  added to gradients that an earlier step had already applied, with no reset
+  in between. Gradient accumulation (several passes, then one step), a GAN's
+  generator step that backpropagates through the discriminator (whose
+  gradients are reset before its next step) and the closure of
+  ``optimizer.step(closure)`` (LBFGS: passes inside the step belong to it)
+  are all healthy.
+- An exception that ends the ``with`` block is not a loop bug.
+
+Everything a hook does is guarded: an internal failure is logged and kept in
+``Watcher.diagnostic_errors``, the tracking of that part degrades, and the
+user's loop goes on. Whatever the watcher attaches to the model and the loss
+module is dropped when they are pickled, deep-copied or saved with
+``torch.save``: the copy is the model as it would be unwatched.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import itertools
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,10 +49,10 @@ from torch import nn
 
 from tlwidgets.core.batches import describe
 from tlwidgets.core.catalog import make_finding
-from tlwidgets.core.controls import ControlsMixin
+from tlwidgets.core.controls import ControlsMixin, optimizer_param_ids
 from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding
-from tlwidgets.core.graph import locate_non_finite, reached_params
+from tlwidgets.core.graph import locate_non_finite, reached_params, reaches_any
 from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import StageRecord, StepSummary
 from tlwidgets.core.session import FindingsMixin
@@ -34,7 +67,132 @@ log = logging.getLogger(__name__)
 #: hooked parameter and backward pass, every step: a few, spread over the model).
 _HOOKED_PARAMS = 4
 
+#: Criterion outputs remembered until their backward pass (or the next optimizer step). Each
+#: holds detached references to the criterion's inputs, for the LOSS facts; losses computed
+#: with gradients but never backpropagated (validation without no_grad()) are forgotten first.
+_MAX_PENDING_TERMS = 8
 
+#: Internal failures kept in ``diagnostic_errors`` (the newest).
+_MAX_DIAGNOSTIC_ERRORS = 50
+
+
+# ---------------------------------------------------------------------------------- hooks
+def _inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a watcher hook becomes when it is copied on its own: nothing."""
+    return None
+
+
+class _Hook:
+    """A watcher hook: guarded, recognisable, and never copied along with the model.
+
+    Every hook the watcher registers (on the model, the loss module, the
+    optimizer, parameters and loss tensors) is one of these. A call runs
+    ``fn``; an exception is recorded on the watcher (``diagnostic_errors``)
+    and swallowed, and the hook returns ``None`` (which leaves the module's
+    input/output or the gradient as they are), so tlwidgets never raises into
+    the user's loop. Being one class lets the watched module's pickling drop
+    exactly these entries from its hook dicts (see :class:`_DropWatchHooks`).
+    """
+
+    __slots__ = ("__weakref__", "fn", "owner", "where")
+    #: torch's "hook will not be serialized" check: it is not, on purpose.
+    __torch_unserializable__ = True
+
+    def __init__(self, fn: Callable[..., Any], owner: Watcher, where: str) -> None:
+        self.fn = fn
+        self.owner = owner
+        self.where = where
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.fn(*args, **kwargs)
+        except Exception as exc:  # tlwidgets' own failure: never the user's
+            self.owner._internal_error(self.where, exc)
+        return None
+
+    # A hook copied on its own (a hooks dict pickled by hand) becomes inert: it
+    # must not drag the watcher (rules, history, tensors) into the copy.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_resolve_inert, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _inert_hook
+
+
+def _resolve_inert() -> Callable[..., None]:
+    return _inert_hook
+
+
+def _without_watch_hooks(state: Any) -> Any:
+    """A module's pickled state without the watcher's hook entries (and without the reducer itself)."""
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        return (_without_watch_hooks(state[0]), state[1])  # (dict, slots) of a class with __slots__
+    if not isinstance(state, dict):
+        return state
+    out = dict(state)  # a shallow copy: the live module keeps its hooks
+    if isinstance(out.get("__reduce_ex__"), _DropWatchHooks):
+        del out["__reduce_ex__"]
+    ours = {k for v in state.values() if isinstance(v, dict) for k, h in v.items() if isinstance(h, _Hook)}
+    if ours:
+        # The hook dicts, and their companions keyed by the same handle ids
+        # (_forward_hooks_with_kwargs, _forward_hooks_always_called, ...).
+        for name, v in state.items():
+            if isinstance(v, dict) and name.startswith("_") and not ours.isdisjoint(v.keys()):
+                out[name] = type(v)((k, h) for k, h in v.items() if k not in ours)
+    return out
+
+
+class _DropWatchHooks:
+    """Set as a watched module's *instance* ``__reduce_ex__``: pickle it as if it were not watched.
+
+    ``pickle`` (so ``torch.save``), ``copy.deepcopy`` and ``copy.copy`` look
+    ``__reduce_ex__`` up on the object, so an instance attribute overrides the
+    class's for this one module without touching its class. It reduces the
+    module the way its class would and removes the watcher's entries from the
+    hook dicts of the state (and itself): the copy has exactly the user's own
+    hooks, and the original keeps being watched. Parameters drop tensor hooks
+    when pickled or deep-copied (torch's own rule), so they need nothing.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, protocol: int) -> Any:
+        module = self.module()
+        if module is None:  # cannot happen while the module exists; be safe
+            raise TypeError("the watched module no longer exists")
+        rv = type(module).__reduce_ex__(module, protocol)
+        if isinstance(rv, tuple) and len(rv) >= 3:
+            rv = (*rv[:2], _without_watch_hooks(rv[2]), *rv[3:])
+        return rv
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copied on its own (vars(model) pickled by hand)
+        return (_resolve_inert, ())
+
+
+def _protect(module: nn.Module) -> None:
+    """Make ``module`` pickle and copy without the watcher's hooks (idempotent, shared by watchers)."""
+    if "__reduce_ex__" not in vars(module):
+        object.__setattr__(module, "__reduce_ex__", _DropWatchHooks(module))
+
+
+def _unprotect(module: nn.Module) -> None:
+    """Undo :func:`_protect` once no watcher hook is left on ``module`` (another watcher may remain)."""
+    if not isinstance(vars(module).get("__reduce_ex__"), _DropWatchHooks):
+        return
+    if any(
+        isinstance(h, _Hook)
+        for name, v in vars(module).items()
+        if name.startswith("_") and isinstance(v, dict)
+        for h in v.values()
+    ):
+        return
+    object.__delattr__(module, "__reduce_ex__")
+
+
+# ---------------------------------------------------------------------------------- loop facts
 @dataclasses.dataclass
 class LoopFacts:
     """What the watcher has learned about the structure of the user's loop.
@@ -42,15 +200,21 @@ class LoopFacts:
     Attributes
     ----------
     backwards
-        Backward passes seen (through the model's parameters).
+        Backward passes that reached the watched model's parameters.
     steps
         Optimizer steps seen.
     backwards_without_step
-        Consecutive backward passes whose gradients were reset before them but
-        with no optimizer step in between (a loop that forgot ``step()``).
+        Consecutive gradient resets that each discarded gradients no
+        optimizer step had consumed (a loop that forgot ``step()``); gradients
+        produced after a step and reset before the next one (a GAN generator
+        step through the discriminator) do not count, nor do the resets inside
+        ``optimizer.step(closure)``.
     stale_steps
-        Consecutive steps whose gradients still held the previous step's
-        gradients (never zeroed) when the next backward added to them.
+        Consecutive optimizer steps that applied gradients added onto
+        gradients an earlier step had already applied (never zeroed).
+    accumulating
+        The latest backward pass added to gradients of the same window with
+        no step in between (deliberate accumulation over micro-batches).
     clip_ratio
         Gradient norm at ``optimizer.step()`` divided by the norm right after
         backward (measured on a schedule): ~1 without clipping.
@@ -67,8 +231,47 @@ class LoopFacts:
     val_losses: list[float] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class _Term:
+    """A criterion output (or a loss given to ``record_loss``) that trains the watched model."""
+
+    value: torch.Tensor  # detached scalar
+    args: tuple[Any, ...]  # the criterion's inputs, detached (no graph is kept alive)
+    reached: list[str] | None  # parameters its graph reaches (on the reach schedule only)
+    explicit: bool  # given to record_loss(): it replaces the criterion terms of its pass
+
+
+@dataclasses.dataclass
+class _Pass:
+    """One backward pass as the hooks see it (between two boundaries: a forward, a step, ...)."""
+
+    #: Loss terms whose backward hook fired in this pass, with the gradient that reached them.
+    terms: list[tuple[_Term, torch.Tensor | None]] = dataclasses.field(default_factory=list)
+    tokens: set[int] = dataclasses.field(default_factory=set)
+    #: Hooked parameters whose gradient this pass produced.
+    seen: set[int] = dataclasses.field(default_factory=set)
+    #: A hooked parameter's gradient hook fired: the pass trains the watched model.
+    confirmed: bool = False
+    #: Inside ``optimizer.step()`` (a closure's pass): its gradients are that step's.
+    in_step: bool = False
+
+
 class Watcher(FindingsMixin, ControlsMixin):
     """Tracks a training loop the user writes; see :func:`watch`.
+
+    The loss of a step (``history.loss``) is what the step's gradients were
+    computed from. Within one backward pass, the terms of the criterion that
+    the pass backpropagates combine with their weights in the objective (read
+    from the gradient that reaches each term): ``crit(o1, y) + 0.3 * crit(o2,
+    y)`` records exactly that sum. A factor common to all terms of the pass
+    is left out, so the value stays on the criterion's own scale whatever the
+    loop multiplies the loss by (``loss / accumulation_steps``, a
+    ``GradScaler``'s scale, a sign). Over the passes whose gradients one step
+    applies (micro-batches of gradient accumulation, a GAN discriminator's
+    real and fake passes) the step's loss is their mean; for
+    ``optimizer.step(closure)`` it is the closure's first evaluation (what
+    LBFGS returns). A loss passed to :meth:`record_loss` replaces the
+    criterion terms of its pass. NaN when no loss was seen.
 
     Attributes
     ----------
@@ -81,6 +284,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         model's inputs, FORWARD, LOSS, BACKWARD, STEP).
     loop
         :class:`LoopFacts` about the loop's structure.
+    diagnostic_errors
+        Failures inside tlwidgets itself (a hook, a statistic, a rule): kept
+        here and logged, never raised into the user's loop.
     """
 
     kind = "watch"
@@ -134,47 +340,109 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._in_stage = False
         self._pending: collections.deque[Any] = collections.deque()
         self._handles: list[Any] = []
+        self._grad_handles: list[Any] = []
         self._closed = False
-        self._pending_loss: torch.Tensor | None = None
-        self._pending_facts: dict[str, Any] | None = None
+        self._failures: collections.Counter[str] = collections.Counter()
         self._last_inputs: Any = None
         self._fwd_rng: torch.Tensor | None = None
         self._loss_value = math.nan
-        self._step_since_backward = True
-        self._backward_open = False
-        self._fingerprint: dict[int, tuple[int, int]] = {}
-        self._after_step_fp: dict[int, tuple[int, int]] = {}
-        self._clip_pre: list[torch.Tensor | None] = []
-        self._backward_open = False
-        self._backward_seen: set[int] = set()
         self._pending_forward: StageRecord | None = None
+        self._param_ids = frozenset(id(p) for p in self.tracker.params)
+        # Loss terms and backward passes.
+        self._tokens = itertools.count()
+        self._terms: collections.OrderedDict[int, _Term] = collections.OrderedDict()
+        self._pass: _Pass | None = None
+        # Gradient windows (reset to reset) and the step in progress.
+        self._last_fp: dict[int, tuple[int, int]] = {}  # hooked param -> (id, version) of the grad we left
+        self._win_passes = 0  # passes since the last reset
+        self._win_steps = 0  # steps since the last reset
+        self._passes_since_step = 0
+        self._contaminated = False  # a pass since the last step added to gradients a step had applied
+        self._in_step = False
+        self._window_values: list[float] = []  # losses of the passes since the last reset or step
+        self._step_values: list[float] = []  # ... as they were when the step began
+        self._instep_values: list[float] = []  # losses of the passes inside optimizer.step(closure)
+        self._instep_recorded = False
+        # Clipping measurement.
+        self._clip_pre: list[torch.Tensor | None] = []
         self._measure_clip = False
         self._clip_handles: list[Any] = []
+        self._hooked: list[int] = []
         self._install()
         self._refresh_audit()
+
+    # ------------------------------------------------------------------ failures
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        """A failure inside tlwidgets: log it (with the traceback the first time), keep it, go on."""
+        self._failures[where] += 1
+        if self._failures[where] == 1:
+            log.warning(
+                "tlwidgets.watch: %s failed (%s: %s); your loop continues, tracking of it is degraded",
+                where,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+        else:
+            log.debug("tlwidgets.watch: %s failed again: %s", where, exc)
+        self.diagnostic_errors.append(f"watch {where}: {type(exc).__name__}: {exc}")
+        del self.diagnostic_errors[:-_MAX_DIAGNOSTIC_ERRORS]
+
+    def _hook(self, fn: Callable[..., Any], where: str) -> _Hook:
+        return _Hook(fn, self, where)
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
         opt = self.optimizer
-        self._handles.append(opt.register_step_pre_hook(self._on_pre_step))
-        self._handles.append(opt.register_step_post_hook(self._on_post_step))
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_pre))
-        self._handles.append(self.model.register_forward_hook(self._on_model_post))
+        self._handles.append(
+            opt.register_step_pre_hook(self._hook(self._on_pre_step, "optimizer pre-step hook"))
+        )
+        self._handles.append(
+            opt.register_step_post_hook(self._hook(self._on_post_step, "optimizer post-step hook"))
+        )
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._hook(self._on_model_pre, "model forward pre-hook"))
+        )
+        self._handles.append(
+            self.model.register_forward_hook(self._hook(self._on_model_post, "model forward hook"))
+        )
+        _protect(self.model)
         if self.loss_fn is not None:
-            self._handles.append(self.loss_fn.register_forward_hook(self._on_loss))
-        trainable = [(i, p) for i, (_, p) in enumerate(self.named_params) if p.requires_grad]
+            self._handles.append(self.loss_fn.register_forward_hook(self._hook(self._on_loss, "loss hook")))
+            _protect(self.loss_fn)
+        self._hook_params()
+        self._clip_pre = [None] * len(self.named_params)
+
+    def _hook_params(self) -> None:
+        """Gradient hooks on a few trainable parameters the optimizer holds, spread over the model.
+
+        Only parameters a step can consume tell whether the loop steps and
+        zeroes; picked again when ``requires_grad`` changes (a frozen one no
+        longer gets gradients, so its hooks would see nothing).
+        """
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        params = self.tracker.params
+        in_opt = optimizer_param_ids(self.optimizer)
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        candidates = [i for i in trainable if id(params[i]) in in_opt] or trainable
         pick = (
-            np.unique(np.linspace(0, len(trainable) - 1, min(_HOOKED_PARAMS, len(trainable))).astype(int))
-            if trainable
+            np.unique(np.linspace(0, len(candidates) - 1, min(_HOOKED_PARAMS, len(candidates))).astype(int))
+            if candidates
             else []
         )
-        self._hooked: list[int] = []
-        for j in pick:
-            i, p = trainable[j]
-            self._hooked.append(i)
-            self._handles.append(p.register_hook(self._grad_pre_hook(i)))
-            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_post_hook(i)))
-        self._clip_pre = [None] * len(self.named_params)
+        self._hooked = [candidates[j] for j in pick]
+        for i in self._hooked:
+            p = params[i]
+            self._grad_handles.append(
+                p.register_hook(self._hook(functools.partial(self._on_param_grad, i), "gradient hook"))
+            )
+            self._grad_handles.append(
+                p.register_post_accumulate_grad_hook(
+                    self._hook(functools.partial(self._on_param_accumulated, i), "gradient hook")
+                )
+            )
 
     def _start_clip_measure(self) -> None:
         """Hook every trainable parameter's gradient for this pass (on a schedule: a hook per
@@ -183,7 +451,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         if self._clip_handles:
             return
         self._clip_handles = [
-            p.register_post_accumulate_grad_hook(self._clip_hook(i))
+            p.register_post_accumulate_grad_hook(
+                self._hook(functools.partial(self._on_clip_grad, i), "clip-measurement hook")
+            )
             for i, (_, p) in enumerate(self.named_params)
             if p.requires_grad
         ]
@@ -194,76 +464,135 @@ class Watcher(FindingsMixin, ControlsMixin):
             h.remove()
         self._clip_handles = []
 
-    def _grad_pre_hook(self, i: int):
-        def hook(grad: torch.Tensor) -> None:
-            # Without a hooked loss, the first hooked gradient of a pass opens it;
-            # a parameter seen twice means a new pass (e.g. retain_graph).
-            if not self._backward_open or i in self._backward_seen:
-                self._begin_backward(only=i)
-            self._backward_seen.add(i)
-            return None
+    def _on_clip_grad(self, i: int, p: torch.Tensor) -> None:
+        if self._measure_clip and p.grad is not None and not p.grad.is_sparse:
+            view = self.tracker.stats.sampler._sample(i, p.grad)
+            self._clip_pre[i] = torch.linalg.vector_norm(view.detach().float())
 
-        return hook
+    # ------------------------------------------------------------------ backward passes
+    def _on_param_grad(self, i: int, grad: torch.Tensor) -> None:
+        """A hooked parameter is about to receive its gradient (before accumulation)."""
+        p = self._pass
+        if p is not None and i in p.seen:  # seen twice: a new pass (retain_graph, no forward between)
+            self._finish_pass()
+            p = None
+        if p is None:
+            p = self._pass = _Pass()
+        if not p.confirmed:
+            p.confirmed = True
+            p.in_step = self._in_step
+            self._begin_pass(i)
+        p.seen.add(i)
 
-    def _on_loss_backward(self, grad: torch.Tensor) -> None:
-        """Backward reached the loss tensor: a pass starts, before any parameter gets its gradient."""
-        if not self._closed:
-            self._begin_backward(only=None)
+    def _on_param_accumulated(self, i: int, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._last_fp[i] = (id(param.grad), param.grad._version)
 
-    def _grad_post_hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if p.grad is not None:
-                self._fingerprint[i] = (id(p.grad), p.grad._version)
+    def _begin_pass(self, i: int) -> None:
+        """A pass reaches the watched model: how did the loop treat the gradients since the last one?
 
-        return hook
-
-    def _clip_hook(self, i: int):
-        def hook(p: torch.Tensor) -> None:
-            if self._measure_clip and p.grad is not None and not p.grad.is_sparse:
-                view = self.tracker.stats.sampler._sample(i, p.grad)
-                self._clip_pre[i] = torch.linalg.vector_norm(view.detach().float())
-
-        return hook
-
-    def _begin_backward(self, only: int | None) -> None:
-        """A backward pass starts: classify how the loop treated the gradients since the last one.
-
-        A gradient is *untouched* when it is the very tensor, unmodified, that
-        the previous pass left (not set to None, not zeroed in place). ``only``
-        restricts the look to one parameter (when the pass was detected through
-        that parameter's hook, the others may already hold this pass's gradient).
+        Looks at the first hooked parameter the pass reaches, before its
+        gradient is accumulated: is it the very tensor, unmodified, that we
+        last saw (after the previous accumulation or step)? If not, the
+        gradients were reset (set to None, zeroed in place, overwritten).
         """
-        self._backward_open = True
-        self._backward_seen = set()
-        params = self.tracker.params
-        untouched = stale = False
-        for i in [only] if only is not None else self._hooked:
-            g = params[i].grad
-            if g is not None and self._fingerprint.get(i) == (id(g), g._version):
-                untouched = True
-                stale = stale or self._after_step_fp.get(i) == (id(g), g._version)
-        self.loop.backwards += 1
-        if self._step_since_backward:
-            # A step happened since the last backward: the grads should have been reset.
-            self.loop.stale_steps = self.loop.stale_steps + 1 if stale else 0
-            self.loop.backwards_without_step = 0
-            self.loop.accumulating = False
-        elif untouched:
-            self.loop.accumulating = True  # deliberate accumulation over micro-batches
-            self.loop.backwards_without_step = 0
-        else:
-            self.loop.backwards_without_step += 1
-        self._step_since_backward = False
-        if self._pending_loss is not None:
-            self._confirm_training_loss()
         loop = self.loop
+        g = self.tracker.params[i].grad
+        fp = self._last_fp.get(i)
+        reset = g is None or fp is None or fp != (id(g), g._version)
+        if not reset and self._win_steps and not self._in_step and g.layout == torch.strided:
+            # About to count stale gradients: make sure they are not zeros written without a
+            # version bump (p.grad.data.zero_(), an old idiom). One reduction, only in this case.
+            reset = not bool(g.any())
+        if reset:
+            if self._win_passes and not self._in_step:
+                # The reset discards this window: unconsumed if no step ran in it.
+                loop.backwards_without_step = 0 if self._win_steps else loop.backwards_without_step + 1
+            self._win_passes = self._win_steps = 0
+            self._contaminated = False
+            self._window_values.clear()
+            loop.accumulating = False
+        elif self._win_steps:
+            # Adds onto gradients a step already applied; a reset before the next step makes
+            # it harmless (a GAN's generator step through the discriminator), so this is only
+            # counted when a step consumes it (_on_pre_step).
+            self._contaminated = self._contaminated or not self._in_step
+        else:
+            loop.accumulating = True
+        self._win_passes += 1
+        self._passes_since_step += 1
+        loop.backwards += 1
         if self.tracker.measuring(self.global_step) or loop.stale_steps or loop.backwards_without_step:
             self._diagnose_loop()
 
+    def _on_term_grad(self, token: int, grad: torch.Tensor) -> None:
+        """Backward reached a loss term: it belongs to the pass under way."""
+        term = self._terms.get(token)
+        if term is None:
+            return
+        p = self._pass
+        if p is not None and token in p.tokens:  # the same loss backpropagated again: a new pass
+            self._finish_pass()
+            p = None
+        if p is None:
+            p = self._pass = _Pass()
+        p.terms.append((term, grad.detach() if isinstance(grad, torch.Tensor) else None))
+        p.tokens.add(token)
+
+    def _finish_pass(self) -> None:
+        """The pass under way is over (a forward, a criterion call, a step, the loop's end): record it."""
+        p, self._pass = self._pass, None
+        forward, self._pending_forward = self._pending_forward, None
+        if p is None or not p.confirmed:
+            return  # it never reached the watched model (a probe, a detached branch, validation)
+        value, main, reached = self._pass_loss(p)
+        if value is not None:
+            (self._instep_values if p.in_step else self._window_values).append(value)
+            self._loss_value = value
+        if p.in_step:  # optimizer.step(closure): record the closure's first evaluation only
+            if self._instep_recorded:
+                return
+            self._instep_recorded = True
+        if value is not None and main is not None:
+            self._confirm_training_loss(value, main, reached, len(p.terms), forward)
+
+    def _pass_loss(self, p: _Pass) -> tuple[float | None, _Term | None, list[str] | None]:
+        """The pass's loss, the term whose inputs describe it (the largest weight), and what it reaches."""
+        terms = [(t, g) for t, g in p.terms if t.explicit] or p.terms
+        if not terms:
+            return None, None, None
+        reached_lists = [t.reached for t, _ in terms if t.reached is not None]
+        reached = sorted(set().union(*reached_lists), key=self._param_order.get) if reached_lists else None
+        if len(terms) == 1:
+            return float(terms[0][0].value), terms[0][0], reached
+        # Several terms: weigh each by the gradient that reached it (d objective / d term),
+        # relative to the largest, so a factor common to all of them is left out.
+        values = to_host([t.value.detach().float().reshape(()) for t, _ in terms])
+        weights = np.array(
+            [float(g.reshape(-1)[0]) if g is not None and g.numel() == 1 else 1.0 for _, g in terms]
+        )
+        big = int(np.argmax(np.abs(np.where(np.isfinite(weights), weights, 0.0))))
+        if not (math.isfinite(weights[big]) and weights[big] != 0.0 and np.isfinite(weights).all()):
+            weights, big = np.ones(len(terms)), 0
+        value = float(np.sum(values * (weights / weights[big])))
+        return value, terms[big][0], reached
+
+    @functools.cached_property
+    def _param_order(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.param_names)}
+
+    # ------------------------------------------------------------------ forward and loss
     def _on_model_pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        self._backward_open = False
+        self._finish_pass()  # a new forward: the previous backward is over
+        if self.tracker.probe.active:  # left by a forward that raised: do not measure two at once
+            self.tracker.probe.stop()
+        params = self.tracker.params
+        if any(not params[i].requires_grad for i in self._hooked) or (
+            not self._hooked and any(p.requires_grad for p in params)
+        ):
+            self._hook_params()  # frozen or unfrozen by hand
         self._last_inputs = args
         self._fwd_rng = torch.get_rng_state()
         step = self.global_step
@@ -296,7 +625,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             activations=acts,
         )
         # Only a forward whose loss is backpropagated is training (validation
-        # under eval() without no_grad() is not): committed in _confirm_training_loss.
+        # under eval() without no_grad() is not): committed in _finish_pass.
         self._pending_forward = rec
 
     def _on_loss(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -305,36 +634,66 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not torch.is_grad_enabled() or not output.requires_grad:
             self.loop.val_losses.append(float(output.detach()))
             return
-        self._pending_loss = output
-        self._pending_facts = {"args": args}
-        self._backward_open = False
-        output.register_hook(self._on_loss_backward)
+        if self._pass is not None and self._pass.confirmed:
+            self._finish_pass()  # a new criterion call: the backward before it is over
+        self._note_term(output, args, explicit=False)
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        """Tell the watcher the loss of this iteration (when ``loss_fn`` is a plain function)."""
+        """Tell the watcher the loss of this iteration (when ``loss_fn`` is a plain function).
+
+        Call it with the scalar loss before (or right after) ``loss.backward()``.
+        It replaces the criterion terms of its backward pass, so it also sets
+        the recorded value when ``loss_fn`` is hooked too (e.g. a weighted sum
+        of several losses).
+        """
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("record_loss() takes the scalar loss tensor")
-        if not loss.requires_grad:
-            self.loop.val_losses.append(float(loss.detach()))
+        if self._closed:
             return
-        self._pending_loss = loss
-        self._pending_facts = {"args": ()}
-        self._backward_open = False
-        loss.register_hook(self._on_loss_backward)
+        try:
+            if not loss.requires_grad:
+                self.loop.val_losses.append(float(loss.detach()))
+                return
+            p = self._pass
+            if p is not None and p.confirmed and not any(t.explicit for t, _ in p.terms):
+                # Called after backward(): the pass under way is the one it belongs to.
+                p.terms.append((_Term(loss.detach(), (), None, True), None))
+                return
+            self._note_term(loss, (), explicit=True)
+        except Exception as exc:
+            self._internal_error("record_loss", exc)
 
-    def _confirm_training_loss(self) -> None:
-        """The pending loss is being backpropagated: it is a training loss; record LOSS and FETCH."""
-        loss = self._pending_loss
-        facts = self._pending_facts or {}
-        self._pending_loss = None
-        value = float(loss.detach())
-        self._loss_value = value
+    def _note_term(self, output: torch.Tensor, args: Any, *, explicit: bool) -> None:
+        """Remember a loss term of the watched model until its backward pass (hooked on the tensor)."""
+        step = self.global_step
+        reached = None
+        if step < 3 or step % 50 == 0:
+            reached = reached_params(output, self.named_params)
+            if not reached and not explicit:
+                return  # its graph does not reach the model (a probe on detached features)
+        elif not explicit and not reaches_any(output, self._param_ids):
+            return
+        token = next(self._tokens)
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        self._terms[token] = _Term(output.detach(), detached, reached, explicit)
+        while len(self._terms) > _MAX_PENDING_TERMS:
+            self._terms.popitem(last=False)
+        output.register_hook(self._hook(functools.partial(self._on_term_grad, token), "loss backward hook"))
+
+    def _confirm_training_loss(
+        self,
+        value: float,
+        main: _Term,
+        reached: list[str] | None,
+        terms: int,
+        forward: StageRecord | None,
+    ) -> None:
+        """A pass backpropagated this loss into the model: it is a training loss; record LOSS and FETCH."""
         step = self.global_step
         if math.isfinite(value) and not self.tracker.measuring(step):
-            self._pending_forward = None
             return
         rec = StageRecord(stage=Stage.LOSS, step=step, epoch=self.epoch, batch=0, exact=False)
-        args = facts.get("args", ())
+        args = main.args
         out = args[0] if len(args) > 0 and isinstance(args[0], torch.Tensor) else None
         target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
         rec.data.update(
@@ -347,15 +706,16 @@ class Watcher(FindingsMixin, ControlsMixin):
             target_shape=tuple(target.shape) if target is not None else None,
             target_dtype=str(target.dtype).replace("torch.", "") if target is not None else None,
             batch_size=int(out.shape[0]) if out is not None and out.dim() else None,
+            terms=terms,
         )
         from tlwidgets.core.runner import _probability_facts
 
         if out is not None and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point():
             rec.data["expected_initial_loss"] = math.log(out.shape[1])
-            if step < 3 or step % 50 == 0:
+            if (step < 3 or step % 50 == 0) and out.shape[0] > 0:  # an empty batch has no rows to read
                 rec.data.update(_probability_facts(out))
-        if step < 3 or step % 50 == 0:
-            rec.data["reached"] = reached_params(loss, self.named_params)
+        if reached is not None:  # measured when the term was computed (the graph is not kept)
+            rec.data["reached"] = reached
             trainable = [n for n, p in self.named_params if p.requires_grad]
             rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
         inputs = (
@@ -366,7 +726,6 @@ class Watcher(FindingsMixin, ControlsMixin):
         fetch.data.update(describe(inputs, target, exact=False, stats=detail or not math.isfinite(value)))
         self.records[Stage.FETCH] = fetch
         self.records[Stage.LOSS] = rec
-        forward, self._pending_forward = self._pending_forward, None
         if forward is not None:
             self.records[Stage.FORWARD] = forward
         findings = []
@@ -407,10 +766,31 @@ class Watcher(FindingsMixin, ControlsMixin):
             evidence={"loss": value, "origin": origin},
         )
 
+    # ------------------------------------------------------------------ optimizer steps
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.tracker.measuring(self.global_step):
-            self.tracker.skip_grads()
-            return
+        try:
+            self._finish_pass()
+            self._in_step = True
+            self._instep_recorded = False
+            self._instep_values.clear()
+            self._step_values = list(self._window_values)
+            loop = self.loop
+            if self._passes_since_step:  # the step applies gradients produced since the last one
+                stale_before = loop.stale_steps
+                loop.stale_steps = loop.stale_steps + 1 if self._contaminated else 0
+                self._contaminated = False
+                if loop.stale_steps or stale_before:
+                    self._diagnose_loop()
+            if not self.tracker.measuring(self.global_step):
+                self.tracker.skip_grads()
+                return
+            self._record_backward()
+        finally:
+            # Always snapshot (even after a failure above), so the post-step hook can measure the update.
+            self.tracker.stats.before_step(exact=False)
+
+    def _record_backward(self) -> None:
+        """The BACKWARD record at ``optimizer.step()``: the gradients the step is about to apply."""
         try:
             grad, exact = self.tracker.measure_grads()
             names = self.param_names
@@ -463,22 +843,16 @@ class Watcher(FindingsMixin, ControlsMixin):
                 )
             self._publish(self._diagnose("on_stage", rec))
             self.events.emit(Event.STAGE, rec)
-        except Exception:  # never break the user's training loop
-            log.exception("watch: pre-step tracking failed")
-        finally:
-            # Always snapshot, so the post-step hook can measure the update.
-            self.tracker.stats.before_step(exact=False)
+        except Exception as exc:  # never break the user's training loop
+            self._internal_error("gradient statistics at optimizer.step()", exc)
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            self.loop.steps += 1
-            self._step_since_backward = True
-            params = self.tracker.params
-            for i in self._fingerprint:
-                g = params[i].grad
-                if g is not None:
-                    self._after_step_fp[i] = (id(g), g._version)
-            measured = self.tracker.measuring(self.global_step)
+            self._finish_pass()  # the last pass of a closure
+        finally:
+            self._end_step()
+        measured = self.tracker.measuring(self.global_step)
+        try:
             numbers = self.tracker.record_step(
                 step=self.global_step + 1,
                 epoch=self.epoch,
@@ -486,33 +860,53 @@ class Watcher(FindingsMixin, ControlsMixin):
                 exact=False,
                 measured=measured,
             )
-            self.global_step += 1
-            if self.loop.val_losses:
-                self.loop.val_losses.clear()
-            if not measured:
-                self._emit_step(numbers["lr"])
-                return
-            update, weight = numbers["update_norm"], numbers["weight_norm"]
-            frozen = [not p.requires_grad for p in self.tracker.params]
-            rec = StageRecord(
-                stage=Stage.STEP, step=self.global_step - 1, epoch=self.epoch, batch=0, exact=False
-            )
-            rec.data.update(
-                update_norm=update,
-                weight_norm=weight,
-                update_ratio=update_ratio(update, weight),
-                lr=numbers["lr"],
-                update_exact=False,
-                changed=[n for n, u in zip(self.param_names, update) if u > 0],
-                frozen_changed=[n for n, u, f in zip(self.param_names, update, frozen) if f and u > 0],
-            )
-            self.records[Stage.STEP] = rec
-            self._publish(self._diagnose("on_stage", rec))
-            self.events.emit(Event.STAGE, rec)
-            self._publish(self._diagnose("on_step"))
+        finally:
+            self.global_step += 1  # counted even when the statistics failed
+        if self.loop.val_losses:
+            self.loop.val_losses.clear()
+        if not measured:
             self._emit_step(numbers["lr"])
-        except Exception:
-            log.exception("watch: post-step tracking failed")
+            return
+        update, weight = numbers["update_norm"], numbers["weight_norm"]
+        frozen = [not p.requires_grad for p in self.tracker.params]
+        rec = StageRecord(stage=Stage.STEP, step=self.global_step - 1, epoch=self.epoch, batch=0, exact=False)
+        rec.data.update(
+            update_norm=update,
+            weight_norm=weight,
+            update_ratio=update_ratio(update, weight),
+            lr=numbers["lr"],
+            update_exact=False,
+            changed=[n for n, u in zip(self.param_names, update) if u > 0],
+            frozen_changed=[n for n, u, f in zip(self.param_names, update, frozen) if f and u > 0],
+        )
+        self.records[Stage.STEP] = rec
+        self._publish(self._diagnose("on_stage", rec))
+        self.events.emit(Event.STAGE, rec)
+        self._publish(self._diagnose("on_step"))
+        self._emit_step(numbers["lr"])
+
+    def _end_step(self) -> None:
+        """Loop bookkeeping of a finished step: it consumed the window's gradients; its loss."""
+        self._in_step = False
+        self._win_steps += 1
+        self._passes_since_step = 0
+        self.loop.steps += 1
+        self.loop.backwards_without_step = 0
+        if self._step_values:
+            self._loss_value = float(np.mean(self._step_values))
+        elif self._instep_values:
+            self._loss_value = self._instep_values[0]  # what optimizer.step(closure) returns
+        else:
+            self._loss_value = math.nan  # no loss seen for this step
+        self._step_values, self._window_values, self._instep_values = [], [], []
+        self._terms.clear()
+        params = self.tracker.params
+        for i in self._hooked:
+            g = params[i].grad
+            if g is not None:
+                self._last_fp[i] = (id(g), g._version)  # after the step (it may modify them in place)
+            else:
+                self._last_fp.pop(i, None)
 
     def _emit_step(self, lrs: list[float]) -> None:
         self.events.emit(
@@ -540,9 +934,14 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._publish(self._diagnose("on_stage", rec))
 
     # ------------------------------------------------------------------ findings
-    def finish(self) -> None:
-        """Final checks (the loop ended): e.g. backward passes that never led to a step."""
-        if self.loop.backwards and not self.loop.steps:
+    def finish(self, *, interrupted: bool = False) -> None:
+        """Final checks (the loop ended): e.g. backward passes that never led to a step.
+
+        ``interrupted=True`` (an exception ended the ``with`` block): the loop
+        did not run to its end, so a step that did not come yet is not missing.
+        """
+        self._finish_pass()
+        if not interrupted and self.loop.backwards and not self.loop.steps:
             self.loop.backwards_without_step = max(self.loop.backwards_without_step, self.loop.backwards)
         self._diagnose_loop()
 
@@ -553,9 +952,17 @@ class Watcher(FindingsMixin, ControlsMixin):
             return
         self._closed = True
         self._stop_clip_measure()
-        for h in self._handles:
+        for h in self._handles + self._grad_handles:
             h.remove()
-        self._handles = []
+        self._handles, self._grad_handles = [], []
+        self._pass, self._pending_forward = None, None
+        self._terms.clear()
+        for m in (self.model, self.loss_fn):
+            if m is not None:
+                try:
+                    _unprotect(m)
+                except Exception as exc:
+                    self._internal_error("close", exc)
         self.tracker.close()
 
     def _check_open(self) -> None:
@@ -569,10 +976,12 @@ class Watcher(FindingsMixin, ControlsMixin):
     def __enter__(self) -> Watcher:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
             if not self._closed:
-                self.finish()
+                self.finish(interrupted=exc_type is not None)
+        except Exception as err:  # never replace the user's exception (or raise after a clean loop)
+            self._internal_error("finish", err)
         finally:
             self.close()
 
@@ -581,19 +990,18 @@ class Watcher(FindingsMixin, ControlsMixin):
         return f"Watcher({state}, step={self.global_step}, findings={len(self._log)})"
 
 
-@contextmanager
-def _noop() -> Iterator[None]:
-    yield
-
-
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any = None, **options: Any) -> Watcher:
     """Track the user's own training loop; use as ``with tlw.watch(model, opt, loss_fn=crit) as w:``.
 
     The loop stays unchanged. Hooks: the optimizer's step pre/post hooks, the
     model's forward (pre-)hooks, a forward hook on ``loss_fn`` (an
     ``nn.Module``) and gradient hooks on the parameters. Validation under
-    ``torch.no_grad()`` is not counted as training. Findings are complete when
-    the ``with`` block exits (or after :meth:`Watcher.finish`); ``close()``
-    removes the hooks. Options are those of :class:`Watcher`.
+    ``torch.no_grad()`` is not counted as training; a backward pass counts
+    only when it reaches the model's parameters (see the module docstring for
+    how loops are read). Findings are complete when the ``with`` block exits
+    (or after :meth:`Watcher.finish`); ``close()`` removes the hooks. Nothing
+    tlwidgets does inside the hooks raises into the loop, and the model
+    pickles, deep-copies and ``torch.save``\\ s as it would unwatched. Options
+    are those of :class:`Watcher`.
     """
     return Watcher(model, optimizer, loss_fn, **options)
