@@ -285,7 +285,9 @@ def test_exception_after_several_steps_keeps_what_was_found() -> None:
 def test_lbfgs_closure_loop() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=8, history_size=10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=1, max_iter=8, history_size=10, line_search_fn="strong_wolfe"
+    )
     crit = nn.CrossEntropyLoss()
     x, y = classification(n=256)
     returned = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -111,10 +112,35 @@ def tensor_stats(tensors: list[torch.Tensor], *, exact: bool = False, sample: in
     come from a strided sample of at most ``sample`` elements. The exact
     count of non-finite values is computed only when the sum says there are
     some (rare). ``exact=True`` computes everything over all elements,
-    ignoring NaN/Inf for the moments.
+    ignoring NaN/Inf for the moments. Integer tensors get ``[min, max, 0, 0,
+    0]``.
+
+    Never raises on what a batch may hold: a sparse tensor is described as
+    the dense tensor it stands for, from its stored values (see
+    :func:`sparse_stats`); an empty tensor, or one whose statistics fail
+    (a layout torch cannot reduce), gets NaN statistics and 0 non-finite.
     """
+    out = np.full((len(tensors), 5), np.nan)
     if not tensors:
-        return np.zeros((0, 5))
+        return out
+    out[:, 4] = 0.0
+    dense = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.numel() and not t.is_meta]
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided and t.numel() and not t.is_meta:
+            with contextlib.suppress(Exception):  # an exotic layout: statistics unknown (NaN)
+                out[i] = sparse_stats(t)
+    if dense:
+        try:
+            out[dense] = _dense_stats([tensors[i] for i in dense], exact=exact, sample=sample)
+        except Exception:  # one odd tensor must not cost the others their statistics
+            for i in dense:
+                with contextlib.suppress(Exception):
+                    out[i] = _dense_stats([tensors[i]], exact=exact, sample=sample)[0]
+    return out
+
+
+def _dense_stats(tensors: list[torch.Tensor], *, exact: bool, sample: int) -> np.ndarray:
+    """:func:`tensor_stats` of strided, non-empty tensors."""
     if exact:
         return np.stack([_exact_stats(t) for t in tensors])
     # Sampled: the fewest torch ops (each costs microseconds on a CPU whatever its size), all
@@ -153,6 +179,70 @@ def tensor_stats(tensors: list[torch.Tensor], *, exact: bool = False, sample: in
             if not np.isfinite(out[row, :4]).all():
                 out[row] = _exact_stats(t)
     return out
+
+
+def sparse_values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse tensor (COO coalesced first: duplicates add up)."""
+    if t.layout == torch.sparse_coo:
+        return (t if t.is_coalesced() else t.coalesce()).values()
+    return t.values()  # CSR, CSC, BSR, BSC
+
+
+def sparse_stats(t: torch.Tensor) -> np.ndarray:
+    """``[min, max, mean, std, non_finite]`` of the dense tensor a sparse tensor stands for.
+
+    Exact, from the stored values alone (a sparse input is small where it is
+    stored): the implicit zeros count in the range and the moments, NaN/Inf
+    are left out of them (as in :func:`tensor_stats` with ``exact=True``).
+    Integer values get ``[min, max, 0, 0, 0]``.
+    """
+    n = t.numel()
+    with torch.no_grad():
+        v = sparse_values(t.detach()).reshape(-1)
+        implicit_zeros = v.numel() < n
+        if v.numel() == 0:
+            return np.array([0.0, 0.0, 0.0, 0.0, 0.0])
+        if not v.is_floating_point():
+            lo, hi = (float(a) for a in torch.aminmax(v))
+            if implicit_zeros:
+                lo, hi = min(lo, 0.0), max(hi, 0.0)
+            return np.array([lo, hi, 0.0, 0.0, 0.0])
+        x = v.double()
+        finite = torch.isfinite(x)
+        clean = torch.where(finite, x, torch.zeros_like(x))
+        inf = torch.full_like(x, math.inf)
+        row = to_host(
+            [
+                torch.where(finite, x, inf).amin(),
+                torch.where(finite, x, -inf).amax(),
+                clean.sum(),
+                clean.dot(clean),
+                (~finite).sum().double(),
+            ]
+        )
+    lo, hi, total, squares, bad = (float(a) for a in row)
+    if implicit_zeros:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not math.isfinite(lo):  # every stored value is NaN/Inf
+        lo = hi = math.nan
+    mean = total / n
+    var = max(0.0, (squares - n * mean * mean) / (n - 1)) if n > 1 else 0.0
+    return np.array([lo, hi, mean, math.sqrt(var), bad])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes the tensor holds: its elements, or for a sparse tensor its indices and values."""
+    if t.layout == torch.strided:
+        return t.numel() * t.element_size()
+    if t.layout == torch.sparse_coo:
+        parts = [t._indices(), t._values()]  # defined on an uncoalesced tensor too
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = [t.crow_indices(), t.col_indices(), t.values()]
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = [t.ccol_indices(), t.row_indices(), t.values()]
+    else:
+        return 0
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 def _exact_stats(t: torch.Tensor) -> np.ndarray:
@@ -206,36 +296,53 @@ def describe(
     leaves = tensors_in(inputs, "inputs") + tensors_in(targets, "targets")
     info: dict[str, dict[str, Any]] = {}
     numeric = []
+    sparse: set[str] = set()
     for path, t in leaves:
-        info[path] = {
-            "shape": tuple(t.shape),
-            "dtype": str(t.dtype).replace("torch.", ""),
-            "device": str(t.device),
-            "bytes": t.numel() * t.element_size(),
-        }
-        if stats and t.numel() and not t.is_complex() and t.dtype != torch.bool:
-            numeric.append((path, t))
+        try:
+            entry: dict[str, Any] = {
+                "shape": tuple(t.shape),
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "device": str(t.device),
+                "bytes": _nbytes(t),
+            }
+        except Exception:  # a tensor subclass or layout without a plain shape (nested tensors)
+            info[path] = {"shape": None, "dtype": str(t.dtype).replace("torch.", ""), "device": str(t.device)}
+            continue
+        if t.layout != torch.strided:
+            entry["layout"] = str(t.layout).replace("torch.", "")
+            sparse.add(path)
+        info[path] = entry
+        if stats and not t.is_complex() and t.dtype != torch.bool:
+            numeric.append((path, t))  # an empty tensor too: NaN statistics say "nothing there"
     values = tensor_stats([t for _, t in numeric], exact=exact)
     for (path, _), row in zip(numeric, values.tolist()):
         info[path].update(min=row[0], max=row[1], non_finite=int(row[4]))
         if info[path]["dtype"].startswith(("float", "bfloat")):
             info[path].update(mean=row[2], std=row[3])
-    batch_size = next((int(t.shape[0]) for _, t in leaves if t.dim() > 0), None)
+    batch_size = next((int(v["shape"][0]) for v in info.values() if v["shape"]), None)
     label_counts = None
     if (
         stats
         and isinstance(targets, torch.Tensor)
+        and targets.layout == torch.strided
         and not targets.is_floating_point()
         and targets.dim() == 1
         and targets.numel()
         and targets.dtype != torch.bool
     ):
         lo, hi = info["targets"]["min"], info["targets"]["max"]
-        if lo >= 0 and hi < max_classes:
+        if lo >= 0 and hi < max_classes:  # False for NaN (statistics that failed)
             label_counts = torch.bincount(targets.detach().long()).cpu().numpy()
+    # The scale of the dense floating inputs (a sparse input, e.g. an adjacency matrix, is structure).
     float_inputs = [
-        v for k, v in info.items() if k.startswith("inputs") and "float" in v["dtype"] and "std" in v
+        v
+        for k, v in info.items()
+        if k.startswith("inputs")
+        and k not in sparse
+        and "float" in v["dtype"]
+        and math.isfinite(v.get("std", math.nan))
     ]
+    ranged = [v for v in float_inputs if math.isfinite(v["min"]) and math.isfinite(v["max"])]
     return {
         "structure": _structure(inputs) if not isinstance(inputs, torch.Tensor) else "Tensor",
         "batch_size": batch_size,
@@ -243,7 +350,7 @@ def describe(
         "label_counts": label_counts,
         "non_finite": int(sum(v.get("non_finite", 0) for v in info.values())) if stats else None,
         "input_std": float(np.mean([v["std"] for v in float_inputs])) if float_inputs else None,
-        "input_absmax": max((max(abs(v["min"]), abs(v["max"])) for v in float_inputs), default=None),
+        "input_absmax": max((max(abs(v["min"]), abs(v["max"])) for v in ranged), default=None),
         "exact": exact,
         "measured": stats,
     }

@@ -545,7 +545,11 @@ class Watcher(FindingsMixin, ControlsMixin):
         forward, self._pending_forward = self._pending_forward, None
         if p is None or not p.confirmed:
             return  # it never reached the watched model (a probe, a detached branch, validation)
-        value, main, reached = self._pass_loss(p)
+        try:
+            value, main, reached = self._pass_loss(p)
+        except Exception as exc:
+            self._internal_error("loss value", exc)
+            return
         if value is not None:
             (self._instep_values if p.in_step else self._window_values).append(value)
             self._loss_value = value
@@ -554,7 +558,10 @@ class Watcher(FindingsMixin, ControlsMixin):
                 return
             self._instep_recorded = True
         if value is not None and main is not None:
-            self._confirm_training_loss(value, main, reached, len(p.terms), forward)
+            try:  # the facts may fail (an odd batch); the loop bookkeeping above must not
+                self._confirm_training_loss(value, main, reached, len(p.terms), forward)
+            except Exception as exc:
+                self._internal_error("loss and batch facts", exc)
 
     def _pass_loss(self, p: _Pass) -> tuple[float | None, _Term | None, list[str] | None]:
         """The pass's loss, the term whose inputs describe it (the largest weight), and what it reaches."""
@@ -847,10 +854,8 @@ class Watcher(FindingsMixin, ControlsMixin):
             self._internal_error("gradient statistics at optimizer.step()", exc)
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        try:
-            self._finish_pass()  # the last pass of a closure
-        finally:
-            self._end_step()
+        self._finish_pass()  # the last pass of a closure
+        self._end_step()
         measured = self.tracker.measuring(self.global_step)
         try:
             numbers = self.tracker.record_step(
