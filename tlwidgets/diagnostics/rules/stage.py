@@ -113,6 +113,40 @@ def _first_leaf(ctx: RuleContext) -> nn.Module | None:
     return ctx.cached("first_leaf", build)
 
 
+def _recurrent_states(ctx: RuleContext) -> list[tuple[int | None, frozenset[int]]]:
+    """Shapes of the recurrent layers' states: ``(leading size or None, last sizes)`` per layer.
+
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` take ``h_0`` (and ``c_0``) shaped
+    ``(num_layers * directions, batch, hidden)`` (or without the batch); the
+    ``*Cell`` layers take ``(batch, hidden)``. An LSTM's ``h`` has ``proj_size``
+    features when it projects.
+    """
+
+    def build() -> list[tuple[int | None, frozenset[int]]]:
+        out: list[tuple[int | None, frozenset[int]]] = []
+        for m in ctx.modules().values():
+            if isinstance(m, nn.RNNBase):
+                lead = m.num_layers * (2 if m.bidirectional else 1)
+                out.append((lead, frozenset({m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size})))
+            elif isinstance(m, nn.RNNCellBase):
+                out.append((None, frozenset({m.hidden_size})))
+        return out
+
+    return ctx.cached("recurrent_states", build)
+
+
+def _is_recurrent_state(shape: tuple[int, ...], states: list[tuple[int | None, frozenset[int]]]) -> bool:
+    """Is a tensor of ``shape`` shaped like the state of one of the model's recurrent layers?"""
+    for lead, last in states:
+        if not shape or shape[-1] not in last:
+            continue
+        if lead is None and len(shape) == 2:  # an RNN cell's (batch, hidden)
+            return True
+        if lead is not None and len(shape) in (2, 3) and shape[0] == lead:
+            return True
+    return False
+
+
 @rule(
     "input-not-normalized",
     ["input-not-normalized"],
@@ -121,14 +155,28 @@ def _first_leaf(ctx: RuleContext) -> nn.Module | None:
     needs=["tensors", "non_finite"],  # non_finite is None when the batch was not scanned this step
 )
 def input_not_normalized(ctx: RuleContext) -> list[Finding]:
-    """Floating-point inputs (per-example feature tensors) far from unit scale."""
+    """Floating-point data inputs (per-example feature tensors) far from unit scale.
+
+    Only data is judged. A model with recurrent layers is often called as
+    ``model(x, hidden)`` with its own state from the previous batch fed back
+    (``hidden = tuple(h.detach() for h in hidden)``): that state is computed by
+    the model (an LSTM's cell state grows well beyond unit scale, as it
+    should) and nothing the user could normalize. An input tensor after the
+    first one that has the shape of a recurrent layer's state is that state;
+    the first input tensor (the data the model is called on) is always judged.
+    """
     first = _first_leaf(ctx)
     if first is not None and is_norm_layer(first):  # the model normalizes its own input
         return []
+    tensors = ctx.data.tensors
+    data_path = next((p for p in tensors if p.startswith("inputs")), None)
+    states = _recurrent_states(ctx)
     found = []
-    for path, info in ctx.data.tensors.items():
+    for path, info in tensors.items():
         if not path.startswith("inputs") or "std" not in info or len(info.get("shape", ())) < 2:
             continue  # targets, integer tensors (token ids), per-example scalars (timesteps, lengths)
+        if states and path != data_path and _is_recurrent_state(tuple(info["shape"]), states):
+            continue  # the model's own recurrent state fed back in: not data
         lo, hi, std, mean = info.get("min"), info.get("max"), info.get("std"), info.get("mean")
         if lo is None or hi is None or std is None or not all(map(math.isfinite, (lo, hi, std))):
             continue
@@ -773,7 +821,7 @@ def eval_mode_training(ctx: RuleContext) -> list[Finding]:
     if not eval_names and not model_eval:
         return []
     mods = ctx.modules()
-    deliberate = set(getattr(ctx.session, "_bn_eval", {}) or {})
+    deliberate = set(ctx.session.bn_eval)  # layers the user froze with their batch-norm statistics
     affected = []
     for name in eval_names:
         if name == "<model>" or name in deliberate:
