@@ -249,6 +249,31 @@ def test_one_loss_backpropagated_twice_is_two_passes() -> None:
     np.testing.assert_allclose(w.history.loss[-1], loss.item(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("when", ["before backward", "after backward"])
+def test_record_loss_names_the_loss_of_its_pass(when: str) -> None:
+    """An explicit loss (before or right after backward) replaces the criterion terms of its pass."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    x, y = classification(n=128)
+    losses = []
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for xb, yb in loader(x, y):
+            opt.zero_grad()
+            o1, o2 = model(xb)
+            loss = (crit(o1, yb) + crit(o2, yb)) / 2 + 0.01 * sum(p.pow(2).sum() for p in model.parameters())
+            if when == "before backward":
+                w.record_loss(loss)
+            loss.backward()
+            if when == "after backward":
+                w.record_loss(loss)
+            opt.step()
+            losses.append(loss.item())
+    np.testing.assert_allclose(w.history.loss, losses, rtol=1e-6)
+    assert loop_errors(w) == [] and w.diagnostic_errors == []
+
+
 # ------------------------------------------------------------------ (d) an exception ends the block
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_exception_after_the_first_backward_is_not_a_missing_step(exc: type[BaseException]) -> None:

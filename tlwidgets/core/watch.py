@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlwidgets.core.batches import describe
+from tlwidgets.core.batches import describe, tensors_in
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.controls import ControlsMixin, optimizer_param_ids
 from tlwidgets.core.events import Event
@@ -231,7 +231,7 @@ class LoopFacts:
     val_losses: list[float] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Term:
     """A criterion output (or a loss given to ``record_loss``) that trains the watched model."""
 
@@ -241,7 +241,7 @@ class _Term:
     explicit: bool  # given to record_loss(): it replaces the criterion terms of its pass
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Pass:
     """One backward pass as the hooks see it (between two boundaries: a forward, a step, ...)."""
 
@@ -352,6 +352,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._tokens = itertools.count()
         self._terms: collections.OrderedDict[int, _Term] = collections.OrderedDict()
         self._pass: _Pass | None = None
+        self._outputs: collections.deque[weakref.ref[torch.Tensor]] = collections.deque(maxlen=8)
         # Gradient windows (reset to reset) and the step in progress.
         self._last_fp: dict[int, tuple[int, int]] = {}  # hooked param -> (id, version) of the grad we left
         self._win_passes = 0  # passes since the last reset
@@ -614,6 +615,9 @@ class Watcher(FindingsMixin, ControlsMixin):
     def _on_model_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        # The outputs, weakly: a criterion called on one of them is the model's loss without a
+        # walk of its graph (the common case; anything else is checked by reaches_any).
+        self._outputs.extend(weakref.ref(t) for _, t in tensors_in(output)[:4])
         acts = self.tracker.finish_activations(self.global_step) if self.tracker.probe.active else {}
         if not self.tracker.measuring(self.global_step):
             self._pending_forward = None
@@ -670,6 +674,11 @@ class Watcher(FindingsMixin, ControlsMixin):
         except Exception as exc:
             self._internal_error("record_loss", exc)
 
+    def _from_model_output(self, args: Any) -> bool:
+        """The criterion's first input is an output of a recent forward of the watched model."""
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        return first is not None and first.requires_grad and any(r() is first for r in self._outputs)
+
     def _note_term(self, output: torch.Tensor, args: Any, *, explicit: bool) -> None:
         """Remember a loss term of the watched model until its backward pass (hooked on the tensor)."""
         step = self.global_step
@@ -678,7 +687,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             reached = reached_params(output, self.named_params)
             if not reached and not explicit:
                 return  # its graph does not reach the model (a probe on detached features)
-        elif not explicit and not reaches_any(output, self._param_ids):
+        elif not explicit and not self._from_model_output(args) and not reaches_any(output, self._param_ids):
             return
         token = next(self._tokens)
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -898,7 +907,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self.loop.steps += 1
         self.loop.backwards_without_step = 0
         if self._step_values:
-            self._loss_value = float(np.mean(self._step_values))
+            self._loss_value = sum(self._step_values) / len(self._step_values)
         elif self._instep_values:
             self._loss_value = self._instep_values[0]  # what optimizer.step(closure) returns
         else:
