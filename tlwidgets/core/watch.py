@@ -575,10 +575,12 @@ class Watcher(FindingsMixin, ControlsMixin):
             return float(terms[0][0].value), terms[0][0], reached
         # Several terms: weigh each by the gradient that reached it (d objective / d term),
         # relative to the largest, so a factor common to all of them is left out.
-        values = to_host([t.value.detach().float().reshape(()) for t, _ in terms])
-        weights = np.array(
-            [float(g.reshape(-1)[0]) if g is not None and g.numel() == 1 else 1.0 for _, g in terms]
+        one = torch.ones((), device=terms[0][0].value.device)
+        host = to_host(  # values and weights in one transfer
+            [t.value.float().reshape(()) for t, _ in terms]
+            + [g.float().reshape(()) if g is not None and g.numel() == 1 else one for _, g in terms]
         )
+        values, weights = host[: len(terms)], host[len(terms) :]
         big = int(np.argmax(np.abs(np.where(np.isfinite(weights), weights, 0.0))))
         if not (math.isfinite(weights[big]) and weights[big] != 0.0 and np.isfinite(weights).all()):
             weights, big = np.ones(len(terms)), 0
