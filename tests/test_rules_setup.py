@@ -245,7 +245,7 @@ def test_rewind_forgets_step_ordered_state() -> None:
     st = r.diagnoser.state(r)
     assert st.last_step == 30 and st.rules  # trend rules hold counters and windows now
     r.rewind(start)
-    assert st.last_step == 0 and "labels" not in st.shared and "lr-rate" not in st.rules
+    assert st.last_step == 0 and st.derived.labels.counts.size == 0 and "lr-rate" not in st.rules
     r.run(steps=30)
     assert find(r, "lr-too-low") and r.diagnostic_errors == []
 

@@ -28,6 +28,7 @@ from test_rules_support import classification, loader
 from torch import nn
 
 import tlwidgets as tlw
+import tlwidgets.core.recording as recording_module
 import tlwidgets.core.watch as watch_module
 from tlwidgets import Stage
 from tlwidgets.core.batches import describe
@@ -68,8 +69,9 @@ INJECTIONS = {
     "forward pre-hook": lambda w: (w.tracker, "note_trainable"),
     "forward hook (activations)": lambda w: (w.tracker, "finish_activations"),
     "clip-measurement grad hook": lambda w: (w.tracker.stats.sampler, "_sample"),
-    "loss facts (batch description)": lambda w: (watch_module, "describe"),
+    "loss facts (batch description)": lambda w: (recording_module, "describe"),
     "loss graph walk": lambda w: (watch_module, "reached_params"),
+    "loss facts (output probabilities)": lambda w: (recording_module, "_probability_facts"),
     "pre-step (grad norms)": lambda w: (w.tracker, "measure_grads"),
     "pre-step (snapshot)": lambda w: (w.tracker.stats, "before_step"),
     "post-step (history row)": lambda w: (w.tracker, "record_step"),
@@ -107,12 +109,13 @@ def test_a_failing_statistic_degrades_only_its_own_part(monkeypatch: pytest.Monk
     crit = nn.CrossEntropyLoss()
     batches = _batches()
     with tlw.watch(model, opt, loss_fn=crit) as w:
-        monkeypatch.setattr(watch_module, "describe", _boom)
+        monkeypatch.setattr(recording_module, "describe", _boom)
         _train(model, opt, crit, batches, clip=False)
     # The batch could not be described; the steps, the losses and the gradient statistics go on.
     assert w.global_step == len(batches) and len(w.history) == len(batches)
     assert np.isfinite(w.history.loss).all() and np.isfinite(w.history.grad_norm).all()
     assert Stage.BACKWARD in w.records and Stage.STEP in w.records
+    assert "injected" in w.records[Stage.FETCH].data.tracking_error  # said on the record it spoiled
 
 
 def test_record_loss_bookkeeping_failure_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -71,6 +71,7 @@ class Recorder:
     def __init__(self, session: Any) -> None:
         self.session = session
         self.tracker = session.tracker
+        self._mode_modules: list[tuple[str, nn.Module]] | None = None
 
     # ------------------------------------------------------------------ schedule
     def occasional(self, step: int, exact: bool = False) -> bool:
@@ -159,6 +160,18 @@ class Recorder:
             evidence={"non_finite": sum(counts.values()), "tensors": bad, "masks": sorted(masks & set(bad))},
         )
 
+    def scan_batch_after_non_finite_loss(
+        self, fetch: StageRecord, inputs: Any, targets: Any
+    ) -> Finding | None:
+        """The loss is NaN/Inf: scan the batch if this step did not, and report NaN/Inf in it
+        (a mask's ``-inf`` included: the model did not consume it correctly)."""
+        if fetch.data.non_finite is None:
+            with self.guarded(fetch, "the batch"):
+                fetch.data.update(describe(inputs, targets, exact=True))
+        if any(f.code == "non-finite-input" for f in fetch.findings):
+            return None  # reported when the batch was fetched
+        return self.non_finite_input(fetch, inputs, targets, stage=Stage.LOSS, loss_finite=False)
+
     # ------------------------------------------------------------------ ZERO_GRAD
     def grads_present(self) -> int:
         """Tracked parameters holding a gradient now."""
@@ -203,6 +216,16 @@ class Recorder:
             )
 
     # ------------------------------------------------------------------ FORWARD
+    def eval_modules(self, model: nn.Module) -> list[str]:
+        """Batch-norm and dropout modules (and ``<model>``) in eval mode now."""
+        if self._mode_modules is None:  # the modules whose mode matters, found once
+            self._mode_modules = [
+                (n, m)
+                for n, m in model.named_modules()
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)) or n == ""
+            ]
+        return [n or "<model>" for n, m in self._mode_modules if not m.training]
+
     def forward(
         self,
         rec: StageRecord,
@@ -241,7 +264,7 @@ class Recorder:
     def loss(
         self,
         rec: StageRecord,
-        loss: torch.Tensor,
+        loss: torch.Tensor | float,
         output: Any,
         targets: Any,
         *,
@@ -249,15 +272,20 @@ class Recorder:
         measured: bool,
         exact: bool = False,
         terms: int | None = None,
+        reached: list[str] | None = None,
     ) -> float:
         """LOSS facts; returns the value (read every step: the history's loss).
 
-        ``output`` and ``targets`` are what the loss function compared (the
-        first floating tensor of ``output`` is used for class-output facts).
+        ``loss`` is the loss tensor (its graph tells which parameters it
+        reaches, when that is due), or, from a hook that saw the backward
+        pass, its value with ``reached`` measured when the loss was computed
+        (None: not measured this step). ``output`` and ``targets`` are what the
+        loss function compared (the first floating tensor of ``output`` is
+        used for class-output facts).
         """
-        value = float(loss.detach())
-        finite = math.isfinite(value)
-        rec.data.update(loss=value, finite=finite, terms=terms)
+        tensor = loss if isinstance(loss, torch.Tensor) else None
+        value = float(tensor.detach()) if tensor is not None else float(loss)
+        rec.data.update(loss=value, finite=math.isfinite(value), terms=terms)
         if not measured:
             rec.data.measured = False
             return value
@@ -265,7 +293,7 @@ class Recorder:
             out = first_tensor(output)
             target = targets if isinstance(targets, torch.Tensor) else None
             rec.data.update(
-                requires_grad=loss.requires_grad,
+                requires_grad=tensor.requires_grad if tensor is not None else True,
                 loss_fn=loss_fn_name(loss_fn),
                 reduction=getattr(loss_fn, "reduction", None),
                 output_shape=tuple(out.shape) if out is not None else None,
@@ -278,12 +306,13 @@ class Recorder:
                 rec.data.expected_initial_loss = math.log(out.shape[1])
                 if occasional:
                     rec.data.update(_probability_facts(out))
-            if occasional:
-                named = self.session.named_params
-                reached = reached_params(loss, named)
+            if tensor is not None and occasional:
+                reached = reached_params(tensor, self.session.named_params)
+            if reached is not None:
                 got = set(reached)
                 rec.data.update(
-                    reached=reached, unreached=[n for n, p in named if p.requires_grad and n not in got]
+                    reached=list(reached),
+                    unreached=[n for n, p in self.session.named_params if p.requires_grad and n not in got],
                 )
         return value
 
@@ -323,7 +352,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ BACKWARD
     def backward(self, rec: StageRecord, *, exact: bool | None, loss: float, when: str) -> None:
-        """BACKWARD facts from the gradients now (``when``: where the finding says they were seen)."""
+        """BACKWARD facts from the gradients now (``when`` ends the finding's message: where or what then)."""
         with self.guarded(rec, "the gradients"):
             grad, grad_exact = self.tracker.measure_grads(exact)
             params = self.tracker.params
@@ -343,7 +372,7 @@ class Recorder:
                 rec.findings.append(
                     make_finding(
                         "non-finite-grad",
-                        f"{len(bad_names)} parameter(s) got NaN/Inf gradients {when}",
+                        f"{len(bad_names)} parameter(s) got NaN/Inf gradients{when}",
                         step=rec.step,
                         stage=Stage.BACKWARD,
                         params=bad_names,
@@ -353,6 +382,53 @@ class Recorder:
                         },
                     )
                 )
+
+    def clip_ratio(self, rec: StageRecord, before: dict[int, torch.Tensor]) -> float | None:
+        """Gradient norm now over the norm right after backward (``before``: parameter index ->
+        norm of its sampled gradient then), over the parameters that still hold a gradient.
+
+        Below 1 when the loop clips (or scales) the gradients between backward and step.
+        """
+        got: float | None = None
+        with self.guarded(rec, "the clip ratio"):
+            params = self.tracker.params
+            idx = [i for i, t in before.items() if t is not None and params[i].grad is not None]
+            if not idx:
+                return None
+            sampler = self.tracker.stats.sampler
+            pre = to_host([before[i] for i in idx])
+            grad = rec.data.grad_norm
+            if grad is not None and not rec.data.grad_exact:
+                post = grad[idx] / sampler.scale[idx]  # the sampled norms, unscaled
+            else:
+                views = sampler.grad_views()
+                post = to_host([torch.linalg.vector_norm(views[i].detach().float()) for i in idx])
+            total_pre, total_post = float(np.sqrt(np.sum(pre**2))), float(np.sqrt(np.nansum(post**2)))
+            got = total_post / total_pre if total_pre > 0 else None
+            rec.data.clip_ratio = got
+        return got
+
+    def loop_event(self, loop: Any) -> StageRecord:
+        """A BACKWARD record carrying a snapshot of the watcher's loop bookkeeping, for the loop rules."""
+        rec = self.new(Stage.BACKWARD)
+        # A snapshot (not dataclasses.asdict: a deep copy every backward pass).
+        rec.data.loop = {
+            **vars(loop),
+            "clip_ratio": list(loop.clip_ratio),
+            "val_losses": list(loop.val_losses),
+        }
+        rec.data.loop_event = True
+        return rec
+
+    def commit(self, rec: StageRecord) -> None:
+        """A hooked session's record is complete: keep it, publish its findings, run its rules,
+        announce it."""
+        s = self.session
+        s.records[rec.stage] = rec
+        if rec.findings:
+            s._publish(rec.findings)
+        s._publish(s._diagnose("on_stage", rec))
+        s.events.emit(Event.STAGE, rec)
 
     def backward_unmeasured(self, rec: StageRecord) -> None:
         """An unmeasured step: no grad norms for its history row."""
@@ -404,6 +480,8 @@ def _dtype(t: torch.Tensor) -> str:
 def _probability_facts(out: torch.Tensor) -> dict[str, Any]:
     """Does a 2-D output look like probabilities or log-probabilities rather than logits?"""
     x = out.detach().float()
+    if x.numel() == 0:  # an empty batch has no rows to read
+        return {}
     lo, hi, sum_dev, lse_dev = to_host(
         [x.min(), x.max(), (x.sum(1) - 1).abs().mean(), torch.logsumexp(x, 1).abs().mean()]
     ).tolist()

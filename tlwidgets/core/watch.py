@@ -47,17 +47,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlwidgets.core.batches import describe, tensors_in
-from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.batches import tensors_in
 from tlwidgets.core.controls import ControlsMixin, optimizer_param_ids
-from tlwidgets.core.events import Event
-from tlwidgets.core.findings import Finding
-from tlwidgets.core.graph import locate_non_finite, reached_params, reaches_any
+from tlwidgets.core.graph import reached_params, reaches_any
 from tlwidgets.core.plugins import Diagnoser
-from tlwidgets.core.records import StageRecord, StepSummary
+from tlwidgets.core.records import StageRecord
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
-from tlwidgets.core.stats import to_host, total_norm, update_ratio
+from tlwidgets.core.stats import to_host
 
 __all__ = ["LoopFacts", "Watcher", "watch"]
 
@@ -624,18 +621,15 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not self.tracker.measuring(self.global_step):
             self._pending_forward = None
             return
-        rec = StageRecord(stage=Stage.FORWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=False)
-        rec.data.update(
+        rec = self.recorder.new(Stage.FORWARD)
+        self.recorder.forward(
+            rec,
+            output,
             training=module.training,
-            grad_enabled=True,
-            eval_modules=[
-                n or "<model>"
-                for n, m in module.named_modules()
-                if not m.training
-                and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-            ]
-            + ([] if module.training else ["<model>"]),
+            eval_modules=self.recorder.eval_modules(module),
             activations=acts,
+            summarize_output=bool(acts),  # on the activation schedule, as the Runner does
+            exact=False,
         )
         # Only a forward whose loss is backpropagated is training (validation
         # under eval() without no_grad() is not): committed in _finish_pass.
@@ -685,7 +679,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         """Remember a loss term of the watched model until its backward pass (hooked on the tensor)."""
         step = self.global_step
         reached = None
-        if step < 3 or step % 50 == 0:
+        if self.recorder.occasional(step):
             reached = reached_params(output, self.named_params)
             if not reached and not explicit:
                 return  # its graph does not reach the model (a probe on detached features)
@@ -710,79 +704,40 @@ class Watcher(FindingsMixin, ControlsMixin):
         step = self.global_step
         if math.isfinite(value) and not self.tracker.measuring(step):
             return
-        rec = StageRecord(stage=Stage.LOSS, step=step, epoch=self.epoch, batch=0, exact=False)
+        rec = self.recorder.new(Stage.LOSS)
         args = main.args
         out = args[0] if len(args) > 0 and isinstance(args[0], torch.Tensor) else None
         target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-        rec.data.update(
-            loss=value,
-            finite=math.isfinite(value),
-            requires_grad=True,
-            loss_fn=type(self.loss_fn).__name__ if self.loss_fn is not None else None,
-            reduction=getattr(self.loss_fn, "reduction", None),
-            output_shape=tuple(out.shape) if out is not None else None,
-            target_shape=tuple(target.shape) if target is not None else None,
-            target_dtype=str(target.dtype).replace("torch.", "") if target is not None else None,
-            batch_size=int(out.shape[0]) if out is not None and out.dim() else None,
-            terms=terms,
+        # reached: measured when the term was computed (the graph is not kept until now)
+        self.recorder.loss(
+            rec, value, out, target, loss_fn=self.loss_fn, measured=True, terms=terms, reached=reached
         )
-        from tlwidgets.core.runner import _probability_facts
-
-        if out is not None and out.dim() == 2 and out.shape[1] > 1 and out.is_floating_point():
-            rec.data["expected_initial_loss"] = math.log(out.shape[1])
-            if (step < 3 or step % 50 == 0) and out.shape[0] > 0:  # an empty batch has no rows to read
-                rec.data.update(_probability_facts(out))
-        if reached is not None:  # measured when the term was computed (the graph is not kept)
-            rec.data["reached"] = reached
-            trainable = [n for n, p in self.named_params if p.requires_grad]
-            rec.data["unreached"] = [n for n in trainable if n not in set(rec.data["reached"])]
         inputs = (
             self._last_inputs[0] if self._last_inputs and len(self._last_inputs) == 1 else self._last_inputs
         )
-        fetch = StageRecord(stage=Stage.FETCH, step=step, epoch=self.epoch, batch=0, exact=False)
-        detail = self.tracker.details_due(step)
-        fetch.data.update(describe(inputs, target, exact=False, stats=detail or not math.isfinite(value)))
-        self.records[Stage.FETCH] = fetch
-        self.records[Stage.LOSS] = rec
-        if forward is not None:
-            self.records[Stage.FORWARD] = forward
-        findings = []
-        if fetch.data["non_finite"]:
-            findings.append(
-                make_finding(
-                    "non-finite-input",
-                    f"the batch holds {fetch.data['non_finite']} NaN/Inf values",
-                    step=step,
-                    stage=Stage.FETCH,
-                    evidence={"non_finite": fetch.data["non_finite"]},
+        finite = math.isfinite(value)
+        fetch = self.recorder.new(Stage.FETCH)
+        self.recorder.fetch(
+            fetch, inputs, target, exact=False, stats=self.tracker.details_due(step) or not finite
+        )
+        if not finite:
+            found = self.recorder.scan_batch_after_non_finite_loss(fetch, inputs, target)
+            if found is not None:
+                rec.findings.append(found)
+            args_in = self._last_inputs
+            rec.findings.append(
+                self.recorder.non_finite_loss(
+                    rec,
+                    value,
+                    origin=forward.data.non_finite_origin if forward is not None else None,
+                    model=self.model if args_in is not None else None,
+                    rerun=(lambda: self.model(*args_in)) if args_in is not None else None,
+                    rng=self._fwd_rng,
                 )
             )
-        if not math.isfinite(value):
-            findings.append(self._non_finite_loss_finding(value))
-        self._publish(findings)
         for r in (fetch, forward, rec):
             if r is not None:
-                self._publish(self._diagnose("on_stage", r))
-                self.events.emit(Event.STAGE, r)
-
-    def _non_finite_loss_finding(self, value: float) -> Finding:
-        origin = None
-        if self._last_inputs is not None:
-            args = self._last_inputs
-            where = locate_non_finite(self.model, lambda: self.model(*args), self._fwd_rng)
-            origin = where.get("module")
-            if origin is None and where.get("inputs_non_finite"):
-                origin = "the model's input"
-            if origin is None and not where.get("output_non_finite") and "error" not in where:
-                origin = "the loss function"
-        return make_finding(
-            "non-finite-loss",
-            f"the loss is {value}" + (f"; it first appears in {origin}" if origin else ""),
-            step=self.global_step,
-            stage=Stage.LOSS,
-            params=(origin,) if origin else (),
-            evidence={"loss": value, "origin": origin},
-        )
+                self.recorder.commit(r)
 
     # ------------------------------------------------------------------ optimizer steps
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -809,60 +764,17 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     def _record_backward(self) -> None:
         """The BACKWARD record at ``optimizer.step()``: the gradients the step is about to apply."""
-        try:
-            grad, exact = self.tracker.measure_grads()
-            names = self.param_names
-            trainable = np.array([p.requires_grad for p in self.tracker.params], dtype=bool)
-            has = np.array([p.grad is not None for p in self.tracker.params], dtype=bool)
-            rec = StageRecord(
-                stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=exact
-            )
-            rec.data.update(
-                grad_norm=grad,
-                grad_exact=exact,
-                total_grad_norm=total_norm(grad[has]),
-                missing_grad=[n for n, t, h in zip(names, trainable, has) if t and not h],
-                non_finite_grad=[n for n, h, g in zip(names, has, grad) if h and not np.isfinite(g)],
-            )
-            if self._measure_clip:
-                params = self.tracker.params
-                # Parameters whose gradient was measured after backward and still exists now
-                # (a zero_grad() between backward and step leaves None).
-                idx = [
-                    i for i, t in enumerate(self._clip_pre) if t is not None and params[i].grad is not None
-                ]
-                if idx:
-                    pre = to_host([self._clip_pre[i] for i in idx])
-                    post = grad[idx] / self.tracker.stats.sampler.scale[idx] if not exact else None
-                    if post is None:
-                        views = self.tracker.stats.sampler.grad_views()
-                        post = to_host([torch.linalg.vector_norm(views[i].detach().float()) for i in idx])
-                    total_pre, total_post = float(np.sqrt(np.sum(pre**2))), float(np.sqrt(np.nansum(post**2)))
-                    if total_pre > 0 and math.isfinite(total_pre):
-                        self.loop.clip_ratio.append(total_post / total_pre)
-                        del self.loop.clip_ratio[:-50]
-                    rec.data["clip_ratio"] = total_post / total_pre if total_pre > 0 else None
-                self._clip_pre = [None] * len(self._clip_pre)
-                self._stop_clip_measure()
-            self.records[Stage.BACKWARD] = rec
-            if rec.data["non_finite_grad"]:
-                self._publish(
-                    [
-                        make_finding(
-                            "non-finite-grad",
-                            f"{len(rec.data['non_finite_grad'])} parameter(s) have NaN/Inf gradients "
-                            "at optimizer.step()",
-                            step=self.global_step,
-                            stage=Stage.BACKWARD,
-                            params=tuple(rec.data["non_finite_grad"]),
-                            evidence={"loss": self._loss_value},
-                        )
-                    ]
-                )
-            self._publish(self._diagnose("on_stage", rec))
-            self.events.emit(Event.STAGE, rec)
-        except Exception as exc:  # never break the user's training loop
-            self._internal_error("gradient statistics at optimizer.step()", exc)
+        rec = self.recorder.new(Stage.BACKWARD)
+        self.recorder.backward(rec, exact=None, loss=self._loss_value, when=" at optimizer.step()")
+        if self._measure_clip:
+            before = {i: t for i, t in enumerate(self._clip_pre) if t is not None}
+            ratio = self.recorder.clip_ratio(rec, before)
+            if ratio is not None and math.isfinite(ratio) and ratio > 0:
+                self.loop.clip_ratio.append(ratio)
+                del self.loop.clip_ratio[:-50]
+            self._clip_pre = [None] * len(self._clip_pre)
+            self._stop_clip_measure()
+        self.recorder.commit(rec)
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._finish_pass()  # the last pass of a closure
@@ -883,21 +795,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not measured:
             self._emit_step(numbers["lr"])
             return
-        update, weight = numbers["update_norm"], numbers["weight_norm"]
-        frozen = [not p.requires_grad for p in self.tracker.params]
-        rec = StageRecord(stage=Stage.STEP, step=self.global_step - 1, epoch=self.epoch, batch=0, exact=False)
-        rec.data.update(
-            update_norm=update,
-            weight_norm=weight,
-            update_ratio=update_ratio(update, weight),
-            lr=numbers["lr"],
-            update_exact=False,
-            changed=[n for n, u in zip(self.param_names, update) if u > 0],
-            frozen_changed=[n for n, u, f in zip(self.param_names, update, frozen) if f and u > 0],
-        )
-        self.records[Stage.STEP] = rec
-        self._publish(self._diagnose("on_stage", rec))
-        self.events.emit(Event.STAGE, rec)
+        rec = self.recorder.new(Stage.STEP, step=self.global_step - 1)
+        self.recorder.step(rec, numbers, measured=True, update_exact=False)
+        self.recorder.commit(rec)
         self._publish(self._diagnose("on_step"))
         self._emit_step(numbers["lr"])
 
@@ -925,29 +825,10 @@ class Watcher(FindingsMixin, ControlsMixin):
                 self._last_fp.pop(i, None)
 
     def _emit_step(self, lrs: list[float]) -> None:
-        self.events.emit(
-            Event.STEP,
-            StepSummary(
-                step=self.global_step,
-                epoch=self.epoch,
-                batch=0,
-                loss=self._loss_value,
-                lr=list(lrs),
-                exact=False,
-                duration_s=0.0,
-            ),
-        )
+        self.recorder.announce_step(batch=0, loss=self._loss_value, lrs=lrs, exact=False, duration_s=0.0)
 
     def _diagnose_loop(self) -> None:
-        rec = StageRecord(stage=Stage.BACKWARD, step=self.global_step, epoch=self.epoch, batch=0, exact=False)
-        loop = self.loop  # a snapshot (not dataclasses.asdict: a deep copy every backward pass)
-        rec.data["loop"] = {
-            **vars(loop),
-            "clip_ratio": list(loop.clip_ratio),
-            "val_losses": list(loop.val_losses),
-        }
-        rec.data["loop_event"] = True
-        self._publish(self._diagnose("on_stage", rec))
+        self._publish(self._diagnose("on_stage", self.recorder.loop_event(self.loop)))
 
     # ------------------------------------------------------------------ findings
     def finish(self, *, interrupted: bool = False) -> None:
