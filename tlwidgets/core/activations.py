@@ -117,6 +117,8 @@ class ActivationProbe:
         self._pending: list[tuple[str, list[torch.Tensor], torch.Tensor]] = []
         self._handles: list[Any] = []
         self._closed = False
+        #: Failures of the statistics hooks (kept, never raised into the model's forward).
+        self.errors: list[str] = []
 
     @property
     def active(self) -> bool:
@@ -125,9 +127,15 @@ class ActivationProbe:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            t = first_tensor(output)
-            if t is not None and t.numel():
-                self._pending.append((name, summarize(t), t))
+            # Runs inside the user's forward: a failure here must not become theirs.
+            try:
+                t = first_tensor(output)
+                if t is not None and t.numel() and not t.is_sparse:
+                    self._pending.append((name, summarize(t), t))
+            except Exception as exc:
+                where = name or "<model>"
+                self.errors.append(f"activation statistics of {where}: {type(exc).__name__}: {exc}")
+                del self.errors[:-20]
 
         return hook
 

@@ -127,9 +127,9 @@ class FetchFacts(StageFacts):
     batch_size
         Leading dimension of the first tensor.
     tensors
-        Path (``"inputs"``, ``"inputs.mask"``, ``"targets"``) -> shape, dtype,
-        device, bytes and, when measured, min, max, mean, std, non_finite,
-        posinf, neginf.
+        Path (``"inputs"``, ``"inputs[1]"``, ``"inputs.mask"``, ``"targets"``)
+        -> shape, dtype, device, bytes (what is stored), ``layout`` for sparse
+        tensors, and, when measured, min, max, mean, std, non_finite.
     label_counts
         Class index -> count for integer class targets.
     non_finite

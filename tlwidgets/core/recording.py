@@ -238,6 +238,14 @@ class Recorder:
         exact: bool,
     ) -> None:
         """FORWARD facts: mode, output shape (and statistics when ``summarize_output``), activations."""
+        probe_errors = self.tracker.probe.errors
+        if probe_errors:  # the activation hooks failed inside the forward (kept there, not raised)
+            rec.data.tracking_error = "; ".join(probe_errors[-3:])
+            errors = getattr(self.session, "diagnostic_errors", None)
+            if isinstance(errors, list):
+                errors.extend(f"tracking {e}" for e in probe_errors)
+                del errors[:-50]
+            probe_errors.clear()
         rec.data.update(
             training=training,
             grad_enabled=torch.is_grad_enabled(),
