@@ -27,6 +27,7 @@ class FindingsMixin:
         """Tracking, history, events and rules: the parts a Runner and a watcher set up alike."""
         from tlwidgets.core.events import EventBus
         from tlwidgets.core.plugins import default_diagnoser
+        from tlwidgets.core.recording import Recorder
         from tlwidgets.core.tracker import Tracker
 
         self.tracker = Tracker(model, optimizer, **tracking)
@@ -35,6 +36,8 @@ class FindingsMixin:
         self.history = self.tracker.history
         self.events = EventBus()
         self.diagnoser = diagnoser if diagnoser is not None else default_diagnoser()
+        #: Builds every stage record's facts (the one recording path; core/recording.py).
+        self.recorder = Recorder(self)
         #: Latest record of each stage (a Runner: of the current or last completed step).
         self.records: dict[Any, Any] = {}
         self._init_findings()
