@@ -22,6 +22,7 @@ from torch import nn
 from tlwidgets.core.controls import is_norm_layer
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
+from tlwidgets.core.stats import to_host
 from tlwidgets.diagnostics.rules.base import (
     RuleContext,
     is_embedding_param,
@@ -53,8 +54,17 @@ INPUT_STD_MAX = 10.0
 INPUT_ABSMAX = 100.0
 #: Inputs whose largest magnitude is below this are scaled down too far (e.g. divided by 255 twice).
 INPUT_ABSMAX_MIN = 1e-2
-#: Consecutive steps a trainable parameter must lack a gradient before it is called disconnected.
-DISCONNECTED_STEPS = 2
+#: disconnected-param: a trainable optimizer parameter unreached (or without gradient) on every
+#: check of a window. While the model's code path has not varied (each check reached the same
+#: parameters) the window is DISCONNECTED_CHECKS checks (the first steps are checked every step);
+#: once it varies (per-batch routing, stochastic depth), a parameter never reached needs
+#: DISCONNECTED_CHECKS_VARYING, and one of interchangeable sibling modules (experts, blocks) some of
+#: which are reached in some steps is a branch the model has not taken yet, not disconnected. A
+#: parameter reached before needs a gap DISCONNECTED_GAP_FACTOR times its mean interval between
+#: reaching checks (a branch still taken at its rate leaves such a gap with p ~ e^-16).
+DISCONNECTED_CHECKS = 10
+DISCONNECTED_CHECKS_VARYING = 20
+DISCONNECTED_GAP_FACTOR = 16
 #: Consecutive steps with a zero update (and a gradient) before param-not-updating (LR of 0 / LR > 0).
 NOT_UPDATING_STEPS_LR0 = 2
 NOT_UPDATING_STEPS = 5
@@ -432,7 +442,11 @@ def bn_small_batch(ctx: RuleContext) -> list[Finding]:
     needs=["unreached"],
 )
 def disconnected_by_graph(ctx: RuleContext) -> list[Finding]:
-    """Trainable optimizer parameters the loss's graph does not reach, two measured steps in a row."""
+    """Trainable optimizer parameters the loss's graph does not reach on every check of a window.
+
+    The reached parameters are measured on the first steps and then now and then
+    (:mod:`tlwidgets.core.recording`); see :func:`_disconnected` for the window.
+    """
     groups = ctx.group_index()
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
     unreached = [n for n in ctx.data.unreached if n in index and groups[index[n]] >= 0]
@@ -447,14 +461,16 @@ def disconnected_by_graph(ctx: RuleContext) -> list[Finding]:
     needs=["missing_grad"],
 )
 def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
-    """Trainable optimizer parameters whose ``.grad`` is still ``None`` after backward, two steps in a row.
+    """Trainable optimizer parameters whose ``.grad`` is still ``None`` after backward on every check of a
+    window (see :func:`_disconnected`).
 
     In an own loop, a parameter the loss *did* reach but that has no gradient
     at ``optimizer.step()`` had its gradient cleared in between (a
     ``zero_grad()`` between ``backward()`` and ``step()``).
     """
-    if not ctx.data.missing_grad and not ctx.state.get("streak") and not ctx.state.get("cleared"):
-        return []  # the common case, every step: every trainable parameter got its gradient
+    why = "their .grad is still None after backward()"
+    if not ctx.data.missing_grad:
+        return _disconnected(ctx, [], why)  # the common case, every step: every gradient is there
     groups = ctx.group_index()
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
     missing = [n for n in ctx.data.missing_grad if n in index and groups[index[n]] >= 0]
@@ -486,36 +502,172 @@ def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
                         "never between backward() and step().",
                     )
                 )
-    found.extend(_disconnected(ctx, missing, "their .grad is still None after backward()"))
+    found.extend(_disconnected(ctx, missing, why))
     return found
 
 
 def _disconnected(ctx: RuleContext, names: list[str], why: str) -> list[Finding]:
+    """``disconnected-param`` for the parameters in ``names`` (not connected at this check) when
+    they have been unconnected on every check of a window.
+
+    A parameter the loss reaches in some steps is connected: a mixture of experts
+    routes a batch to one expert, stochastic depth skips blocks, so one check (or
+    two) without a gradient says nothing. Each check is one observation per step
+    of every trainable optimizer parameter (connected or not); the window a
+    parameter must stay unconnected for grows with what the run has shown:
+
+    * the code path never varied so far: :data:`DISCONNECTED_CHECKS` checks (a
+      ``.detach()`` or a layer forward() never calls is found within the first
+      steps, which are all checked); :data:`DISCONNECTED_CHECKS_VARYING` for a
+      parameter of one of several interchangeable sibling modules (same class
+      and parameter shapes under one parent: experts, blocks, twin heads) of
+      which another is reached (a router that has not switched yet);
+    * it varies, and the parameter was never reached: :data:`DISCONNECTED_CHECKS_VARYING`
+      checks;
+    * it was reached before: :data:`DISCONNECTED_GAP_FACTOR` times its mean
+      interval between reaching checks (a branch still taken at its rate does
+      not leave such a gap), and at least :data:`DISCONNECTED_CHECKS`;
+    * never while one of its interchangeable siblings is reached in some steps
+      and not in others: the model picks among them (a router, stochastic
+      depth), and one it has not picked yet, or lately (a router that settled on
+      other experts), is not cut off by construction.
+    """
     st = ctx.state
-    streak: dict[str, int] = st.setdefault("streak", {})
-    now = set(names)
-    for n in list(streak):
-        if n not in now:
-            del streak[n]
-    for n in names:
-        streak[n] = streak.get(n, 0) + 1
-    hit = [n for n in names if streak[n] >= DISCONNECTED_STEPS]
-    if not hit:
+    step = ctx.step
+    if st.get("last_step") == step:
+        return []  # one observation per step (a stage retried after a failure)
+    st["last_step"] = step
+    if not names and not st.get("any_dry"):
+        # The common case, every measured step: every parameter connected. Counted here and
+        # added to each observed parameter's checks and uses at the next check that needs them.
+        st["clean"] = st.get("clean", 0) + 1
         return []
-    params = ctx.stable_params("disconnected-param", hit)
-    mods = sorted({n.rpartition(".")[0] or n for n in hit})
+    observed = (ctx.group_index() >= 0) & ctx.trainable()
+    n = observed.shape[0]
+    arrays = st.get("arrays")
+    if arrays is None or arrays[0].shape[0] != n:
+        arrays = st["arrays"] = (
+            np.zeros(n, dtype=np.int64),  # checks that observed the parameter
+            np.zeros(n, dtype=np.int64),  # ... that found it connected
+            np.zeros(n, dtype=np.int64),  # current run of unconnected checks
+            np.zeros(n, dtype=np.int64),  # step where that run started
+            np.zeros(n, dtype=bool),  # seen both connected and not: its branch varies
+        )
+    checks, uses, streak, since, varied = arrays
+    clean = st.pop("clean", 0)
+    if clean:
+        checks += clean * observed
+        uses += clean * observed
+    index = ctx.cached("param_index", lambda: {name: i for i, name in enumerate(ctx.session.param_names)})
+    dry = np.zeros(n, dtype=bool)
+    dry[[index[name] for name in names if name in index]] = True
+    dry &= observed
+    checks += observed
+    uses += observed & ~dry
+    since[dry & (streak == 0)] = step
+    streak[:] = np.where(dry, streak + 1, 0)
+    varied |= (uses > 0) & (checks > uses)
+    st["any_dry"] = bool(dry.any())
+    if not st["any_dry"]:
+        return []
+    varying = bool(varied.any())
+    never = uses == 0
+    gap = DISCONNECTED_GAP_FACTOR * checks / np.maximum(uses, 1)  # x the mean interval between uses
+    need = np.where(
+        never,
+        DISCONNECTED_CHECKS_VARYING if varying else DISCONNECTED_CHECKS,
+        np.maximum(DISCONNECTED_CHECKS, gap),
+    )
+    hit = dry & (streak >= need)
+    if hit.any():
+        peers = _interchangeable_peers(ctx)
+        for i in np.flatnonzero(hit):
+            mine = peers[i]
+            if varied[mine].any():
+                hit[i] = False  # an expert / a block: the model picks among them, not this one lately
+            elif never[i] and (uses[mine] > 0).any() and streak[i] < DISCONNECTED_CHECKS_VARYING:
+                hit[i] = False  # one of several alike modules in use (a router that has not switched yet?)
+    if not hit.any():
+        return []
+    param_names = ctx.session.param_names
+    found = [param_names[i] for i in np.flatnonzero(hit)]
+    checks_hit = int(streak[hit].min())
+    steps = int(step - since[hit].max()) + 1
+    params = ctx.stable_params("disconnected-param", found)
+    mods = sorted({name.rpartition(".")[0] or name for name in found})
+    cause = (
+        f"The loss does not depend on {short_list(mods, 3)}: a .detach(), an .item()/.numpy() round trip, "
+        "torch.no_grad(), or a branch that forward() never uses cuts it off, so its .grad stays None."
+    )
+    if varying:
+        which = "these parameters were" if never[hit].all() else "these parameters (some reached before) were"
+        cause += (
+            f" The model's code path varies between steps (routing, skipped blocks), but {which} not "
+            f"reached on any of the last {checks_hit} checks, far longer than a branch taken now and then."
+        )
     return [
         ctx.finding(
             "disconnected-param",
-            f"{len(hit)} trainable parameter(s) in the optimizer get no gradient ({why}): {short_list(hit)}",
+            f"{len(found)} trainable parameter(s) in the optimizer get no gradient ({why}) on every one of "
+            f"the last {checks_hit} checks ({steps} steps): {short_list(found)}",
             params=params,
-            evidence={"params": hit, "modules": mods, "steps": max(streak[n] for n in hit)},
-            cause=f"The loss does not depend on {short_list(mods, 3)}: a .detach(), an .item()/.numpy() "
-            "round "
-            "trip, torch.no_grad(), or a branch that forward() never uses cuts it off, so its .grad stays "
-            "None.",
+            evidence={
+                "params": found,
+                "modules": mods,
+                "checks": checks_hit,
+                "steps": steps,
+                "varying_code_path": varying,
+            },
+            cause=cause,
         )
     ]
+
+
+def _interchangeable_peers(ctx: RuleContext) -> list[np.ndarray]:
+    """Per parameter (history column): the columns of the parameters of its interchangeable siblings.
+
+    Siblings are modules with one parent, one class and the same parameter
+    names and shapes (the experts of a ``ModuleList``, the blocks of a stack),
+    at any level above the parameter.
+    """
+
+    def build() -> list[np.ndarray]:
+        mods = ctx.modules()
+        names = list(ctx.session.param_names)
+        under: dict[str, list[int]] = {}  # module name -> columns of the parameters below it
+        for i, name in enumerate(names):
+            parts = name.split(".")
+            for depth in range(1, len(parts)):
+                under.setdefault(".".join(parts[:depth]), []).append(i)
+        signatures: dict[str, tuple[Any, ...]] = {}
+
+        def signature(name: str, module: nn.Module) -> tuple[Any, ...]:
+            got = signatures.get(name)
+            if got is None:
+                shapes = tuple((k, tuple(p.shape)) for k, p in module.named_parameters())
+                got = signatures[name] = (type(module), shapes)
+            return got
+
+        out = []
+        for name in names:
+            parts = name.split(".")[:-1]
+            cols: set[int] = set()
+            for depth in range(1, len(parts) + 1):
+                own, parent_name = ".".join(parts[:depth]), ".".join(parts[: depth - 1])
+                module, parent = mods.get(own), mods.get(parent_name)
+                if module is None or parent is None:
+                    continue
+                sig = signature(own, module)
+                if not sig[1]:
+                    continue
+                for child_name, child in parent.named_children():
+                    full = f"{parent_name}.{child_name}" if parent_name else child_name
+                    if full != own and signature(full, child) == sig:
+                        cols.update(under.get(full, ()))
+            out.append(np.array(sorted(cols), dtype=np.int64))
+        return out
+
+    return ctx.cached("interchangeable_peers", build)
 
 
 # ================================================================================ BACKWARD
@@ -708,7 +860,16 @@ def frozen_param_changed(ctx: RuleContext) -> list[Finding]:
     needs=["update_norm"],
 )
 def param_not_updating(ctx: RuleContext) -> list[Finding]:
-    """A trainable optimizer parameter with a non-zero gradient but a zero update, step after step."""
+    """A trainable optimizer parameter with a non-zero gradient but a zero update, step after step.
+
+    Update norms are usually measured on a sample of each tensor. A sampled zero
+    is not "did not change" when the gradient is sparse: under Adadelta, Adagrad
+    or RMSprop (and Adam, for elements that never had a gradient) an element
+    without gradient does not move, so a sample that sits on dead units or on
+    inputs that are always 0 reads 0 while the rest of the layer trains. A run
+    of sampled zeros is reported only when the whole tensor is unchanged over
+    it (:func:`_confirm_unchanged`); a group whose LR is 0 needs no confirmation.
+    """
     s = ctx.session
     st = ctx.state
     update = ctx.data.update_norm
@@ -724,24 +885,20 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     stuck = (update == 0) & (grad > 0)
     if not stuck.any():
         st.pop("streak", None)
+        st.pop("prints", None)
         st["streak_any"] = False
         return []
     groups = ctx.group_index()
     if groups.shape != stuck.shape:
         return []
     stuck &= np.isfinite(grad) & (groups >= 0) & ctx.trainable()
-    streak = st.get("streak")
-    if streak is None or streak.shape != stuck.shape:
-        streak = np.zeros(stuck.shape, dtype=np.int64)
-    streak = np.where(stuck, streak + 1, 0)
-    st["streak"] = streak
-    st["streak_any"] = bool(stuck.any())
-    if not st["streak_any"]:
-        return []
+    lrs = [float(g["lr"]) for g in s.optimizer.param_groups]
+    used = ctx.data.lr  # the LRs this step used (a per-step scheduler has moved the groups' since)
+    if used is not None and len(used) == len(lrs):
+        lrs = [float(v) for v in used]
+    lr = np.array([lrs[g] if 0 <= g < len(lrs) else np.nan for g in groups])
     update = np.asarray(update, dtype=np.float64)
     grad = np.asarray(grad, dtype=np.float64)
-    lrs = [float(g["lr"]) for g in s.optimizer.param_groups]
-    lr = np.array([lrs[g] if 0 <= g < len(lrs) else np.nan for g in groups])
     embed = ctx.cached(
         "embedding_cols",
         lambda: np.array([is_embedding_param(m) for _, m in ctx.param_module().values()], dtype=bool),
@@ -753,8 +910,26 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
     weight = np.asarray(np.full(update.shape, np.nan) if weight is None else weight, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         visible = (lr * grad > VISIBLE_UPDATE * weight) | (weight == 0)
+    stuck &= ~embed & ((lr == 0) | visible)
     need = np.where(lr == 0, NOT_UPDATING_STEPS_LR0, NOT_UPDATING_STEPS)
-    hit = (streak >= need) & ~embed & ((lr == 0) | visible)
+    streak = st.get("streak")
+    if streak is None or streak.shape != stuck.shape:
+        streak = np.zeros(stuck.shape, dtype=np.int64)
+    streak = np.where(stuck, streak + 1, 0)
+    # A sampled update norm of 0 says only that the sampled elements did not move: where the
+    # gradient is sparse (dead units or channels, inputs that are always 0) the rest of the
+    # tensor moves while the sample sits still. Before a run of sampled zeros is reported, the
+    # whole tensor must be what it was when the run started. An exact update norm, or an LR of
+    # 0, needs no confirmation.
+    if ctx.data.update_exact:
+        st.pop("prints", None)
+    else:
+        streak = _confirm_unchanged(ctx, stuck & (lr != 0), streak, need)
+    st["streak"] = streak
+    st["streak_any"] = bool(stuck.any())
+    if not st["streak_any"]:
+        return []
+    hit = streak >= need
     if not hit.any():
         return []
     names = [n for n, h in zip(s.param_names, hit) if h]
@@ -787,6 +962,44 @@ def param_not_updating(ctx: RuleContext) -> list[Finding]:
             fix=fix,
         )
     ]
+
+
+def _confirm_unchanged(
+    ctx: RuleContext, check: np.ndarray, streak: np.ndarray, need: np.ndarray
+) -> np.ndarray:
+    """``streak`` with the runs of sampled zeros of ``check`` (history column mask) confirmed on
+    the whole tensors.
+
+    A fingerprint of the whole tensor (float64 sum and norm: any optimizer
+    update changes them) is taken when a run starts, and again when the run
+    is long enough to be reported: a tensor that moved meanwhile starts a new
+    run of 1 from there. So a parameter whose gradient is sparse costs two
+    passes over it per run, and only parameters whose sampled update was
+    exactly 0 with a gradient (a rare path) are looked at.
+    """
+    old: dict[int, tuple[float, float]] = ctx.state.get("prints", {})
+    cols = [int(i) for i in np.flatnonzero(check)]
+    prints = {i: old[i] for i in cols if i in old}  # a run that ended is forgotten
+    first = [i for i in cols if i not in prints]
+    due = [i for i in cols if i in prints and streak[i] >= need[i]]
+    if first or due:
+        named = ctx.session.named_params
+        parts = []
+        with torch.no_grad():
+            for i in first + due:
+                x = named[i][1].detach()
+                x = x.coalesce().values() if x.is_sparse else x
+                parts += [x.sum(dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64)]
+            values = to_host(parts)
+        now = {i: (float(values[2 * k]), float(values[2 * k + 1])) for k, i in enumerate(first + due)}
+        streak = streak.copy()
+        for i in first:
+            prints[i], streak[i] = now[i], 1
+        for i in due:
+            if now[i] != prints[i]:  # it moved during the run: the zeros were the sample's
+                prints[i], streak[i] = now[i], 1
+    ctx.state["prints"] = prints
+    return streak
 
 
 def _forward_of_step(ctx: RuleContext) -> Any:
