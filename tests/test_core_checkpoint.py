@@ -19,9 +19,10 @@ from helpers import (
     weights_equal,
 )
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tlwidgets import Checkpoint, Event, Stage
+from tlwidgets.core.training import restore_optimizer, snapshot_optimizer, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,3 +271,108 @@ def test_rewind_then_replay_gives_the_same_activation_history():
     assert first.keys() == again.keys()
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
+
+
+# ---------------------------------------------------------------------- data sources with their own RNG
+def _own_generator_runner(how: str):
+    """Shuffling by a generator of the loader's own (``generator=``), of the sampler, or of both loaders."""
+    model = make_mlp(dropout=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = make_data(40)
+    ds = TensorDataset(x, y)
+    if how == "loader":
+        train = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    else:
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(1))
+        train = DataLoader(ds, batch_size=8, sampler=sampler)
+    vx, vy = make_data(20, seed=3)
+    val = DataLoader(
+        TensorDataset(vx, vy), batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(2)
+    )
+    return make_runner(model, train, optimizer=opt, val_data=val)
+
+
+@pytest.mark.parametrize("how", ["loader", "sampler"])
+@pytest.mark.parametrize("start,k", [(0, 3), (2, 2), (3, 9), (5, 6)])
+def test_rewind_is_bit_for_bit_when_the_loader_shuffles_with_its_own_generator(how, start, k):
+    torch.manual_seed(0)
+    runner = _own_generator_runner(how)
+    losses = _record(runner)
+    runner.run(steps=start)
+    ck = runner.checkpoint()
+    runner.run(steps=k)
+    first, first_state = losses[start:], _state(runner)
+    first_epochs = [(e.epoch, e.step, e.train_loss, e.val_loss) for e in runner.history.epochs]
+    runner.rewind(ck)
+    runner.run(steps=k)
+    assert losses[start + k :] == first
+    _assert_same_state(first_state, _state(runner))
+    assert [(e.epoch, e.step, e.train_loss, e.val_loss) for e in runner.history.epochs] == first_epochs
+
+
+def test_checkpoint_and_rewind_refuse_a_one_shot_data_source():
+    runner = make_runner(make_mlp(), iter(make_batches(4)))
+    runner.run(steps=1)
+    with pytest.raises(ValueError, match="one-shot"):
+        runner.checkpoint()
+    with pytest.raises(ValueError, match="one-shot"):
+        runner.rewind()
+    assert runner.run(steps=1).stopped_by == "steps"  # the refusal changed nothing
+
+
+# ---------------------------------------------------------------------- findings of an abandoned timeline
+def test_findings_of_the_abandoned_timeline_are_dropped_by_rewind():
+    runner = make_runner(make_mlp(), make_batches(8), lr=1e6)
+    ck = runner.checkpoint()
+    result = runner.run()
+    assert result.stopped_by in ("finding", "error") and runner.findings[0].code == "non-finite-loss"
+    runner.rewind(ck)
+    assert not [f for f in runner.findings if f.severity == "error"], runner.findings
+    runner.set_lr(0.05)
+    assert runner.run().stopped_by == "epochs"
+    codes = [f.code for f in runner.findings]
+    assert "non-finite-loss" not in codes
+    assert not [f for f in runner.findings if f.severity == "error"], runner.findings
+
+
+def test_findings_seen_before_the_checkpoint_stay_as_they_were():
+    model = make_mlp()  # layer 0 trainable but not in the optimizer: a setup finding from the start
+    runner = make_runner(model, make_batches(8), optimizer=torch.optim.SGD(model[2].parameters(), lr=1e6))
+    runner.run(steps=1)
+    before = {f.key: (f.first_step, f.message, f.severity) for f in runner.findings}
+    assert ("param-not-in-optimizer", ("0.weight", "0.bias")) in before
+    ck = runner.checkpoint()
+    runner.run()  # the loss goes NaN: errors and trend findings of a timeline that rewind abandons
+    assert len(runner.findings) > len(before)
+    runner.rewind(ck)
+    assert {f.key: (f.first_step, f.message, f.severity) for f in runner.findings} == before
+
+
+# ---------------------------------------------------------------------- one optimizer snapshot
+def test_optimizer_snapshot_restores_state_groups_and_identities():
+    model = make_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), weight_decay=1e-3)
+    x, y = make_batches(1)[0]
+    for _ in range(2):
+        train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    snap = snapshot_optimizer(opt)
+    groups = list(opt.param_groups)
+    state = copy.deepcopy(opt.state_dict())
+    weights = snapshot(model)
+    train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    opt.param_groups[0]["lr"].fill_(0.5)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    restore_optimizer(opt, snap)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0] is groups[0]  # dict identity kept
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01)
+    now = opt.state_dict()
+    for k, st in state["state"].items():
+        for key, t in st.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(now["state"][k][key])), key
+    # The snapshot is a copy and can be restored again after more steps.
+    model.load_state_dict(weights)
+    train_step(model, nn.CrossEntropyLoss(), opt, x, y)
+    restore_optimizer(opt, snap)
+    for k, st in state["state"].items():
+        for key, t in st.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(opt.state_dict()["state"][k][key])), key

@@ -232,10 +232,11 @@ def test_data_pipeline_error_is_recorded_and_the_epoch_restarts_on_retry():
     assert result.stopped_by == "error" and result.steps == 1
     assert result.record.stage is Stage.FETCH and result.record.error.type == "OSError"
     assert len(errors) == 1 and runner.stage is Stage.FETCH
-    # A generator that raised is finished: the next FETCH reaches the end of it, an epoch end.
+    # The generator that raised is finished; the retry makes the epoch's iterator again, skips the
+    # batch already trained on and fetches the one that failed: the epoch is not cut short.
     rest = runner.run()
-    assert rest.stopped_by == "epochs"
-    assert runner.epoch == 1
+    assert rest.stopped_by == "epochs" and rest.steps == 2
+    assert runner.epoch == 1 and runner.history.epochs[-1].batches == 3 and runner.history.epochs[-1].ok
 
 
 class FailingSGD(torch.optim.SGD):

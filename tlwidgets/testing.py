@@ -32,6 +32,7 @@ from tlwidgets.core.batches import call_model, default_unpack
 from tlwidgets.core.controls import optimizer_param_ids
 from tlwidgets.core.findings import Severity
 from tlwidgets.core.naming import resolve_names
+from tlwidgets.core.training import LossShapeError, train_step
 from tlwidgets.diagnostics.checks import overfit_one_batch, preserved_state
 
 __all__ = [
@@ -71,18 +72,14 @@ def _one_step(
     targets: Any,
     forward: Forward,
     set_to_none: bool | None = True,
-) -> torch.Tensor:
-    if set_to_none is None:
-        optimizer.zero_grad()  # the optimizer's own default, as a plain training loop calls it
-    else:
-        optimizer.zero_grad(set_to_none=set_to_none)
-    loss = loss_fn(forward(model, inputs), targets)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise AssertionError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
-    if loss.requires_grad:
-        loss.backward()
-    optimizer.step()
-    return loss.detach()
+) -> float:
+    """:func:`~tlwidgets.core.training.train_step`, a non-scalar loss reported as a failed assertion."""
+    try:
+        return train_step(
+            model, loss_fn, optimizer, inputs, targets, forward=forward, set_to_none=set_to_none
+        )
+    except LossShapeError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def _listing(items: Sequence[str], limit: int = 20) -> str:

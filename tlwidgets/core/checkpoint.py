@@ -12,7 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Checkpoint", "RngState", "capture_optimizer", "capture_rng", "restore_optimizer", "restore_rng"]
+from tlwidgets.core.findings import Finding
+from tlwidgets.core.training import OptimizerSnapshot, snapshot_optimizer
+
+__all__ = [
+    "Checkpoint",
+    "RngState",
+    "capture_generators",
+    "capture_rng",
+    "data_generators",
+    "restore_generators",
+    "restore_rng",
+]
 
 _ids = itertools.count(1)
 
@@ -46,22 +57,72 @@ def restore_rng(state: RngState) -> None:
     random.setstate(state.python)
 
 
-def capture_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Optimizer state plus its group structure (groups can be added by ``unfreeze``)."""
-    return {
-        "groups": [
-            (list(g["params"]), {k: copy.deepcopy(v) for k, v in g.items() if k != "params"})
-            for g in optimizer.param_groups
-        ],
-        "state": copy.deepcopy(optimizer.state_dict()),
-    }
+#: The kinds of random generator a data source may own besides the global ones.
+_GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    optimizer.param_groups = [
-        {"params": list(params), **copy.deepcopy(rest)} for params, rest in saved["groups"]
-    ]
-    optimizer.load_state_dict(copy.deepcopy(saved["state"]))
+def data_generators(*sources: Any) -> list[Any]:
+    """The random generators the data sources shuffle or augment with, besides the global RNGs.
+
+    A ``DataLoader(..., generator=g)`` shuffles with ``g`` (the usual way to make
+    a run reproducible), a ``RandomSampler(generator=g)`` too, and a dataset
+    may keep a numpy or Python generator for its augmentation: each is found
+    among the attributes of the source, its sampler, batch sampler (and that
+    one's sampler) and dataset. Torch, numpy (``Generator``, ``RandomState``)
+    and Python ``random.Random`` generators are found; each once.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+    for src in sources:
+        if src is None:
+            continue
+        batch_sampler = getattr(src, "batch_sampler", None)
+        holders = [
+            src,
+            getattr(src, "sampler", None),
+            batch_sampler,
+            getattr(batch_sampler, "sampler", None),
+            getattr(src, "dataset", None),
+        ]
+        for obj in holders:
+            if obj is None:
+                continue
+            own = getattr(obj, "__dict__", {})
+            values = [obj] if isinstance(obj, _GENERATOR_TYPES) else list(own.values())
+            for v in values:
+                if isinstance(v, _GENERATOR_TYPES) and id(v) not in seen:
+                    seen.add(id(v))
+                    found.append(v)
+    return found
+
+
+def capture_generators(generators: list[Any]) -> list[tuple[Any, Any]]:
+    """``(generator, state)`` of each generator (see :func:`data_generators`)."""
+    out = []
+    for g in generators:
+        if isinstance(g, torch.Generator):
+            state = g.get_state()
+        elif isinstance(g, np.random.Generator):
+            state = copy.deepcopy(g.bit_generator.state)
+        elif isinstance(g, np.random.RandomState):
+            state = g.get_state()
+        else:
+            state = g.getstate()
+        out.append((g, state))
+    return out
+
+
+def restore_generators(saved: list[tuple[Any, Any]] | None) -> None:
+    """Put back the states :func:`capture_generators` took."""
+    for g, state in saved or ():
+        if isinstance(g, torch.Generator):
+            g.set_state(state)
+        elif isinstance(g, np.random.Generator):
+            g.bit_generator.state = copy.deepcopy(state)
+        elif isinstance(g, np.random.RandomState):
+            g.set_state(state)
+        else:
+            g.setstate(state)
 
 
 @dataclasses.dataclass
@@ -69,8 +130,9 @@ class Checkpoint:
     """A handle returned by :meth:`Runner.checkpoint`; pass it to :meth:`Runner.rewind`.
 
     Holds copies (not aliases) of the weights, buffers, optimizer and scheduler
-    state, the RNG states, ``requires_grad`` flags, module modes and the data
-    position. It keeps working after the runner forgets it.
+    state, the RNG states (global, and the data sources' own generators),
+    ``requires_grad`` flags, module modes, the data position and the findings
+    as they stood. It keeps working after the runner forgets it.
     """
 
     id: int
@@ -81,13 +143,18 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     requires_grad: list[bool]
     training: list[bool]
-    optimizer: dict[str, Any]
+    optimizer: OptimizerSnapshot
     scheduler: dict[str, Any] | None
     scheduler_extra: dict[str, Any]
     rng: RngState
     epoch_rng: RngState | None
     iter_started: bool
     runner_state: dict[str, Any]
+    #: States of the data sources' own generators now, and when the epoch's iterator was made.
+    data_rng: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    epoch_data_rng: list[tuple[Any, Any]] | None = None
+    #: Copies of the findings as they were (a rewind drops those of the abandoned timeline).
+    findings: list[Finding] = dataclasses.field(default_factory=list)
 
     @classmethod
     def capture(cls, runner: Any, label: str = "") -> Checkpoint:
@@ -102,13 +169,16 @@ class Checkpoint:
             model_state={k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()},
             requires_grad=[p.requires_grad for _, p in runner.named_params],
             training=[m.training for m in model.modules()],
-            optimizer=capture_optimizer(runner.optimizer),
-            scheduler=copy.deepcopy(sched.state_dict()) if sched is not None else None,
+            optimizer=snapshot_optimizer(runner.optimizer),
+            scheduler=_scheduler_state(sched),
             scheduler_extra=_scheduler_lists(sched),
             rng=capture_rng(),
             epoch_rng=runner._epoch_rng,
             iter_started=runner._iter is not None,
             runner_state=runner._state_for_checkpoint(),
+            data_rng=capture_generators(data_generators(runner.train_data, runner.val_data)),
+            epoch_data_rng=runner._epoch_data_rng,
+            findings=runner._log.snapshot(),
         )
 
     def __repr__(self) -> str:
@@ -129,10 +199,22 @@ def _scheduler_lists(sched: Any) -> dict[str, Any]:
     return out
 
 
+def _scheduler_state(sched: Any) -> dict[str, Any] | None:
+    """A copy of the scheduler's state (of its attributes, for one of one's own without ``state_dict``)."""
+    if sched is None:
+        return None
+    if hasattr(sched, "state_dict") and hasattr(sched, "load_state_dict"):
+        return copy.deepcopy(sched.state_dict())
+    return {"__attributes__": {k: copy.deepcopy(v) for k, v in vars(sched).items() if k != "optimizer"}}
+
+
 def restore_scheduler(sched: Any, state: dict[str, Any] | None, extra: dict[str, Any]) -> None:
     from tlwidgets.core.controls import iter_schedulers
 
     if sched is None or state is None:
+        return
+    if "__attributes__" in state:
+        vars(sched).update(copy.deepcopy(state["__attributes__"]))
         return
     sched.load_state_dict(copy.deepcopy(state))
     for i, s in enumerate(iter_schedulers(sched)):

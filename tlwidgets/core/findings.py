@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tlwidgets.core.stages import Stage
@@ -213,6 +213,26 @@ class FindingLog:
         for key in [k for k in self._order if k[0] == code and (params is None or k[1] == tuple(params))]:
             self._order.remove(key)
             del self._by_key[key]
+
+    def get(self, key: tuple[str, tuple[str, ...]]) -> Finding | None:
+        """The stored entry for ``key`` (code, params), or ``None``."""
+        return self._by_key.get(key)
+
+    def restore(self, entries: Iterable[Finding], keep: Callable[[Finding], bool] | None = None) -> None:
+        """Go back to ``entries`` (a :meth:`snapshot`), copied, in their order.
+
+        Entries that ``keep`` accepts and that ``entries`` lacks stay, after
+        them (a rewind keeps findings that belong to no point of the run).
+        """
+        kept = [f for f in self if keep is not None and keep(f)]
+        self.clear()
+        for f in entries:
+            self._by_key[f.key] = dataclasses.replace(f)
+            self._order.append(f.key)
+        for f in kept:
+            if f.key not in self._by_key:
+                self._by_key[f.key] = f
+                self._order.append(f.key)
 
     def clear(self) -> None:
         self._by_key.clear()

@@ -40,6 +40,7 @@ from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import capture_rng, restore_rng
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
+from tlwidgets.core.training import compute_loss, evaluate, restore_optimizer, snapshot_optimizer, train_step
 from tlwidgets.diagnostics.checks_data import (
     as_batches,
     check_channel_order,
@@ -108,7 +109,7 @@ class StateSnapshot:
         self._grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]
         self._requires_grad = [(p, p.requires_grad) for p in params]
         self._modes = [(m, m.training) for m in model.modules()]
-        self._opt = _capture_optimizer(optimizer) if optimizer is not None else None
+        self._opt = snapshot_optimizer(optimizer) if optimizer is not None else None
         self._rng = capture_rng() if rng else None
 
     def restore(self) -> None:
@@ -131,7 +132,7 @@ class StateSnapshot:
         for m, mode in self._modes:
             m.training = mode
         if self._opt is not None and self.optimizer is not None:
-            _restore_optimizer(self.optimizer, self._opt)
+            restore_optimizer(self.optimizer, self._opt)
         if self._rng is not None:
             restore_rng(self._rng)
 
@@ -152,37 +153,6 @@ def preserved_state(
         yield snap
     finally:
         snap.restore()
-
-
-def _clone(v: Any) -> Any:
-    return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-
-
-def _capture_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return {
-        "groups": [
-            (list(g["params"]), {k: _clone(v) for k, v in g.items() if k != "params"})
-            for g in optimizer.param_groups
-        ],
-        "state": {p: {k: _clone(v) for k, v in s.items()} for p, s in optimizer.state.items()},
-    }
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    # In place, so the group dicts keep their identity (sliders and schedulers may hold them).
-    groups = saved["groups"]
-    if len(optimizer.param_groups) != len(groups):
-        optimizer.param_groups[:] = [
-            {"params": list(ps), **{k: _clone(v) for k, v in rest.items()}} for ps, rest in groups
-        ]
-    else:
-        for g, (params, rest) in zip(optimizer.param_groups, groups):
-            g.clear()
-            g["params"] = list(params)
-            g.update({k: _clone(v) for k, v in rest.items()})
-    optimizer.state.clear()
-    for p, s in saved["state"].items():
-        optimizer.state[p] = {k: _clone(v) for k, v in s.items()}
 
 
 # ====================================================================== parts
@@ -327,24 +297,13 @@ class _Stream:
 
 
 def _loss(parts: Parts, inputs: Any, targets: Any) -> torch.Tensor:
-    out = parts.forward(parts.model, inputs)
-    loss = parts.loss_fn(out, targets)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
-    return loss
+    return compute_loss(parts.model, parts.loss_fn, inputs, targets, parts.forward)
 
 
 def _train_step(parts: Parts, inputs: Any, targets: Any) -> float:
-    """zero_grad, forward, loss, backward, step; the step is skipped when the loss is not finite."""
-    opt = parts.optimizer
-    opt.zero_grad(set_to_none=True)
-    loss = _loss(parts, inputs, targets)
-    value = float(loss.detach())
-    if math.isfinite(value) and loss.requires_grad:
-        loss.backward()
-        opt.step()
-    return value
+    """One step of :func:`~tlwidgets.core.training.train_step`; skipped when the loss is not finite."""
+    model, opt = parts.model, parts.optimizer
+    return train_step(model, parts.loss_fn, opt, inputs, targets, forward=parts.forward, skip_non_finite=True)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, groups: Iterable[int], lr: float) -> None:
@@ -357,22 +316,8 @@ def _set_lr(optimizer: torch.optim.Optimizer, groups: Iterable[int], lr: float) 
 
 
 def _evaluate(parts: Parts, batches: Sequence[tuple[Any, Any]]) -> float:
-    """Mean loss over ``batches`` under ``model.eval()`` and ``no_grad`` (modes restored)."""
-    modes = [(m, m.training) for m in parts.model.modules()]
-    total, count = 0.0, 0
-    parts.model.eval()
-    try:
-        with torch.no_grad():
-            for inputs, targets in batches:
-                out = parts.forward(parts.model, inputs)
-                o = first_tensor(out)
-                n = int(o.shape[0]) if o is not None and o.dim() > 0 else 1
-                total += float(parts.loss_fn(out, targets)) * n
-                count += n
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return total / count if count else math.nan
+    """Mean loss per example over ``(inputs, targets)`` batches (:func:`tlwidgets.core.training.evaluate`)."""
+    return evaluate(parts.model, parts.loss_fn, batches, forward=parts.forward)["loss"]
 
 
 # ====================================================================== LR range test
