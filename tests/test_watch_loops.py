@@ -11,6 +11,8 @@ real bugs (no ``step()``, no ``zero_grad()``) are still found (see also
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -427,3 +429,59 @@ def test_freezing_the_hooked_parameters_keeps_the_loop_tracked() -> None:
             losses.append(loss.item())
     assert w.loop.backwards == w.loop.steps == 16
     np.testing.assert_allclose(w.history.loss, losses, rtol=1e-6)
+
+
+class _StepCountingSGD(torch.optim.SGD):
+    """An optimizer subclass whose step() calls super().step(), as custom optimizers do."""
+
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+def test_a_subclass_step_calling_super_counts_once() -> None:
+    # Another SGD made first: torch then wraps both SGD.step and the subclass's step with the
+    # step hooks, so the watcher's hooks fire for the outer and the inner call.
+    other = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    other.step()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = _StepCountingSGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(8)]
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for x, y in batches:
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+    assert w.global_step == 8 and len(w.history) == 8
+    assert w.loop.steps == 8
+    assert not [f for f in w.findings if f.severity in ("error", "warning")]
+
+
+class _FlakySGD(torch.optim.SGD):
+    """Raises once, before touching the weights (a user's loop catches it and goes on)."""
+
+    failed = False
+
+    def step(self, closure=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("flaky step")
+        return super().step(closure)
+
+
+def test_a_step_that_raised_once_does_not_stop_the_counting() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = _FlakySGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(8)]
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for x, y in batches:
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            with contextlib.suppress(RuntimeError):
+                opt.step()
+    assert w.global_step == 7 and len(w.history) == 7

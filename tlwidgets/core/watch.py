@@ -357,6 +357,10 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._passes_since_step = 0
         self._contaminated = False  # a pass since the last step added to gradients a step had applied
         self._in_step = False
+        #: Nesting of optimizer.step() calls under way: a subclass whose step() calls
+        #: super().step() fires the step hooks at both levels (torch wraps each class's step).
+        self._step_depth = 0
+        self._step_closure = False
         self._window_values: list[float] = []  # losses of the passes since the last reset or step
         self._step_values: list[float] = []  # ... as they were when the step began
         self._instep_values: list[float] = []  # losses of the passes inside optimizer.step(closure)
@@ -593,6 +597,10 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not torch.is_grad_enabled():
             return
         self._finish_pass()  # a new forward: the previous backward is over
+        if self._step_depth and not self._step_closure:
+            # The step under way raised (no post-step hook ran): it is over, and it applied nothing.
+            self._step_depth = 0
+            self._in_step = False
         if self.tracker.probe.active:  # left by a forward that raised: do not measure two at once
             self.tracker.probe.stop()
         params = self.tracker.params
@@ -741,6 +749,11 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     # ------------------------------------------------------------------ optimizer steps
     def _on_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._step_depth += 1
+        if self._step_depth > 1:
+            return  # the inner call of a nested step(): one optimizer step
+        # torch passes the step's own args (self first): step(closure) or step(closure=...)
+        self._step_closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
         try:
             self._finish_pass()
             self._in_step = True
@@ -777,6 +790,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         self.recorder.commit(rec)
 
     def _on_post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth:
+            return  # the inner call of a nested step() ended; the outer one is the step
         self._finish_pass()  # the last pass of a closure
         self._end_step()
         measured = self.tracker.measuring(self.global_step)
