@@ -717,6 +717,18 @@ def test_checkpoint_and_rewind_buttons(dash, runner):
     assert [c.kind for c in runner.history.controls] == ["checkpoint", "rewind"]
 
 
+def test_checkpoint_of_a_one_shot_data_source_says_why_in_the_controls():
+    runner = make_runner(data=(b for b in make_data()))  # a generator cannot be replayed
+    dash = tlw.Dashboard(runner)
+    try:
+        dash.controls.checkpoint_button.click()
+        assert len(runner.checkpoints) == 0
+        assert "one-shot" in dash.controls.message.value
+    finally:
+        dash.close()
+        runner.close()
+
+
 def test_checkpoint_button_disabled_mid_step(dash, runner):
     dash.step_stage()
     assert dash.controls.checkpoint_button.disabled

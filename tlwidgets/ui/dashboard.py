@@ -395,7 +395,11 @@ class Dashboard(widgets.VBox):
                 f"next stage is {self.session.stage.value}: press Step"
             )
             return None
-        ck = self.session.checkpoint(label="")
+        try:
+            ck = self.session.checkpoint(label="")
+        except ValueError as exc:  # a data source that cannot be replayed (a one-shot generator)
+            self.controls.say(str(exc))
+            return None
         self.controls.say(f"checkpoint #{ck.id} at step {ck.step}")
         self.refresh()
         return ck
@@ -410,7 +414,11 @@ class Dashboard(widgets.VBox):
         if handle is None:
             self.controls.say("no checkpoint to rewind to: press Checkpoint first")
             return None
-        ck = self.session.rewind(handle)
+        try:
+            ck = self.session.rewind(handle)
+        except ValueError as exc:
+            self.controls.say(str(exc))
+            return None
         self.controls.say(f"rewound to checkpoint #{ck.id} (step {ck.step})")
         self.refresh()
         return ck
