@@ -376,3 +376,14 @@ def test_optimizer_snapshot_restores_state_groups_and_identities():
     for k, st in state["state"].items():
         for key, t in st.items():
             assert torch.equal(torch.as_tensor(t), torch.as_tensor(opt.state_dict()["state"][k][key])), key
+
+
+def test_rewind_restores_the_freeze_bn_stats_option():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    runner = make_runner(model)
+    ck = runner.checkpoint()
+    runner.set_bn_eval(True)  # no names: every batch-norm layer, and the option later freezes follow
+    assert runner.freeze_bn_stats is True
+    runner.rewind(ck)
+    assert runner.freeze_bn_stats is False and runner.bn_eval == ()

@@ -303,11 +303,6 @@ class Runner(FindingsMixin, ControlsMixin):
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
         self._bn_eval: dict[str, nn.Module] = {}
-        self._mode_modules = [
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)) or n == ""
-        ]
         self._in_stage = False
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
         self._pause = threading.Event()
@@ -563,13 +558,7 @@ class Runner(FindingsMixin, ControlsMixin):
         return rec
 
     def _stage_fetch(self, rec: StageRecord, exact: bool) -> None:
-        if not self._have_batch:
-            if self._iter is None:
-                self._start_epoch_iter()
-            self._raw_batch = next(self._iter)  # StopIteration handled by _maybe_end_epoch's peek
-            self._have_batch = True
-            self.batch_index += 1
-            rec.batch = self.batch_index
+        # The batch was fetched by _maybe_end_epoch's peek (in _do_stage), which also ends epochs.
         inputs, targets = self.unpack(self._raw_batch)
         self._inputs, self._targets = inputs, targets
         if not self._measured:  # described when the loss is NaN/Inf (the likeliest origin)
@@ -1129,11 +1118,13 @@ class Runner(FindingsMixin, ControlsMixin):
         return {
             "epoch_loss": (self._epoch_loss_sum, self._epoch_loss_n),
             "bn_eval": dict(self._bn_eval),
+            "freeze_bn_stats": self.freeze_bn_stats,
         }
 
     def _restore_runner_state(self, state: dict[str, Any]) -> None:
         self._epoch_loss_sum, self._epoch_loss_n = state["epoch_loss"]
         self._bn_eval = dict(state["bn_eval"])
+        self.freeze_bn_stats = state.get("freeze_bn_stats", self.freeze_bn_stats)
 
     # ------------------------------------------------------------------ findings
     @property
