@@ -3,6 +3,10 @@
 With the CI environment variable set, a skipped browser test fails the run: CI must never pass while
 silently skipping the browser tests. ``tests/test_ci_guard.py`` runs a copy of this file on a small
 project to check that.
+
+Rules run strict in the tests (``TLW_STRICT_RULES=1``, set before tlwidgets is imported): a rule
+that raises fails the test instead of being kept quietly in ``session.diagnostic_errors``. A test
+that checks the quiet path turns it off with ``monkeypatch.setattr(engine, "_STRICT", False)``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("TLW_STRICT_RULES", "1")
 
 # The browser tests' folder, next to this file. A copy of this file guards the ``e2e`` folder next
 # to the copy (tests/test_ci_guard.py relies on that).
