@@ -324,6 +324,30 @@ class Recorder:
                 )
         return value
 
+    def non_finite_loss_findings(
+        self,
+        rec: StageRecord,
+        value: float,
+        *,
+        fetch: StageRecord | None,
+        inputs: Any,
+        targets: Any,
+        forward: StageRecord | None,
+        model: nn.Module | None,
+        rerun: Callable[[], Any] | None,
+        rng: torch.Tensor | None,
+    ) -> list[Finding]:
+        """The loss is NaN/Inf: what in the batch is non-finite (the likeliest origin), and where
+        in the model the NaN/Inf first appears (see :meth:`non_finite_loss`)."""
+        found = []
+        if fetch is not None:
+            got = self.scan_batch_after_non_finite_loss(fetch, inputs, targets)
+            if got is not None:
+                found.append(got)
+        origin = forward.data.non_finite_origin if forward is not None else None
+        found.append(self.non_finite_loss(rec, value, origin=origin, model=model, rerun=rerun, rng=rng))
+        return found
+
     def non_finite_loss(
         self,
         rec: StageRecord,

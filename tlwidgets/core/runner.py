@@ -627,18 +627,15 @@ class Runner(FindingsMixin, ControlsMixin):
             self._non_finite_loss(rec, value)
 
     def _non_finite_loss(self, rec: StageRecord, value: float) -> None:
-        fetch = self.records.get(Stage.FETCH)
-        if fetch is not None:  # a NaN/Inf (or a mask's -inf) in the batch is the likeliest origin
-            found = self.recorder.scan_batch_after_non_finite_loss(fetch, self._inputs, self._targets)
-            if found is not None:
-                rec.findings.append(found)
-        fwd = self.records.get(Stage.FORWARD)
         inputs = self._inputs
-        rec.findings.append(
-            self.recorder.non_finite_loss(
+        rec.findings.extend(
+            self.recorder.non_finite_loss_findings(
                 rec,
                 value,
-                origin=fwd.data.non_finite_origin if fwd is not None else None,
+                fetch=self.records.get(Stage.FETCH),
+                inputs=inputs,
+                targets=self._targets,
+                forward=self.records.get(Stage.FORWARD),
                 model=self.model,
                 rerun=lambda: self.forward(self.model, inputs),
                 rng=self._fwd_rng,

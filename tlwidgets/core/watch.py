@@ -729,15 +729,15 @@ class Watcher(FindingsMixin, ControlsMixin):
             fetch, inputs, target, exact=False, stats=self.tracker.details_due(step) or not finite
         )
         if not finite:
-            found = self.recorder.scan_batch_after_non_finite_loss(fetch, inputs, target)
-            if found is not None:
-                rec.findings.append(found)
             args_in = self._last_inputs
-            rec.findings.append(
-                self.recorder.non_finite_loss(
+            rec.findings.extend(
+                self.recorder.non_finite_loss_findings(
                     rec,
                     value,
-                    origin=forward.data.non_finite_origin if forward is not None else None,
+                    fetch=fetch,
+                    inputs=inputs,
+                    targets=target,
+                    forward=forward,
                     model=self.model if args_in is not None else None,
                     rerun=(lambda: self.model(*args_in)) if args_in is not None else None,
                     rng=self._fwd_rng,
