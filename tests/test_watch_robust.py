@@ -68,7 +68,7 @@ INJECTIONS = {
     # where the failure is injected: (object to patch, attribute)
     "forward pre-hook": lambda w: (w.tracker, "note_trainable"),
     "forward hook (activations)": lambda w: (w.tracker, "finish_activations"),
-    "clip-measurement grad hook": lambda w: (w.tracker.stats.sampler, "_sample"),
+    "clip-measurement grad hook": lambda w: (w.tracker.stats.sampler, "sample"),
     "loss facts (batch description)": lambda w: (recording_module, "describe"),
     "loss graph walk": lambda w: (watch_module, "reached_params"),
     "loss facts (output probabilities)": lambda w: (recording_module, "_probability_facts"),

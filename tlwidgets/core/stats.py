@@ -130,7 +130,8 @@ class ParamSampler:
         self._slots: list[list[torch.Tensor]] = []
         self._slots_for: list[torch.Tensor] | None = None
 
-    def _sample(self, i: int, t: torch.Tensor) -> torch.Tensor:
+    def sample(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        """The sampled elements of parameter ``i``'s layout in ``t`` (its weight or its gradient)."""
         layout = self.layouts[i]
         if layout is None:
             return t.detach()
@@ -144,7 +145,7 @@ class ParamSampler:
         """Views of the sampled weight elements (live: they see in-place updates)."""
         ptrs = [p.data_ptr() for p in self.params]
         if self._views is None or ptrs != self._ptrs:  # storage replaced (p.data = ...)
-            self._views = [self._sample(i, p) for i, p in enumerate(self.params)]
+            self._views = [self.sample(i, p) for i, p in enumerate(self.params)]
             self._ptrs = ptrs
         return self._views
 
@@ -166,7 +167,7 @@ class ParamSampler:
     def grad_views(self) -> list[torch.Tensor | None]:
         """Views of the sampled gradient elements (None where there is no grad, or a sparse one)."""
         return [
-            None if p.grad is None or p.grad.is_sparse else self._sample(i, p.grad)
+            None if p.grad is None or p.grad.is_sparse else self.sample(i, p.grad)
             for i, p in enumerate(self.params)
         ]
 

@@ -468,7 +468,7 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     def _on_clip_grad(self, i: int, p: torch.Tensor) -> None:
         if self._measure_clip and p.grad is not None and not p.grad.is_sparse:
-            view = self.tracker.stats.sampler._sample(i, p.grad)
+            view = self.tracker.stats.sampler.sample(i, p.grad)
             self._clip_pre[i] = torch.linalg.vector_norm(view.detach().float())
 
     # ------------------------------------------------------------------ backward passes
