@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 @dataclasses.dataclass(eq=False)
 class StageFacts(MutableMapping):
     """Base of the per-stage facts: attributes, plus a mapping view of those that are set.
@@ -56,7 +59,12 @@ class StageFacts(MutableMapping):
 
     # -------------------------------------------------------------- mapping view
     def _names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self))
+        # Per class, once: the facts are read and written on every stage of every step.
+        cls = type(self)
+        got = _FIELD_NAMES.get(cls)
+        if got is None:
+            got = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        return got
 
     def __getitem__(self, key: str) -> Any:
         # A known fact that was not recorded on this step reads as None (as the attribute does);
