@@ -188,6 +188,17 @@ def test_gradients_overflowing_from_a_too_large_init() -> None:
     assert find(r, "exploding-gradients")[0].first_step <= 2
 
 
+def test_a_loss_on_a_huge_scale_under_adam_is_not_exploding() -> None:
+    # Style-transfer style: the terms are weighed by 1e5-1e10, so the gradients are ~1e3-1e5x the
+    # weights from the first step; Adam's steps do not depend on that scale (fast_neural_style, #11).
+    def scaled(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, target) * 1e7
+
+    r = run(mlp(), _cls(), opt=_adam(1e-3), loss_fn=scaled, steps=30)
+    assert np.nanmedian(r.history.grad_norm[:3] / r.history.weight_norm[:3]) > trend.EXPLODE_INIT_RATIO
+    assert find(r, "exploding-gradients") == [] and problems(r) == []
+
+
 def test_vanishing_gradients_in_a_deep_sigmoid_stack() -> None:
     r = run(mlp((20, 32, 32, 32, 32, 32, 32, 32, 4), act=nn.Sigmoid), _cls(), opt=_sgd(0.1), steps=10)
     (f,) = find(r, "vanishing-gradients")
@@ -382,6 +393,47 @@ def test_balanced_binary_labels_are_fine() -> None:
     y = (x[:, :1] > 0).float()
     r = run(mlp((20, 16, 1)), loader(x, y), loss_fn=nn.BCEWithLogitsLoss(), steps=40)
     assert find(r, "class-imbalance") == [] and problems(r) == []
+
+
+class _TokenModel(nn.Module):
+    """Token ids in, logits out: per token (``(seq, batch)`` -> ``(seq*batch, V)``, a language model)
+    or per sequence (``(batch, seq)`` -> ``(batch, C)``, a text classifier)."""
+
+    def __init__(self, vocab: int, out: int, per_token: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, out)
+        self.per_token = per_token
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.emb(tokens)
+        return self.head(e).view(-1, self.head.out_features) if self.per_token else self.head(e.mean(1))
+
+
+def _zipf_tokens(n: int, vocab: int = 50) -> torch.Tensor:
+    p = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=torch.Generator().manual_seed(0))
+
+
+def test_next_token_targets_are_words_not_class_labels() -> None:
+    # A language model's targets follow the word frequencies (Zipf): no class-imbalance (#11).
+    n = 20 * 32
+    text = _zipf_tokens(n * 60 + 1)
+    batches = [
+        (text[i : i + n].view(20, 32), text[i + 1 : i + n + 1]) for i in range(0, n * 60, n)
+    ]  # (seq, batch) ids and the next token of each
+    model = _TokenModel(50, 50, per_token=True)
+    r = run(model, batches, opt=_adam(1e-2), steps=60)
+    assert find(r, "class-imbalance") == [] and problems(r) == []
+
+
+def test_skewed_labels_of_token_sequences_are_still_found() -> None:
+    tokens = _zipf_tokens(1024 * 12).view(1024, 12)
+    y = torch.where(torch.rand(1024, generator=torch.Generator().manual_seed(1)) < 0.95, 0, tokens[:, 0] % 4)
+    r = run(_TokenModel(50, 4, per_token=False), loader(tokens, y), opt=_adam(1e-2), steps=40)
+    (f,) = find(r, "class-imbalance")
+    assert f.evidence["majority"] == 0 and f.evidence["ratio"] > trend.IMBALANCE_RATIO
 
 
 def test_batches_sorted_by_class() -> None:

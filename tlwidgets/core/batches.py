@@ -268,6 +268,24 @@ def _exact_stats(t: torch.Tensor) -> np.ndarray:
         return row.cpu().double().numpy()
 
 
+def _per_token(targets: torch.Tensor, leaves: list[tuple[str, torch.Tensor]]) -> bool:
+    """The targets are one per token of an integer input of 2+ dims (a sequence of token ids):
+    next-token prediction (a language model's ``(seq, batch)`` input and its flattened targets),
+    tagging, a seq2seq decoder's input. Their classes are the words of a language, whose
+    frequencies are skewed by nature (Zipf), not the labels of examples."""
+    n = targets.numel()
+    return any(
+        path.startswith("inputs")
+        and t.layout == torch.strided
+        and t.dim() >= 2
+        and not t.is_floating_point()
+        and not t.is_complex()
+        and t.dtype != torch.bool
+        and t.numel() == n
+        for path, t in leaves
+    )
+
+
 def describe(
     inputs: Any, targets: Any, *, exact: bool = True, stats: bool = True, max_classes: int = 100_000
 ) -> dict[str, Any]:
@@ -290,7 +308,8 @@ def describe(
         ``structure``, ``batch_size``, ``tensors`` (path -> shape, dtype,
         device, bytes, min, max, mean, std, non_finite), ``label_counts``
         (numpy int array, class index -> count) when targets are integer class
-        indices, else None, ``non_finite`` (total), ``input_std``,
+        indices (not one per token of an integer input: see :func:`_per_token`),
+        else None, ``non_finite`` (total), ``input_std``,
         ``input_absmax``, ``exact``.
     """
     leaves = tensors_in(inputs, "inputs") + tensors_in(targets, "targets")
@@ -331,7 +350,7 @@ def describe(
         and targets.dtype != torch.bool
     ):
         lo, hi = info["targets"]["min"], info["targets"]["max"]
-        if lo >= 0 and hi < max_classes:  # False for NaN (statistics that failed)
+        if lo >= 0 and hi < max_classes and not _per_token(targets, leaves):  # NaN: False
             label_counts = torch.bincount(targets.detach().long()).cpu().numpy()
     # The scale of the dense floating inputs (a sparse input, e.g. an adjacency matrix, is structure).
     float_inputs = [

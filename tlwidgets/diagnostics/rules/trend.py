@@ -108,8 +108,11 @@ SCHED_EPOCHS = 2
 SCHED_STEPS = 1000
 #: exploding: total grad norm this many times its starting level ...
 EXPLODE_GROWTH = 100.0
-#: ... or grad/weight norm ratio of the typical weight matrix above this on the first steps.
+#: ... or grad/weight norm ratio of the typical weight matrix above this on the first steps,
+#: while those gradients move the typical weight matrix by more than this fraction of its norm
+#: per step (Adam-like optimizers, or an LR scaled to the loss, absorb a large loss scale).
 EXPLODE_INIT_RATIO = 1e3
+EXPLODE_INIT_UPDATE = 0.1
 #: vanishing: first weight matrix's grad/weight ratio below this fraction of the last ones'.
 VANISH_RATIO = 1e-4
 VANISH_MIN_MATRICES = 4
@@ -577,7 +580,12 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
         wn = tail(h, "weight_norm", 1)[-1, mats]
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
-        st["init_hits"] = st.get("init_hits", 0) + 1 if math.isfinite(rel) and rel > EXPLODE_INIT_RATIO else 0
+        # Huge gradients hurt through the steps they make: a loss on a huge scale by design (style
+        # transfer weighs its terms by 1e5 and 1e10) under Adam moves the weights by ~lr a step.
+        moved = nanmedian(_ratios(tail(h, "update_norm", 1), tail(h, "weight_norm", 1))[-1, mats])
+        huge = math.isfinite(rel) and rel > EXPLODE_INIT_RATIO
+        damaging = math.isfinite(moved) and moved > EXPLODE_INIT_UPDATE
+        st["init_hits"] = st.get("init_hits", 0) + 1 if huge and damaging else 0
         if st["init_hits"] >= 2:
             found.append(
                 ctx.finding(
@@ -586,7 +594,7 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
                     "(median over weight matrices; healthy is below ~1)",
                     params=("<model>",),
                     stage=None,
-                    evidence={"grad_to_weight": rel, "steps": st["init_hits"]},
+                    evidence={"grad_to_weight": rel, "update_ratio": moved, "steps": st["init_hits"]},
                     cause="The gradients are orders of magnitude larger than the weights from "
                     "initialization on: "
                     "activations blow up through a deep stack with too-large initial weights (or the inputs "
