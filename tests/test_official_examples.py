@@ -267,6 +267,111 @@ def test_word_language_model(seed: int, tied: bool) -> None:
     _assert_healthy(w, steps)
 
 
+class PositionalEncoding(nn.Module):
+    def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        pe = torch.zeros(max_len, d_model)
+        position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(0).transpose(0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pe[: x.size(0), :]
+        return self.dropout(x)
+
+
+class TransformerModel(nn.Transformer):
+    """word_language_model/model.py's TransformerModel (an nn.Transformer whose encoder alone is
+    used, with a causal mask built and cached in forward)."""
+
+    def __init__(self, ntoken: int, ninp: int, nhead: int, nhid: int, nlayers: int, dropout: float = 0.5):
+        super().__init__(
+            d_model=ninp, nhead=nhead, dim_feedforward=nhid, num_encoder_layers=nlayers, dropout=dropout
+        )
+        self.model_type = "Transformer"
+        self.src_mask = None
+        self.pos_encoder = PositionalEncoding(ninp, dropout)
+        self.input_emb = nn.Embedding(ntoken, ninp)
+        self.ninp = ninp
+        self.decoder = nn.Linear(ninp, ntoken)
+        initrange = 0.1
+        nn.init.uniform_(self.input_emb.weight, -initrange, initrange)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -initrange, initrange)
+
+    def _generate_square_subsequent_mask(self, sz: int) -> torch.Tensor:
+        return torch.log(torch.tril(torch.ones(sz, sz)))
+
+    def forward(self, src: torch.Tensor, has_mask: bool = True) -> torch.Tensor:
+        if has_mask:
+            device = src.device
+            if self.src_mask is None or self.src_mask.size(0) != len(src):
+                self.src_mask = self._generate_square_subsequent_mask(len(src)).to(device)
+        else:
+            self.src_mask = None
+        src = self.input_emb(src) * math.sqrt(self.ninp)
+        src = self.pos_encoder(src)
+        output = self.encoder(src, mask=self.src_mask)
+        output = self.decoder(output)
+        return F.log_softmax(output, dim=-1)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_word_language_model_transformer(seed: int) -> None:
+    torch.manual_seed(seed)
+    ntokens, bptt, bsz, eval_bsz, clip = 60, 20, 10, 5, 0.25
+    corpus = _corpus(seed, 6000, ntokens)
+    train_data, val_data = _batchify(corpus[:4400], bsz), _batchify(corpus[4400:], eval_bsz)
+    model = TransformerModel(ntokens, 32, 2, 64, 2, dropout=0.2)
+    criterion = nn.NLLLoss()
+    lr = 5.0  # README: python main.py --model Transformer --lr 5
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def get_batch(source: torch.Tensor, i: int):
+        seq_len = min(bptt, len(source) - 1 - i)
+        return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len].view(-1)
+
+    def evaluate(data_source: torch.Tensor) -> float:
+        model.eval()
+        total_loss = 0.0
+        with torch.no_grad():
+            for i in range(0, data_source.size(0) - 1, bptt):
+                data, targets = get_batch(data_source, i)
+                output = model(data)
+                output = output.view(-1, ntokens)
+                total_loss += len(data) * criterion(output, targets).item()
+        return total_loss / (len(data_source) - 1)
+
+    steps = 0
+    best_val_loss = None
+    with tlw.watch(model, optimizer, loss_fn=criterion) as w:
+        for _epoch in range(2):
+            model.train()
+            for i in range(0, train_data.size(0) - 1, bptt):
+                data, targets = get_batch(train_data, i)
+                model.zero_grad()
+                output = model(data)
+                output = output.view(-1, ntokens)
+                loss = criterion(output, targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                steps += 1
+            val_loss = evaluate(val_data)
+            if not best_val_loss or val_loss < best_val_loss:
+                _save(model)
+                best_val_loss = val_loss
+            else:
+                lr /= 4.0
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+    assert steps >= 40
+    _assert_healthy(w, steps)
+
+
 # ============================================================================ dcgan
 class Generator(nn.Module):
     def __init__(self, nz: int, ngf: int, nc: int) -> None:
@@ -691,8 +796,8 @@ def _smooth_images(seed: int, n: int, size: int) -> torch.Tensor:
     return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_super_resolution(seed: int) -> None:
+@pytest.mark.parametrize("seed, lr", [(0, 0.001), (1, 0.01)])  # the README's --lr, main.py's default
+def test_super_resolution(seed: int, lr: float) -> None:
     torch.manual_seed(seed)
     upscale_factor = 3
     hr = _smooth_images(seed, 16 * 12, 24)
@@ -701,7 +806,7 @@ def test_super_resolution(seed: int) -> None:
     g = _gen(seed + 100)
     model = SRNet(upscale_factor=upscale_factor)
     criterion = nn.MSELoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)  # README: --lr 0.001
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = 0
     with tlw.watch(model, optimizer, loss_fn=criterion) as w:
         for _epoch in range(1, 5):
