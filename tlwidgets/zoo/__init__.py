@@ -19,6 +19,7 @@ transfer-learning setups (and the tutorial).
 """
 
 from tlwidgets.zoo import broken as _broken  # noqa: F401  (registers the broken setups)
+from tlwidgets.zoo import data_bugs as _data_bugs  # noqa: F401  (more forms of the data bugs)
 from tlwidgets.zoo import digits
 from tlwidgets.zoo import healthy as _healthy  # noqa: F401  (registers the healthy setups)
 from tlwidgets.zoo import loops as _loops  # noqa: F401  (registers the own-loop setups)
