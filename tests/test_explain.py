@@ -471,9 +471,9 @@ def test_unknown_value_error_keeps_type_and_text():
 def test_batchnorm_on_a_batch_of_one():
     exc = raised(lambda: nn.BatchNorm1d(4).train()(torch.randn(1, 4)))
     f = explain_exception(exc, Stage.FORWARD)
-    check(f, Code.STAGE_ERROR, Stage.FORWARD, exc)
+    check(f, Code.BN_SMALL_BATCH, Stage.FORWARD, exc)  # the specific code, at error severity
     assert "drop_last=True" in f.fix
-    assert f.evidence["related"] == "bn-small-batch"
+    assert f.evidence["input_shape"] == [1, 4]
 
 
 def test_backward_on_loss_without_graph():

@@ -113,6 +113,11 @@ class Finding:
         Global step when it was first seen.
     count
         How many times it has been reported (a finding is updated, not repeated).
+    likely_causes
+        Codes of the other findings present that can cause this one, most root first (e.g.
+        ``("loss-sum-reduction",)`` on a ``non-finite-grad``). Filled by the ranking
+        (:func:`tlwidgets.diagnostics.ranking.rank_findings`) each time ``findings`` is read, so
+        it reflects the findings present then; it takes no part in equality nor in :attr:`key`.
     """
 
     code: str
@@ -126,6 +131,7 @@ class Finding:
     evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
     first_step: int | None = None
     count: int = 1
+    likely_causes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         self.code = Code(self.code).value
@@ -133,6 +139,7 @@ class Finding:
         if self.stage is not None:
             self.stage = Stage(self.stage)
         self.params = tuple(self.params)
+        self.likely_causes = tuple(self.likely_causes)
         if self.first_step is None:
             self.first_step = self.step
 
@@ -150,6 +157,8 @@ class Finding:
             shown = ", ".join(self.params[:5])
             more = f" (+{len(self.params) - 5} more)" if len(self.params) > 5 else ""
             text += f"\n  params: {shown}{more}"
+        if self.likely_causes:
+            text += f"\n  likely caused by: {', '.join(self.likely_causes)}"
         if self.cause:
             text += f"\n  cause: {self.cause}"
         if self.fix:
@@ -167,6 +176,12 @@ class Finding:
             params = "<div><b>params:</b> " + esc(", ".join(self.params[:8]))
             params += f" (+{len(self.params) - 8})" if len(self.params) > 8 else ""
             params += "</div>"
+        if self.likely_causes:
+            params += (
+                '<div class="tlw-likely-causes"><b>likely caused by:</b> '
+                + ", ".join(f"<code>{esc(c)}</code>" for c in self.likely_causes)
+                + "</div>"
+            )
         return (
             f'<div class="tlw-finding" style="border-left:4px solid {colour};padding:4px 8px;margin:4px 0">'
             f'<div><b style="color:{colour}">{esc(self.severity)}</b> '

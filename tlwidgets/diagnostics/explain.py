@@ -2,8 +2,9 @@
 
 :func:`explain_exception` turns the exception into a :class:`Finding` with a
 code (``shape-mismatch``, ``device-mismatch``, ``dtype-mismatch``,
-``inplace-modification``, ``out-of-memory``, ``target-out-of-range`` or
-``stage-error``), the original error quoted, and a cause and a fix worded for
+``inplace-modification``, ``out-of-memory``, ``target-out-of-range``,
+``bn-small-batch`` (batch norm on one value per channel) or ``stage-error``),
+the original error quoted, and a cause and a fix worded for
 this very error: the numbers in torch's message (feature counts, channels,
 batch sizes, class indices, dtypes, devices) are parsed out and used.
 
@@ -1025,7 +1026,7 @@ def _shape_mismatch(err: _Err) -> _Diagnosis | None:
     return None
 
 
-# ---- other errors with a known cause (still stage-error: no more specific code exists) ----------
+# ---- other errors with a known cause (stage-error where no more specific code exists) -----------
 
 
 @_rule
@@ -1036,15 +1037,15 @@ def _known_stage_errors(err: _Err) -> _Diagnosis | None:
     m = err.search(
         r"Expected more than 1 value per channel when training, got input size torch\.Size\(\[([\d, ]*)\]"
     )
-    if m:
-        return diag(
+    if m:  # batch norm on one value per channel: the specific code, not a generic stage-error
+        return _Diagnosis(
+            Code.BN_SMALL_BATCH,
             "Batch norm cannot compute batch statistics from a single example (input "
             f"{_fmt_shape(_ints(m.group(1)))}) in training mode, typically on the last, incomplete batch of "
             "the epoch.",
             "Use DataLoader(..., drop_last=True) or a larger batch, or nn.GroupNorm / nn.LayerNorm instead "
             "of batch norm.",
-            input_shape=_ints(m.group(1)),
-            related="bn-small-batch",
+            {"input_shape": _ints(m.group(1))},
         )
     if err.has(r"does not require grad and does not have a grad_fn"):
         return diag(
@@ -1175,8 +1176,8 @@ def classify_exception(exc: BaseException, stage: Stage | str | None = None) -> 
     -------
     Code
         One of ``SHAPE_MISMATCH``, ``DEVICE_MISMATCH``, ``DTYPE_MISMATCH``,
-        ``INPLACE_MODIFICATION``, ``OUT_OF_MEMORY``, ``TARGET_OUT_OF_RANGE`` or
-        ``STAGE_ERROR``.
+        ``INPLACE_MODIFICATION``, ``OUT_OF_MEMORY``, ``TARGET_OUT_OF_RANGE``,
+        ``BN_SMALL_BATCH`` or ``STAGE_ERROR``.
     """
     return _diagnose(exc, Stage(stage) if stage is not None else None, {})[0].code
 
@@ -1188,6 +1189,7 @@ _CONTEXT_KEYS: dict[Code, tuple[str, ...]] = {
     Code.DTYPE_MISMATCH: ("dtypes",),
     Code.OUT_OF_MEMORY: ("input_shapes", "devices"),
     Code.INPLACE_MODIFICATION: (),
+    Code.BN_SMALL_BATCH: ("input_shapes",),
     Code.STAGE_ERROR: ("input_shapes", "output_shape", "target_shape", "devices", "dtypes", "num_classes"),
 }
 
@@ -1271,6 +1273,7 @@ def explain_exception(
     return make_finding(
         diagnosis.code,
         message,
+        severity="error",  # the stage failed (codes such as bn-small-batch default to a warning)
         step=step,
         stage=st,
         params=params,

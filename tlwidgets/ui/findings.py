@@ -19,7 +19,8 @@ MAX_SHOWN = 30
 
 class FindingsPanel(Panel, widgets.VBox):
     """The session's findings in its ranking order (most likely root cause first), each with
-    severity, code, message, cause, fix and step, and a button that selects the finding's step and
+    severity, code, message, the present findings that likely caused it ("likely caused by: ...",
+    CSS class ``tlw-likely-causes``), cause, fix and step, and a button that selects the finding's step and
     parameters in the heatmap and loss panels. CSS class ``tlw-findings``.
 
     Parameters
