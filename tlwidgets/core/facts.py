@@ -37,6 +37,7 @@ __all__ = [
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELD_SETS: dict[type, frozenset[str]] = {}
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,17 +65,35 @@ class StageFacts(MutableMapping):
         got = _FIELD_NAMES.get(cls)
         if got is None:
             got = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+            _FIELD_SETS[cls] = frozenset(got)
         return got
+
+    def _name_set(self) -> frozenset[str]:
+        got = _FIELD_SETS.get(type(self))
+        if got is None:
+            self._names()
+            got = _FIELD_SETS[type(self)]
+        return got
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Set several facts (a mapping, pairs, or keywords); an unknown name raises ``KeyError``."""
+        names = self._name_set()
+        pairs = other.items() if hasattr(other, "items") else other
+        for items in (pairs, kwargs.items()):
+            for key, value in items:
+                if key not in names:
+                    self[key] = value  # raises, naming the class
+                setattr(self, key, value)
 
     def __getitem__(self, key: str) -> Any:
         # A known fact that was not recorded on this step reads as None (as the attribute does);
         # a name that no stage records raises, listing the facts there are.
-        if key not in self._names():
+        if key not in self._name_set():
             raise KeyError(f"{type(self).__name__} has no fact {key!r}; facts: {', '.join(self._names())}")
         return getattr(self, key)
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key not in self._names():
+        if key not in self._name_set():
             raise KeyError(
                 f"{type(self).__name__} has no fact {key!r}: declare it as a field in tlwidgets/core/facts.py"
             )
@@ -87,13 +106,13 @@ class StageFacts(MutableMapping):
         return (name for name in self._names() if getattr(self, name) is not None)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._names() and getattr(self, key) is not None
+        return isinstance(key, str) and key in self._name_set() and getattr(self, key) is not None
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, None) if key in self._names() else None
+        value = getattr(self, key, None) if key in self._name_set() else None
         return default if value is None else value
 
     def __eq__(self, other: object) -> bool:

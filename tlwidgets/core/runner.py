@@ -592,7 +592,7 @@ class Runner(FindingsMixin, ControlsMixin):
         measure = self._measured and (exact or self.tracker.activations_due(self.global_step))
         if measure:
             self.tracker.probe.start()
-        self._fwd_rng = torch.get_rng_state()
+        self._fwd_rng = self._pre_forward_rng  # taken just before this stage (_save_forward_state)
         self._output = None  # so an error explanation never shows a previous step's output
         try:
             self._output = self.forward(self.model, self._inputs)
