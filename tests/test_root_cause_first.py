@@ -281,3 +281,17 @@ def test_ranking_is_deterministic_on_every_code() -> None:
         for c in consequences:
             if cause in position and c in position:
                 assert position[cause] < position[c], (cause, c)
+
+
+def test_the_dashboard_finding_card_says_what_likely_caused_it() -> None:
+    from tlwidgets.ui.findings import FindingsPanel
+
+    class Session:
+        findings = rank_findings([_f("non-finite-grad", severity="error"), _f("loss-sum-reduction", 3)])
+
+    panel = FindingsPanel(lambda name: lambda fn: fn, lambda finding: None)
+    panel.draw(Session())
+    assert panel.finding(0).code == "loss-sum-reduction"
+    cards = [row.children[0].value for row in panel.list.children]
+    assert "likely caused by" not in cards[0]
+    assert "tlw-likely-causes" in cards[1] and "<code>loss-sum-reduction</code>" in cards[1]
