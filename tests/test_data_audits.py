@@ -7,11 +7,7 @@ threshold must stay silent.
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import torch
-from torch import nn
 
 import tlwidgets as tlw
 from tlwidgets import zoo

@@ -11,6 +11,8 @@ from typing import Any
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.records import EpochRecord, StageRecord
 from tlwidgets.core.stages import Stage
+from tlwidgets.diagnostics.audits import DECOUPLED_STEPS as _DECOUPLED_STEPS
+from tlwidgets.diagnostics.audits import DataAudit
 from tlwidgets.diagnostics.ranking import rank_findings
 from tlwidgets.diagnostics.rules import Rule, RuleContext, SessionState, default_rules
 
@@ -21,6 +23,36 @@ log = logging.getLogger(__name__)
 #: ``TLW_STRICT_RULES=1`` makes a rule's exception propagate (for developing rules and in tests),
 #: instead of being recorded in ``session.diagnostic_errors``.
 _STRICT = os.environ.get("TLW_STRICT_RULES", "") not in ("", "0")
+
+#: Codes that explain a loss stuck at the label prior better than labels-decoupled does.
+_EXPLAINS_NO_LEARNING = (
+    "param-not-in-optimizer",
+    "nothing-trainable",
+    "disconnected-param",
+    "param-not-updating",
+    "optimizer-not-stepping",
+    "grads-not-zeroed",
+    "grad-clipping-too-strong",
+    "non-finite-input",
+    "non-finite-loss",
+    "non-finite-grad",
+    "input-not-normalized",
+    "softmax-before-loss",
+    "shape-broadcast",
+    "loss-sum-reduction",
+    "lr-too-high",
+    "lr-too-low",
+    "scheduler-too-fast",
+    "exploding-gradients",
+    "vanishing-gradients",
+    "dead-relu",
+    "zero-init",
+    "over-regularization",
+    "batch-mixing",
+    "channel-order",
+    "dropout-too-high",
+    "missing-activation",
+)
 
 
 class RuleDiagnoser:
@@ -35,7 +67,8 @@ class RuleDiagnoser:
     rules
         The rules to run (default: :func:`~tlwidgets.diagnostics.rules.default_rules`).
     disable
-        Names of rules or finding codes to leave out.
+        Names of rules or finding codes to leave out; ``"data-audits"`` leaves out every automatic
+        data audit (:mod:`tlwidgets.diagnostics.audits`).
 
     Notes
     -----
@@ -61,6 +94,9 @@ class RuleDiagnoser:
         self._memo: dict[tuple[Any, str], tuple[Rule, ...]] = {}
         self._last_session: Any = None
         self._last_state: SessionState | None = None
+        self._off = off
+        #: Data audits of each Runner (kept across rewinds: the data does not change with the weights).
+        self._audits: weakref.WeakKeyDictionary[Any, DataAudit] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ state
     def state(self, session: Any) -> SessionState:
@@ -109,16 +145,62 @@ class RuleDiagnoser:
                 out.extend(got)
         return out
 
+    # ------------------------------------------------------------------ data audits
+    def _data_audit(self, session: Any) -> DataAudit | None:
+        """The session's :class:`DataAudit` (Runners only: a watcher does not see the data sets)."""
+        if getattr(session, "kind", None) != "runner" or "data-audits" in self._off:
+            return None
+        if not hasattr(session, "train_data"):
+            return None
+        try:
+            got = self._audits.get(session)
+            if got is None:
+                got = self._audits[session] = DataAudit()
+        except TypeError:  # not weak-referenceable
+            return None
+        return got
+
+    def _audit_runner(self, session: Any) -> Any:
+        """``run(name, fn)`` for the audits: ``fn()``, or ``None`` with the failure recorded, not raised."""
+        off = self._off
+
+        def run(name: str, fn: Any) -> Any:
+            if name in off:
+                return None
+            try:
+                got = fn()
+            except Exception as exc:
+                if _STRICT:
+                    raise
+                log.debug("data audit %s raised", name, exc_info=True)
+                errors = getattr(session, "diagnostic_errors", None)
+                if isinstance(errors, list):
+                    errors.append(f"data audit {name}: {type(exc).__name__}: {exc}")
+                    del errors[:-50]
+                return None
+            if isinstance(got, Finding) and got.code in off:
+                return None
+            return got
+
+        return run
+
     # ------------------------------------------------------------------ Diagnoser protocol
     def audit(self, session: Any) -> list[Finding]:
-        """Setup rules; also notices a rewind (the step went back) and forgets step-ordered state."""
+        """Setup rules and (once per Runner, then from the cache) the construction-time data audits; also
+        notices a rewind (the step went back) and forgets step-ordered state."""
         st = self.state(session)
         st.cache.clear()
         step = int(getattr(session, "global_step", 0))
         if step < st.last_step:
             st.reset_time()
         st.last_step = step
-        return self._run(self._applicable(self._setup, session.kind, "setup"), session)
+        found = self._run(self._applicable(self._setup, session.kind, "setup"), session)
+        data = self._data_audit(session)
+        if data is not None:
+            if data.train is None and not data.construction:
+                data.construction = data.at_construction(session, self._audit_runner(session)) or []
+            found.extend(data.construction)
+        return found
 
     def on_stage(self, session: Any, record: StageRecord) -> list[Finding]:
         """Stage rules of ``record.stage`` due at its step; loop events go to the own-loop rules."""
@@ -157,11 +239,29 @@ class RuleDiagnoser:
             for r in self._applicable(self._trend, session.kind, "trend")
             if calls <= r.early or st.due(r.name, step, r.every)
         ]
-        return self._run(due, session)
+        found = self._run(due, session)
+        data = self._data_audit(session)
+        if data is not None and data.train is not None:
+            run = self._audit_runner(session)
+            found.extend(data.at_first_step(session, run))
+            if step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0:
+                found.extend(data.decoupled(session, None, self._explained(session), run))
+        return found
+
+    @staticmethod
+    def _explained(session: Any) -> bool:
+        has = getattr(session, "has_finding", None)
+        return bool(has(*_EXPLAINS_NO_LEARNING)) if callable(has) else False
 
     def on_epoch(self, session: Any, record: EpochRecord) -> list[Finding]:
-        """Epoch-end rules (validation trends, full-epoch label counts)."""
-        return self._run(self._applicable(self._epoch, session.kind, "epoch"), session, record)
+        """Epoch-end rules (validation trends, full-epoch label counts) and, at the first epoch ends,
+        labels-decoupled."""
+        found = self._run(self._applicable(self._epoch, session.kind, "epoch"), session, record)
+        data = self._data_audit(session)
+        if data is not None and data.train is not None and getattr(record, "ok", True):
+            val = getattr(record, "val_loss", None)
+            found.extend(data.decoupled(session, val, self._explained(session), self._audit_runner(session)))
+        return found
 
     def explain(self, exc: BaseException, stage: Stage | None, context: dict[str, Any], step: int) -> Finding:
         """A plain-words finding for an exception in user code (:mod:`tlwidgets.diagnostics.explain`)."""

@@ -129,13 +129,21 @@ def missing_activation(ctx: RuleContext) -> list[Finding]:
     return found
 
 
+#: dropout-too-high: p above which dropout is reported.
+DROPOUT_HIGH = 0.5
+
+
 @rule("dropout-too-high", ["dropout-too-high"], "setup")
 def dropout_too_high(ctx: RuleContext) -> list[Finding]:
-    """A dropout module with ``p > 0.5``."""
+    """A dropout module with ``p > 0.5``.
+
+    Dropout called as a function in ``forward`` (``F.dropout(x, p)``) has no module to inspect; the data
+    audit of the first step (:func:`tlwidgets.diagnostics.audits.audit_dropout`) reports it.
+    """
     found = []
     for name, m in ctx.session.model.named_modules():
         p = getattr(m, "p", None)
-        if isinstance(m, nn.modules.dropout._DropoutNd) and isinstance(p, (int, float)) and p > 0.5:
+        if isinstance(m, nn.modules.dropout._DropoutNd) and isinstance(p, (int, float)) and p > DROPOUT_HIGH:
             found.append(
                 ctx.finding(
                     "dropout-too-high",

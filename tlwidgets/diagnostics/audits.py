@@ -1,0 +1,760 @@
+"""Data audits that run by themselves (DESIGN section 6, "Data is audited without being asked").
+
+A Runner's data is audited on bounded samples, at the moment each audit is
+cheap and meaningful, by :class:`~tlwidgets.diagnostics.engine.RuleDiagnoser`:
+
+========================  ==========================  =================================================
+when                      audit                       reads
+========================  ==========================  =================================================
+construction              :func:`audit_leakage`       digests of up to ``TRAIN_EXAMPLES`` training and
+                                                      ``VAL_EXAMPLES`` validation examples; random
+                                                      projections of up to ``NEAR_TRAIN`` of them for
+                                                      near-duplicates
+construction              :func:`audit_shift`         per-feature mean and std of the same samples
+construction              :func:`audit_channel_order` the first sampled batch of 4-D inputs
+construction              :func:`audit_imbalance`     label counts of the training sample
+construction              (probe for labels-decoupled) a random-feature ridge probe on the sample
+first measured step       :func:`audit_batch_mixing`  one forward/backward on ``MIX_EXAMPLES`` examples
+first measured step       :func:`audit_dropout`       one no-grad forward: the ``p`` of every dropout call
+first epoch ends / step   :func:`audit_labels_decoupled` the recent training losses against the label
+``DECOUPLED_STEPS``                                   prior's loss, when the probe found no signal
+========================  ==========================  =================================================
+
+Samples are drawn from a map-style dataset by index (a seeded random subset
+when it is larger than the sample; the user's ``DataLoader`` is not iterated,
+so no worker starts); other sources are read for at most ``MAX_BATCHES``
+batches. Every audit preserves the global RNGs and the data loaders'
+generators, and the model's weights, buffers, mode and gradients. A
+failing audit is recorded in ``session.diagnostic_errors``, never raised
+into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from tlwidgets.core.batches import default_unpack, tensors_in, to_device
+from tlwidgets.core.catalog import make_finding
+from tlwidgets.core.checkpoint import capture_generators, data_generators, restore_generators
+from tlwidgets.core.findings import Finding
+from tlwidgets.diagnostics.checks_data import as_batches, check_channel_order, input_tensor, rng_preserved
+
+__all__ = [
+    "DataAudit",
+    "audit_batch_mixing",
+    "audit_channel_order",
+    "audit_dropout",
+    "audit_imbalance",
+    "audit_labels_decoupled",
+    "audit_leakage",
+    "audit_shift",
+    "sample_data",
+]
+
+#: Sample sizes (examples) and the batch cap for sources that cannot be indexed.
+TRAIN_EXAMPLES = 20_000
+VAL_EXAMPLES = 2_000
+MAX_BATCHES = 64
+#: At most this many bytes of inputs are read from each set (large images: fewer examples), and for at most
+#: this many seconds (a dataset that decodes files from disk).
+MAX_BYTES = 64 * 2**20
+MAX_SECONDS = 2.0
+#: Training rows kept (projected to ``PROJ_DIM``) for the near-duplicate search.
+NEAR_TRAIN = 4_096
+PROJ_DIM = 64
+#: Near-duplicate: nearest training row closer than this fraction of the typical training nearest-neighbour
+#: distance.
+NEAR_FRACTION = 0.02
+#: Leaked fraction from which data-leakage is an error (smaller overlaps: info).
+LEAK_MIN_FRACTION = 0.01
+#: train-val-shift: standardized mean difference per feature, the share of features, the std ratio.
+SHIFT_SMD = 0.5
+SHIFT_FEATURES = 0.5
+SHIFT_SCALE = 2.0
+#: class-imbalance: majority/minority ratio; examples needed (overall and per class present).
+IMBALANCE_RATIO = 8.0
+IMBALANCE_MIN = 100
+IMBALANCE_PER_CLASS = 10
+#: labels-decoupled: steps before the check without an epoch end; relative gain over the prior needed.
+DECOUPLED_STEPS = 300
+DECOUPLED_MIN_STEPS = 10
+DECOUPLED_GAIN = 0.1
+#: batch-mixing: examples of the probe batch.
+MIX_EXAMPLES = 8
+#: dropout-too-high: p above which dropout is too high (the setup rule's threshold for modules).
+DROPOUT_HIGH = 0.5
+
+_DROPOUT_FNS = (
+    torch.nn.functional.dropout,
+    torch.nn.functional.dropout1d,
+    torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d,
+    torch.nn.functional.alpha_dropout,
+    torch.nn.functional.feature_alpha_dropout,
+)
+
+
+# ====================================================================== sampling
+@dataclasses.dataclass
+class Sample:
+    """What one bounded read of a data set keeps (CPU, small)."""
+
+    examples: int = 0
+    total: int | None = None  # examples in the whole set, when known
+    digests: list[bytes] = dataclasses.field(default_factory=list)
+    proj: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    feat_n: torch.Tensor | None = None
+    feat_sum: torch.Tensor | None = None
+    feat_sq: torch.Tensor | None = None
+    layout: tuple[int, ...] | None = None
+    labels: np.ndarray | None = None  # counts of integer class labels (1-D targets)
+    binary: np.ndarray | None = None  # counts of 0/1 float targets ([N] or [N, 1])
+    reg: list[float] | None = None  # n, sum, sum of squares of float targets (for an MSE prior)
+    first_inputs: Any = None  # the first batch's inputs (its first rows)
+    first_x: torch.Tensor | None = None  # first float input tensor of the first batch (up to 256 rows)
+    integer_inputs: bool = False
+    probe_x: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    probe_y: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def projected(self) -> torch.Tensor | None:
+        return torch.cat(self.proj) if self.proj else None
+
+
+def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _batches(data: Any, unpack: Any, limit: int, seed: int = 0) -> Iterator[tuple[Any, Any]]:
+    """``(inputs, targets)`` batches of at most ``limit`` examples (a random subset of an indexable set)."""
+    unpack = unpack or default_unpack
+    ds = data.dataset if isinstance(data, DataLoader) and data.batch_sampler is not None else None
+    if ds is not None and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
+        n = len(ds)
+        if n > limit:
+            idx = (
+                torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+                .sort()
+                .values.tolist()
+            )
+        else:
+            idx = list(range(n))
+        collate = data.collate_fn
+        for s in range(0, len(idx), 256):
+            yield unpack(collate([ds[i] for i in idx[s : s + 256]]))
+        return
+    if iter(data) is data:  # a one-shot iterator: reading it would take batches from training
+        return
+    for k, batch in enumerate(as_batches(data, unpack)):
+        if k >= MAX_BATCHES:
+            return
+        yield batch
+
+
+def _length(data: Any) -> int | None:
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(ds, (tuple, list)) and len(ds) == 2 and all(isinstance(t, torch.Tensor) for t in ds):
+        return int(ds[0].shape[0])
+    if (
+        isinstance(ds, (Dataset, torch.Tensor))
+        and hasattr(ds, "__len__")
+        and not isinstance(ds, IterableDataset)
+    ):
+        try:
+            return len(ds)
+        except TypeError:
+            return None
+    return None
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    """Examples x features: columns of 2-D inputs, channels (dim 1) of higher-dimensional ones."""
+    x = x.double()
+    if x.dim() == 1:
+        return x[:, None]
+    if x.dim() == 2:
+        return x
+    return x.transpose(0, 1).reshape(x.shape[1], -1).t()
+
+
+class _Projector:
+    """A fixed random projection of flattened examples to ``PROJ_DIM`` dimensions."""
+
+    def __init__(self) -> None:
+        self.cols: torch.Tensor | None = None
+        self.mat: torch.Tensor | None = None
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.mat is None:
+            g = torch.Generator().manual_seed(1234)
+            d = flat.shape[1]
+            self.cols = torch.randperm(d, generator=g)[:4096] if d > 4096 else None
+            k = min(d, 4096)
+            self.mat = torch.randn(k, PROJ_DIM, generator=g, dtype=torch.float64) / math.sqrt(PROJ_DIM)
+        if self.cols is not None:
+            flat = flat[:, self.cols]
+        if flat.shape[1] != self.mat.shape[0]:
+            raise ValueError("examples of different sizes")
+        return flat @ self.mat
+
+
+def sample_data(data: Any, unpack: Any, limit: int, projector: _Projector, *, near: int) -> Sample:
+    """Read a bounded sample of ``data``: digests, projections, feature moments, label counts."""
+    out = Sample(total=_length(data))
+    nbytes = 0
+    start = time.perf_counter()
+    gens = capture_generators(data_generators(data))
+    try:
+        with rng_preserved(), torch.no_grad():
+            for inputs, targets in _batches(data, unpack, limit):
+                x = input_tensor(inputs)
+                if x is None or x.dim() == 0:
+                    continue
+                x = x.detach().cpu()
+                n = int(x.shape[0])
+                if out.first_inputs is None:
+                    out.first_inputs = _map(
+                        inputs, lambda t, n=n: t[:MIX_EXAMPLES] if t.dim() and t.shape[0] == n else t
+                    )
+                    out.first_x = x[:256]
+                    out.integer_inputs = not x.is_floating_point()
+                    out.layout = tuple(x.shape[1:])
+                if tuple(x.shape[1:]) != out.layout:
+                    continue  # variable-size examples (padded sequences): keep the first layout only
+                _digest(out, inputs, n)
+                flat = x.reshape(n, -1).double()
+                if flat.is_floating_point() and torch.isfinite(flat).all():
+                    if sum(p.shape[0] for p in out.proj) < near:
+                        out.proj.append(projector(flat)[: near - sum(p.shape[0] for p in out.proj)])
+                    f = _features(x)
+                    if out.feat_sum is None:
+                        out.feat_n = torch.zeros(())
+                        out.feat_sum = torch.zeros(f.shape[1], dtype=torch.float64)
+                        out.feat_sq = torch.zeros(f.shape[1], dtype=torch.float64)
+                    out.feat_n += f.shape[0]
+                    out.feat_sum += f.sum(0)
+                    out.feat_sq += (f * f).sum(0)
+                _count_labels(out, targets, n)
+                out.examples += n
+                nbytes += x.element_size() * x.numel()
+                if out.examples >= limit or nbytes >= MAX_BYTES or time.perf_counter() - start > MAX_SECONDS:
+                    break
+    finally:
+        restore_generators(gens)
+    return out
+
+
+def _digest(out: Sample, inputs: Any, n: int) -> None:
+    rows = []
+    for _, t in tensors_in(inputs, "inputs"):
+        if t.dim() == 0 or t.shape[0] != n:
+            continue
+        a = t.detach().cpu()
+        if a.is_floating_point():
+            a = a + 0.0  # -0.0 and 0.0 are the same value
+        arr = a.contiguous().numpy().reshape(n, -1)
+        rows.append((f"{arr.dtype}{tuple(t.shape[1:])}".encode(), arr))
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for head, arr in rows:
+            h.update(head)
+            h.update(arr[i].tobytes())
+        out.digests.append(h.digest())
+
+
+def _count_labels(out: Sample, targets: Any, n: int) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != n:
+        return
+    y = targets.detach().cpu()
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1:
+        return  # per-token or multi-label targets: one label per example is what is counted
+    if not y.is_floating_point() and y.dtype != torch.bool:
+        if bool((y < 0).any()) or int(y.max()) > 100_000:
+            return
+        c = np.bincount(y.numpy().astype(np.int64), minlength=1)
+        out.labels = c if out.labels is None else _add(out.labels, c)
+        out.probe_y.append(y.long())
+        return
+    yf = y.double()
+    if not bool(torch.isfinite(yf).all()):
+        return
+    if bool(((yf == 0) | (yf == 1)).all()):
+        pos = int(yf.sum())
+        c = np.array([n - pos, pos])
+        out.binary = c if out.binary is None else out.binary + c
+    s = out.reg or [0.0, 0.0, 0.0]
+    out.reg = [s[0] + n, s[1] + float(yf.sum()), s[2] + float((yf * yf).sum())]
+    out.probe_y.append(yf)
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    m = max(len(a), len(b))
+    return np.pad(a, (0, m - len(a))) + np.pad(b, (0, m - len(b)))
+
+
+# ====================================================================== construction audits
+def audit_leakage(train: Sample, val: Sample, step: int = 0) -> Finding | None:
+    """Validation examples identical (digests) or near-identical (random projections) to training examples.
+
+    The split is exchangeable when it is right: a validation example then has an identical or
+    near-identical training example as often as a training example has one among the other training
+    examples (repeated rows of discrete data, dense regions of low-dimensional data). Leakage is the
+    excess over that rate.
+    """
+    if not val.digests or not train.digests:
+        return None
+    seen: dict[bytes, int] = {}
+    for d in train.digests:
+        seen[d] = seen.get(d, 0) + 1
+    dup_rate = sum(c for c in seen.values() if c > 1) / len(train.digests)
+    exact = [i for i, d in enumerate(val.digests) if d in seen]
+    # Share of the training set the digests cover: a sample finds that share of the copies.
+    cover = min(1.0, train.examples / train.total) if train.total else 1.0
+    near: list[int] = []
+    near_rate = 0.0
+    pt, pv = train.projected, val.projected
+    checked = 0
+    near_cover = 1.0
+    if pt is not None and pv is not None and pt.shape[0] >= 8 and pv.shape[0] >= 1:
+        k = min(512, pt.shape[0])
+        d_tt = torch.cdist(pt[:k], pt)
+        d_tt[torch.arange(k), torch.arange(k)] = math.inf
+        d_tt[d_tt == 0] = math.inf  # identical rows are counted by the digests
+        nn_tt = d_tt.min(1).values
+        nn_tt = nn_tt[torch.isfinite(nn_tt)]
+        typical = float(nn_tt.median()) if nn_tt.numel() else math.nan
+        if math.isfinite(typical) and typical > 0:
+            thr = NEAR_FRACTION * typical
+            near_rate = float((nn_tt < thr).double().mean())
+            d_vt = torch.cdist(pv, pt)
+            d_vt[d_vt == 0] = math.inf
+            exact_set = set(exact)
+            near = [
+                i for i in torch.nonzero(d_vt.min(1).values < thr).flatten().tolist() if i not in exact_set
+            ]
+            checked = pv.shape[0]
+            near_cover = min(1.0, pt.shape[0] / (train.total or max(train.examples, 1)))
+    n_val = len(val.digests)
+
+    def excess(found: int, rate: float, n: int) -> float:
+        expected = rate * n
+        return found - expected if found > expected + 3 * math.sqrt(expected) + 1 else 0.0
+
+    x_exact = excess(len(exact), dup_rate * cover, n_val)
+    x_near = excess(len(near), near_rate, checked) if checked else 0.0
+    if not x_exact and not x_near:
+        return None
+    fraction = min(
+        1.0, x_exact / n_val / max(cover, 1e-9) + (x_near / checked / near_cover if checked else 0)
+    )
+    severe = fraction >= LEAK_MIN_FRACTION
+    what = f"{len(exact)} identical" + (f" and {len(near)} near-identical" if near else "")
+    sampled = "" if cover >= 1 and near_cover >= 1 else f" (estimated {fraction:.1%} of the validation set)"
+    return make_finding(
+        "data-leakage",
+        f"{what} of {n_val} sampled validation examples also appear in the training data{sampled}; "
+        f"within the "
+        f"training data {dup_rate + near_rate:.1%} of the examples have such a twin",
+        severity=None if severe else "info",
+        step=step,
+        evidence={
+            "identical": len(exact),
+            "near_identical": len(near),
+            "val_examples": n_val,
+            "train_examples_hashed": train.examples,
+            "train_examples": train.total,
+            "fraction": fraction,
+            "train_duplicate_rate": dup_rate,
+            "train_near_duplicate_rate": near_rate,
+            "val_indices": sorted(exact + near)[:20],
+        },
+    )
+
+
+def audit_shift(train: Sample, val: Sample, step: int = 0) -> Finding | None:
+    """Per-feature standardized mean difference and std ratio of the two samples."""
+    if train.feat_sum is None or val.feat_sum is None or train.feat_sum.shape != val.feat_sum.shape:
+        return None
+    nt, nv = float(train.feat_n), float(val.feat_n)
+    if nt < 2 or nv < 2:
+        return None
+    mt, mv = train.feat_sum / nt, val.feat_sum / nv
+    st = (train.feat_sq / nt - mt**2).clamp_min(0).sqrt()
+    sv = (val.feat_sq / nv - mv**2).clamp_min(0).sqrt()
+    tiny = 1e-12
+    pooled = ((st**2 + sv**2) / 2).sqrt()
+    informative = pooled > 1e-6 * (1 + mt.abs())
+    if int(informative.sum()) == 0:
+        return None
+    smd = ((mt - mv).abs() / pooled.clamp_min(tiny))[informative]
+    both = informative & (st > tiny) & (sv > tiny)
+    ratio = (torch.maximum(st, sv) / torch.minimum(st, sv).clamp_min(tiny))[both]
+    frac = float((smd > SHIFT_SMD).double().mean())
+    med_ratio = float(ratio.median()) if ratio.numel() else 1.0
+    if frac < SHIFT_FEATURES and med_ratio < SHIFT_SCALE:
+        return None
+    scale = float((sv[both] / st[both]).median()) if bool(both.any()) else float("nan")
+    parts = []
+    if frac >= SHIFT_FEATURES:
+        parts.append(
+            f"the means differ by more than {SHIFT_SMD:g} pooled standard deviation on {frac:.0%} of "
+            f"{int(informative.sum())} input features (median {float(smd.median()):.3g})"
+        )
+    if med_ratio >= SHIFT_SCALE:
+        parts.append(f"the validation inputs are on {scale:.3g}x the scale of the training inputs")
+    return make_finding(
+        "train-val-shift",
+        "validation inputs are distributed unlike training inputs: " + "; ".join(parts),
+        step=step,
+        evidence={
+            "features": int(informative.sum()),
+            "fraction_shifted": frac,
+            "median_smd": float(smd.median()),
+            "max_smd": float(smd.max()),
+            "median_scale_ratio": med_ratio,
+            "val_over_train_scale": scale,
+            "train_mean": mt.tolist()[:32],
+            "val_mean": mv.tolist()[:32],
+            "train_std": st.tolist()[:32],
+            "val_std": sv.tolist()[:32],
+            "train_examples": int(nt) if train.layout and len(train.layout) <= 1 else train.examples,
+            "val_examples": val.examples,
+        },
+    )
+
+
+def audit_channel_order(train: Sample, step: int = 0) -> Finding | None:
+    """The roughness test of :func:`~tlwidgets.diagnostics.checks_data.check_channel_order` on the first
+    sampled batch."""
+    x = train.first_x
+    if x is None or x.dim() != 4:
+        return None
+    f = check_channel_order(x)
+    return dataclasses.replace(f, step=step) if f is not None else None
+
+
+def _loss_weighted(loss_fn: Any) -> bool:
+    return any(getattr(loss_fn, a, None) is not None for a in ("weight", "pos_weight"))
+
+
+def audit_imbalance(train: Sample, loss_fn: Any, step: int = 0) -> Finding | None:
+    """Majority/minority ratio of the label counts of the training sample."""
+    counts = train.labels if train.labels is not None else train.binary
+    if counts is None or _loss_weighted(loss_fn):
+        return None
+    present = counts[counts > 0]
+    n = int(present.sum())
+    if present.size < 2 or n < max(IMBALANCE_MIN, IMBALANCE_PER_CLASS * present.size):
+        return None
+    ratio = float(present.max() / present.min())
+    if ratio < IMBALANCE_RATIO:
+        return None
+    major = int(np.argmax(counts))
+    minor = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+    sampled = "" if not train.total or train.examples >= train.total else f" (a sample of {train.total})"
+    return make_finding(
+        "class-imbalance",
+        f"class {major} has {ratio:.3g}x as many examples as class {minor} "
+        f"({counts[major]} vs {counts[minor]} "
+        f"of {n} training labels{sampled}); the majority class alone is {counts[major] / n:.0%}",
+        step=step,
+        evidence={
+            "counts": counts.tolist()[:1000],
+            "ratio": ratio,
+            "majority": major,
+            "minority": minor,
+            "samples": n,
+            "dataset_total": train.total,
+        },
+    )
+
+
+# ---------------------------------------------------------------------- labels-decoupled
+@dataclasses.dataclass
+class Prior:
+    """The loss of the best input-independent prediction, and whether a probe found signal in the inputs."""
+
+    loss: float
+    kind: str  # "classes", "binary" or "regression"
+    probe_signal: bool | None  # None: no probe could be fitted
+
+
+def _loss_kind(loss_fn: Any) -> str | None:
+    name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "")
+    if getattr(loss_fn, "reduction", "mean") != "mean":
+        return None
+    if name in ("CrossEntropyLoss", "cross_entropy", "NLLLoss", "nll_loss"):
+        return None if float(getattr(loss_fn, "label_smoothing", 0.0) or 0.0) > 0 else "classes"
+    if name in ("BCEWithLogitsLoss", "binary_cross_entropy_with_logits", "BCELoss", "binary_cross_entropy"):
+        return "binary"
+    if name in ("MSELoss", "mse_loss"):
+        return "regression"
+    return None
+
+
+def label_prior(train: Sample, loss_fn: Any) -> Prior | None:
+    """The prior's loss for the session's loss (cross-entropy, BCE, MSE), and the probe's verdict."""
+    kind = _loss_kind(loss_fn)
+    if kind is None or _loss_weighted(loss_fn):
+        return None
+    if kind == "classes" and train.labels is not None:
+        p = train.labels[train.labels > 0] / train.labels.sum()
+        loss = float(-(p * np.log(p)).sum())
+    elif kind == "binary" and train.binary is not None:
+        p = train.binary[train.binary > 0] / train.binary.sum()
+        loss = float(-(p * np.log(p)).sum())
+    elif kind == "regression" and train.reg is not None and train.reg[0] > 1:
+        n, s, q = train.reg
+        loss = q / n - (s / n) ** 2
+    else:
+        return None
+    if not loss > 1e-6:
+        return None
+    return Prior(loss, kind, _probe(train, kind))
+
+
+def _probe(train: Sample, kind: str) -> bool | None:
+    """Does a random-feature ridge probe, fitted on 3/4 of the sample, beat the prior on the other 1/4?"""
+    x = train.projected
+    if x is None or train.integer_inputs or not train.probe_y:
+        return None
+    y = torch.cat(train.probe_y)[: x.shape[0]]
+    n = y.shape[0]
+    if n < 64:
+        return None
+    x = x[:n]
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(x.shape[1], 512, generator=g, dtype=torch.float64) / math.sqrt(x.shape[1])
+    b = torch.rand(512, generator=g, dtype=torch.float64) * 2 - 1
+    feats = torch.cat([torch.relu(x @ w + b), x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    perm = torch.randperm(n, generator=g)
+    cut = n * 3 // 4
+    tr, te = perm[:cut], perm[cut:]
+    if kind == "classes":
+        classes = int(y.max()) + 1
+        target = torch.nn.functional.one_hot(y.long(), classes).double()
+    else:
+        target = y.double().reshape(n, -1)
+    a = feats[tr]
+    lam = 1e-1 * float((a * a).sum()) / a.shape[0]
+    coef = torch.linalg.solve(
+        a.t() @ a + lam * torch.eye(a.shape[1], dtype=torch.float64), a.t() @ target[tr]
+    )
+    pred = feats[te] @ coef
+    if kind == "regression":
+        base = float(((target[te] - target[tr].mean(0)) ** 2).mean())
+        err = float(((target[te] - pred) ** 2).mean())
+        return base > 0 and err < 0.9 * base
+    if kind == "binary":
+        hit = float(((pred[:, 0] > 0.5).double() == target[te, 0]).double().mean())
+        major = max(float(target[te, 0].mean()), 1 - float(target[te, 0].mean()))
+    else:
+        hit = float((pred.argmax(1) == y[te].long()).double().mean())
+        major = float(torch.bincount(y[tr].long()).max()) / len(tr)
+    m = len(te)
+    margin = max(0.03, 3 * math.sqrt(max(major * (1 - major), 0.01) / m))
+    return hit > major + margin
+
+
+def audit_labels_decoupled(
+    prior: Prior | None, losses: np.ndarray, val_loss: float | None, step: int, explained: bool
+) -> Finding | None:
+    """The recent training loss is no better than the label prior's, and the probe found no signal."""
+    if prior is None or prior.probe_signal is not False or explained or losses.size < DECOUPLED_MIN_STEPS:
+        return None
+    recent = losses[-min(20, losses.size) :]
+    recent = recent[np.isfinite(recent)]
+    if not recent.size:
+        return None
+    train_loss = float(np.median(recent))
+    bar = (1 - DECOUPLED_GAIN) * prior.loss
+    if train_loss < bar or (val_loss is not None and math.isfinite(val_loss) and val_loss < bar):
+        return None
+    what = {
+        "classes": "the class frequencies",
+        "binary": "the share of positives",
+        "regression": "the mean target",
+    }
+    return make_finding(
+        "labels-decoupled",
+        f"after {losses.size} steps the training loss ({train_loss:.4g}) is no better "
+        f"than the {prior.loss:.4g} of "
+        f"predicting {what[prior.kind]} without looking at the inputs, and a probe fitted on a sample of the "
+        "training data finds no relation between inputs and labels",
+        step=step,
+        evidence={
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "baseline_loss": prior.loss,
+            "kind": prior.kind,
+            "steps": int(losses.size),
+        },
+    )
+
+
+# ---------------------------------------------------------------------- first-step audits
+def audit_batch_mixing(session: Any, train: Sample, step: int) -> Finding | None:
+    """``check_batch_independence`` on the first ``MIX_EXAMPLES`` sampled examples."""
+    from tlwidgets.diagnostics.checks import check_batch_independence
+
+    inputs = train.first_inputs
+    leaves = [t for _, t in tensors_in(inputs, "inputs") if t.dim() > 0] if inputs is not None else []
+    if not leaves or leaves[0].shape[0] < 2:
+        return None
+    inputs = to_device(inputs, getattr(session, "device", None))
+    f = check_batch_independence(session.model, inputs, forward=getattr(session, "forward", None))
+    return dataclasses.replace(f, step=step) if f is not None else None
+
+
+class _DropoutCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self, inside: list[int]) -> None:
+        super().__init__()
+        self.inside = inside
+        self.calls: list[tuple[str, float]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUT_FNS and not self.inside[0]:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if isinstance(p, (int, float)) and training:
+                self.calls.append((func.__name__, float(p)))
+        return func(*args, **kwargs)
+
+
+def audit_dropout(session: Any, train: Sample, step: int) -> Finding | None:
+    """Dropout called functionally in ``forward`` (``F.dropout(x, p)``) with ``p`` above 0.5.
+
+    Dropout modules are reported by the setup rule ``dropout-too-high``; calls made inside them are skipped.
+    """
+    from tlwidgets.diagnostics.checks import preserved_state
+
+    model = session.model
+    inputs = train.first_inputs
+    if inputs is None or not model.training:
+        return None
+    depth = [0]
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            handles.append(m.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)))
+            handles.append(m.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1)))
+    mode = _DropoutCalls(depth)
+    forward = getattr(session, "forward", None) or (lambda mdl, x: mdl(x))
+    try:
+        with preserved_state(model), torch.no_grad(), mode:
+            forward(model, to_device(inputs, getattr(session, "device", None)))
+    finally:
+        for h in handles:
+            h.remove()
+    high = [(name, p) for name, p in mode.calls if p > DROPOUT_HIGH]
+    if not high:
+        return None
+    p = max(p for _, p in high)
+    return make_finding(
+        "dropout-too-high",
+        f"the model's forward calls {high[0][0]}(..., p={p:g}) directly: {p:.0%} of the values "
+        "are dropped at "
+        "every step",
+        step=step,
+        params=("forward",),
+        evidence={"calls": [{"fn": n, "p": q} for n, q in high][:10], "p": p},
+        fix="Use p between 0.1 and 0.5 in the F.dropout call of forward() and raise it only "
+        "if validation loss "
+        "shows overfitting.",
+    )
+
+
+# ====================================================================== per session
+class DataAudit:
+    """The data audits of one Runner: the schedule, and what each found (cached, reported once)."""
+
+    def __init__(self) -> None:
+        self.train: Sample | None = None
+        self.prior: Prior | None = None
+        self.construction: list[Finding] = []
+        self.first_step_done = False
+        self.decoupled_done = False
+        self.decoupled_checks = 0
+
+    def at_construction(self, session: Any, run: Callable[[str, Callable[[], Any]], Any]) -> list[Finding]:
+        """Leakage, shift, channel order, imbalance (and the labels probe) on bounded samples."""
+        unpack = getattr(session, "unpack", None)
+        proj = _Projector()
+        train = run(
+            "sample-train",
+            lambda: sample_data(session.train_data, unpack, TRAIN_EXAMPLES, proj, near=NEAR_TRAIN),
+        )
+        if train is None:
+            return []
+        self.train = train
+        found = [
+            run("channel-order", lambda: audit_channel_order(train)),
+            run("class-imbalance", lambda: audit_imbalance(train, session.loss_fn)),
+        ]
+        self.prior = run("label-prior", lambda: label_prior(train, session.loss_fn))
+        val_data = getattr(session, "val_data", None)
+        if val_data is not None:
+            val = run(
+                "sample-val", lambda: sample_data(val_data, unpack, VAL_EXAMPLES, proj, near=VAL_EXAMPLES)
+            )
+            if val is not None:
+                found.append(run("data-leakage", lambda: audit_leakage(train, val)))
+                found.append(run("train-val-shift", lambda: audit_shift(train, val)))
+        self.construction = [f for f in found if f is not None]
+        return self.construction
+
+    def at_first_step(self, session: Any, run: Callable[[str, Callable[[], Any]], Any]) -> list[Finding]:
+        """Batch mixing and functional dropout, once, after the model has run a step."""
+        if self.first_step_done or self.train is None:
+            return []
+        self.first_step_done = True
+        step = int(session.global_step)
+        found = [
+            run("batch-mixing", lambda: audit_batch_mixing(session, self.train, step)),
+            run("dropout", lambda: audit_dropout(session, self.train, step)),
+        ]
+        return [f for f in found if f is not None]
+
+    def decoupled(
+        self,
+        session: Any,
+        val_loss: float | None,
+        explained: bool,
+        run: Callable[[str, Callable[[], Any]], Any],
+    ) -> list[Finding]:
+        """labels-decoupled at the first epoch ends (at most 3) or once after ``DECOUPLED_STEPS`` steps."""
+        if self.decoupled_done or self.prior is None or self.prior.probe_signal is not False:
+            return []
+        self.decoupled_checks += 1
+        if self.decoupled_checks >= 3:
+            self.decoupled_done = True
+        h = session.history
+        losses = np.asarray(h.window("loss", len(h)), dtype=np.float64) if len(h) else np.zeros(0)
+        step = int(session.global_step)
+        f = run(
+            "labels-decoupled", lambda: audit_labels_decoupled(self.prior, losses, val_loss, step, explained)
+        )
+        if f is not None:
+            self.decoupled_done = True
+            return [f]
+        return []
