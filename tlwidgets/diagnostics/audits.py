@@ -20,13 +20,15 @@ first epoch ends / step   :func:`audit_labels_decoupled` the recent training los
 ``DECOUPLED_STEPS``                                   prior's loss, when the probe found no signal
 ========================  ==========================  =================================================
 
-Samples are drawn from a map-style dataset by index (a seeded random subset
-when it is larger than the sample; the user's ``DataLoader`` is not iterated,
-so no worker starts); other sources are read for at most ``MAX_BATCHES``
-batches. Every audit preserves the global RNGs and the data loaders'
-generators, and the model's weights, buffers, mode and gradients. A
-failing audit is recorded in ``session.diagnostic_errors``, never raised
-into training.
+Samples are drawn only from data that can be read without running user code:
+a ``DataLoader`` over a ``TensorDataset`` (or a ``Subset`` of one) by index (a
+seeded random subset when it is larger than the sample; the loader is not
+iterated, so no worker starts), a list of batches, an ``(X, y)`` pair or a
+tensor (at most ``MAX_BATCHES`` batches). Custom datasets and streams are not
+sampled (their ``__getitem__`` may decode files, augment or count calls).
+Every audit preserves the global RNGs and the data loaders' generators, and
+the model's weights, buffers, mode and gradients. A failing audit is recorded
+in ``session.diagnostic_errors``, never raised into training.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
-from tlwidgets.core.batches import default_unpack, tensors_in, to_device
+from tlwidgets.core.batches import call_model, default_unpack, tensors_in, to_device
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import capture_generators, data_generators, restore_generators
 from tlwidgets.core.findings import Finding
@@ -141,30 +144,52 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
+def _plain_tensors(ds: Any) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+    """The tensors of a ``TensorDataset`` (or a ``Subset`` of one) and the subset's indices: data that can be
+    read without running user code."""
+    idx = None
+    if type(ds) is Subset:
+        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+        ds = ds.dataset
+    if type(ds) is TensorDataset:
+        return list(ds.tensors), idx
+    return None
+
+
 def _batches(data: Any, unpack: Any, limit: int, seed: int = 0) -> Iterator[tuple[Any, Any]]:
-    """``(inputs, targets)`` batches of at most ``limit`` examples (a random subset of an indexable set)."""
+    """``(inputs, targets)`` batches of at most ``limit`` examples (a random subset when there are more).
+
+    Only data that can be read without running the user's code is read: a ``DataLoader`` over a
+    ``TensorDataset`` (by index; the loader is not iterated and no worker starts), a list of batches,
+    an ``(X, y)`` pair or a tensor. A custom ``Dataset``'s ``__getitem__`` may decode files, draw
+    augmentations or count its calls, and a stream may lose the batches read, so neither is sampled.
+    """
     unpack = unpack or default_unpack
-    ds = data.dataset if isinstance(data, DataLoader) and data.batch_sampler is not None else None
-    if ds is not None and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
-        n = len(ds)
-        if n > limit:
-            idx = (
-                torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
-                .sort()
-                .values.tolist()
-            )
-        else:
-            idx = list(range(n))
-        collate = data.collate_fn
-        for s in range(0, len(idx), 256):
-            yield unpack(collate([ds[i] for i in idx[s : s + 256]]))
-        return
-    if iter(data) is data:  # a one-shot iterator: reading it would take batches from training
-        return
-    for k, batch in enumerate(as_batches(data, unpack)):
-        if k >= MAX_BATCHES:
+    if isinstance(data, DataLoader):
+        plain = _plain_tensors(data.dataset) if data.batch_sampler is not None else None
+        if plain is None:
             return
-        yield batch
+        tensors, sub = plain
+        n = len(sub) if sub is not None else int(tensors[0].shape[0])
+        if n > limit:
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        else:
+            pick = torch.arange(n)
+        rows = sub[pick] if sub is not None else pick
+        collate = data.collate_fn
+        direct = collate is default_collate
+        for s in range(0, len(rows), 256):
+            chunk = rows[s : s + 256]
+            if direct:
+                yield unpack([t[chunk] for t in tensors])
+            else:
+                yield unpack(collate([tuple(t[i] for t in tensors) for i in chunk.tolist()]))
+        return
+    if isinstance(data, (list, tuple, torch.Tensor)) or _plain_tensors(data) is not None:
+        for k, batch in enumerate(as_batches(data, unpack)):
+            if k >= MAX_BATCHES:
+                return
+            yield batch
 
 
 def _length(data: Any) -> int | None:
@@ -728,6 +753,8 @@ class DataAudit:
         if self.first_step_done or self.train is None:
             return []
         self.first_step_done = True
+        if getattr(session, "forward", call_model) is not call_model:
+            return []  # a custom forward= is user code that may count its calls: the probes do not call it
         step = int(session.global_step)
         found = [
             run("batch-mixing", lambda: audit_batch_mixing(session, self.train, step)),
