@@ -39,6 +39,13 @@ CASES = [
     ("patches-cnn", 0, 4),
     ("sequence-gru", 1, 2),
     ("rgb-cnn", 2, 3),
+    # Healthy twins near the data audits' thresholds (#12).
+    ("near-duplicate-free-tabular", 1, 2),
+    ("small-natural-shift", 1, 2),
+    ("mild-imbalance", 1, 2),
+    ("binary-3to1", 1, 2),
+    ("row-independent-mlp", 1, 2),
+    ("dropout-half", 1, 2),
 ]
 
 
