@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,25 @@ from torch import nn
 from tlwidgets.core.activations import first_tensor
 
 __all__ = ["locate_non_finite", "reached_params", "reaches_any"]
+
+
+def _graph_leaves(fn: Any) -> Iterator[torch.Tensor]:
+    """The tensors (``AccumulateGrad`` leaves) an autograd graph from ``fn`` accumulates into.
+
+    Walks ``next_functions`` depth first, each node once; a generator, so a
+    caller that stops at the first leaf it wants walks no further.
+    """
+    seen: set[int] = set()
+    stack = [fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            yield var
+        stack.extend(f for f, _ in fn.next_functions)
 
 
 def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
@@ -22,20 +41,8 @@ def reached_params(loss: torch.Tensor, named_params: Sequence[tuple[str, torch.T
     if loss.grad_fn is None:
         return []
     by_id = {id(p): n for n, p in named_params}
-    found: set[str] = set()
-    seen: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None and id(var) in by_id:
-            found.add(by_id[id(var)])
-        stack.extend(f for f, _ in fn.next_functions)
-    order = [n for n, _ in named_params]
-    return [n for n in order if n in found]
+    found = {by_id[id(v)] for v in _graph_leaves(loss.grad_fn) if id(v) in by_id}
+    return [n for n, _ in named_params if n in found]
 
 
 def reaches_any(root: torch.Tensor, param_ids: Collection[int]) -> bool:
@@ -49,21 +56,9 @@ def reaches_any(root: torch.Tensor, param_ids: Collection[int]) -> bool:
     loss on ``fake.detach()`` seen by the generator's watcher) is walked to
     its end; such graphs are the small ones.
     """
-    fn = root.grad_fn
-    if fn is None:
+    if root.grad_fn is None:
         return root.requires_grad and id(root) in param_ids  # the parameter itself
-    seen: set[int] = set()
-    stack = [fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None and id(var) in param_ids:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
+    return any(id(v) in param_ids for v in _graph_leaves(root.grad_fn))
 
 
 def locate_non_finite(

@@ -50,7 +50,13 @@ from tlwidgets.core.batches import call_model, default_unpack, tensors_in, to_de
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import capture_generators, data_generators, restore_generators
 from tlwidgets.core.findings import Finding
-from tlwidgets.diagnostics.checks_data import as_batches, check_channel_order, input_tensor, rng_preserved
+from tlwidgets.diagnostics.checks_data import (
+    as_batches,
+    check_channel_order,
+    feature_view,
+    input_tensor,
+    rng_preserved,
+)
 
 __all__ = [
     "DataAudit",
@@ -208,16 +214,6 @@ def _length(data: Any) -> int | None:
     return None
 
 
-def _features(x: torch.Tensor) -> torch.Tensor:
-    """Examples x features: columns of 2-D inputs, channels (dim 1) of higher-dimensional ones."""
-    x = x.double()
-    if x.dim() == 1:
-        return x[:, None]
-    if x.dim() == 2:
-        return x
-    return x.transpose(0, 1).reshape(x.shape[1], -1).t()
-
-
 class _Projector:
     """A fixed random projection of flattened examples to ``PROJ_DIM`` dimensions."""
 
@@ -267,7 +263,7 @@ def sample_data(data: Any, unpack: Any, limit: int, projector: _Projector, *, ne
                 if flat.is_floating_point() and torch.isfinite(flat).all():
                     if sum(p.shape[0] for p in out.proj) < near:
                         out.proj.append(projector(flat)[: near - sum(p.shape[0] for p in out.proj)])
-                    f = _features(x)
+                    f = feature_view(x)
                     if out.feat_sum is None:
                         out.feat_n = torch.zeros(())
                         out.feat_sum = torch.zeros(f.shape[1], dtype=torch.float64)

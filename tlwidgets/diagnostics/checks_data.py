@@ -29,6 +29,7 @@ __all__ = [
     "check_channel_order",
     "check_data_leakage",
     "check_train_val_shift",
+    "feature_view",
     "input_tensor",
     "rng_preserved",
 ]
@@ -224,7 +225,7 @@ def check_data_leakage(
 
 
 # ---------------------------------------------------------------------- shift
-def _feature_view(x: torch.Tensor) -> torch.Tensor:
+def feature_view(x: torch.Tensor) -> torch.Tensor:
     """Examples x features: columns of a 2-D input, channels (dim 1) of a higher-dimensional one."""
     x = x.double()
     if x.dim() == 1:
@@ -282,7 +283,7 @@ def check_train_val_shift(
         )
     if xt.shape[0] < 2 or xv.shape[0] < 2:
         return None
-    ft, fv = _feature_view(xt), _feature_view(xv)
+    ft, fv = feature_view(xt), feature_view(xv)
     finite_t, finite_v = torch.isfinite(ft).all(0), torch.isfinite(fv).all(0)
     keep = finite_t & finite_v
     if not bool(keep.any()):
