@@ -325,7 +325,9 @@ def test_findings_of_the_abandoned_timeline_are_dropped_by_rewind():
     runner = make_runner(make_mlp(), make_batches(8), lr=1e6)
     ck = runner.checkpoint()
     result = runner.run()
-    assert result.stopped_by in ("finding", "error") and "non-finite-loss" in [f.code for f in runner.findings]
+    assert result.stopped_by in ("finding", "error") and "non-finite-loss" in [
+        f.code for f in runner.findings
+    ]
     runner.rewind(ck)
     assert not [f for f in runner.findings if f.severity == "error"], runner.findings
     runner.set_lr(0.05)
