@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim import optimizer as optim_module
 
+from tlwidgets.core.activations import first_tensor
 from tlwidgets.core.batches import call_model, default_unpack, tensors_in, to_device
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import (
@@ -1132,7 +1133,7 @@ class Runner(FindingsMixin, ControlsMixin):
         context = {
             "input_shapes": {k: tuple(t.shape) for k, t in tensors_in(self._inputs, "inputs")},
             "target_shape": tuple(self._targets.shape) if isinstance(self._targets, torch.Tensor) else None,
-            "output_shape": tuple(o.shape) if (o := _first_tensor(self._output)) is not None else None,
+            "output_shape": tuple(o.shape) if (o := first_tensor(self._output)) is not None else None,
             "devices": sorted({str(p.device) for p in self.tracker.params}),
             "dtypes": sorted({str(p.dtype) for p in self.tracker.params}),
         }
@@ -1368,17 +1369,3 @@ def _device_option(device: Any) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    from tlwidgets.core.activations import first_tensor
-
-    return first_tensor(obj)
-
-
-def rec_batch_size(t: torch.Tensor | None) -> int | None:
-    return int(t.shape[0]) if t is not None and t.dim() > 0 else None
-
-
-# The watcher still imports it from here until it feeds the recorder too.
-from tlwidgets.core.recording import _probability_facts  # noqa: E402, F401
