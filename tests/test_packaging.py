@@ -111,6 +111,10 @@ def test_pyproject_extras(pyproject):
     } <= test
     assert _names(extras["notebook"]) <= test, "the test extra must include the notebook extra"
     assert _names(extras["export"]) <= test, "the test extra must include the export extra"
+    # CI tests the framework callbacks: the test extra carries both (and both Lightning names).
+    assert {"lightning", "transformers"} <= set(extras)
+    assert _names(extras["lightning"]) | _names(extras["transformers"]) <= test
+    assert "pytorch-lightning" in test
 
 
 def test_pytest_config(pyproject):
