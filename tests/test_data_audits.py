@@ -7,10 +7,14 @@ threshold must stay silent.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import tlwidgets as tlw
 from tlwidgets import zoo
+from tlwidgets.diagnostics import audits
 
 DATA_CODES = (
     "data-leakage",
@@ -85,3 +89,106 @@ def test_every_data_code_has_two_forms_and_a_registered_twin():
             assert code in setup.expected
     for name in TWINS:
         assert zoo.get(name).healthy
+
+
+# ---------------------------------------------------------------------- data the audits cannot sample up front
+class RowsDataset(Dataset):
+    """A user's own ``Dataset``, as people write them: rows of numpy arrays turned into tensors one by one.
+
+    The audits do not index it up front (its ``__getitem__`` is user code): they read the batches the
+    Runner fetches anyway.
+    """
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.arrays = [t.numpy() for t in tensors]
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    def __getitem__(self, i: int):
+        self.calls += 1
+        return tuple(torch.as_tensor(np.asarray(a[i])) for a in self.arrays)
+
+
+def _as_custom(data):
+    """The same data, behind a ``RowsDataset`` (same batch size, shuffling and drop_last)."""
+    if not isinstance(data, DataLoader) or type(data.dataset) is not TensorDataset:
+        return data
+    return DataLoader(
+        RowsDataset(*data.dataset.tensors),
+        batch_size=data.batch_size,
+        shuffle=isinstance(data.sampler, RandomSampler),
+        drop_last=data.drop_last,
+    )
+
+
+def _custom_run(name: str, seed: int, *, stream: bool = False) -> tlw.Runner:
+    setup = zoo.get(name)
+    parts = setup.build(seed, data_seed=seed)
+    train, val = _as_custom(parts.pop("train_data")), _as_custom(parts.pop("val_data", None))
+    assert isinstance(train.dataset, RowsDataset), f"{name}: the zoo form is no longer a TensorDataset loader"
+    epochs = setup.run.get("epochs", 1)
+    if stream:  # a one-shot stream of batches: nothing can be read from it up front
+        loader = train
+        train = (batch for _ in range(epochs) for batch in loader)
+    runner = tlw.Runner(
+        parts.pop("model"), parts.pop("loss_fn"), parts.pop("optimizer"), train, val_data=val, **parts
+    )
+    calls = train.dataset.calls if not stream else 0
+    assert calls == 0 or stream, "the audits must not index a custom Dataset up front"
+    if stream:
+        runner.run(epochs=1)
+    else:
+        runner.run(**setup.run)
+    return runner
+
+
+# Forms whose bug is in the data the construction audits read (the first-step audits need no data set).
+CUSTOM_FORMS = {
+    code: names for code, names in FORMS.items() if code not in ("batch-mixing", "dropout-too-high")
+}
+CUSTOM_CASES = [
+    (code, name, seed) for code, names in CUSTOM_FORMS.items() for name in names for seed in (0, 1, 2)
+]
+
+
+@pytest.mark.parametrize(("code", "name", "seed"), CUSTOM_CASES, ids=[f"{n}-{s}" for _, n, s in CUSTOM_CASES])
+def test_data_bug_in_a_custom_dataset_is_reported(code, name, seed):
+    runner = _custom_run(name, seed)
+    got = runner.findings_with(code)
+    assert got, f"{name} seed {seed}: {[f.code for f in runner.findings]}"
+    assert got[0].evidence
+
+
+@pytest.mark.parametrize("name", ["data-leakage", "class-imbalance-digits", "train-val-shift-tabular"])
+def test_data_bug_in_a_stream_is_reported(name):
+    code = next(c for c, names in FORMS.items() if name in names)
+    runner = _custom_run(name, 0, stream=True)
+    assert runner.findings_with(code), [f.code for f in runner.findings]
+
+
+@pytest.mark.parametrize("name", TWINS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_twin_in_a_custom_dataset_stays_silent(name, seed):
+    setup = zoo.get(name)
+    parts = setup.build(seed, data_seed=seed)
+    if (
+        not isinstance(parts["train_data"], DataLoader)
+        or type(parts["train_data"].dataset) is not TensorDataset
+    ):
+        pytest.skip(f"{name} does not load a TensorDataset")
+    runner = _custom_run(name, seed)
+    loud = [f for f in runner.findings if f.severity in ("warning", "error")]
+    data = [f for f in runner.findings if f.code in DATA_CODES]
+    assert not loud and not data, [(f.code, f.message) for f in loud + data]
+
+
+def test_fetched_batches_stop_being_read_once_the_sample_is_complete():
+    """The audits read at most one epoch of a custom Dataset's batches, then the Runner stops showing them."""
+    runner = _custom_run("mlp-digits", 0)
+    assert not runner._tapped_splits, "after the first epoch end nothing more is shown to the audits"
+    audit = runner.diagnoser._audits[runner]
+    train = audit.fetched["train"].sample
+    assert 0 < train.examples <= audits.FETCHED_TRAIN + 256
+    assert audit.train is train and audit.val is audit.fetched["val"].sample

@@ -46,6 +46,10 @@ class Diagnoser(Protocol):
     def rank(self, findings: Sequence[Finding]) -> list[Finding]:
         """Most likely root cause first."""
 
+    # Optional (not part of the protocol check, so older diagnosers stay valid):
+    # ``on_batch(session, split, inputs, targets) -> bool`` is shown the batches a
+    # Runner reads (``split`` "train" or "val") until it returns False.
+
 
 class NullDiagnoser:
     """No rules: only the runner's own safety findings (used when diagnostics are absent)."""

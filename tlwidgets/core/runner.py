@@ -13,7 +13,7 @@ import operator
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -309,6 +309,10 @@ class Runner(FindingsMixin, ControlsMixin):
         self._pause = threading.Event()
         self._running = False
         self._closed = False
+        #: Splits whose batches the diagnoser still wants to see (its ``on_batch``): the data audits of
+        #: data that cannot be sampled up front read the batches the Runner reads anyway.
+        wants_batches = callable(getattr(self.diagnoser, "on_batch", None))
+        self._tapped_splits = {"train", "val"} if wants_batches else set()
         self._refresh_audit()
 
     # ------------------------------------------------------------------ public state
@@ -562,6 +566,8 @@ class Runner(FindingsMixin, ControlsMixin):
         # The batch was fetched by _maybe_end_epoch's peek (in _do_stage), which also ends epochs.
         inputs, targets = self.unpack(self._raw_batch)
         self._inputs, self._targets = inputs, targets
+        if self._tapped_splits:
+            self._show_batch("train", inputs, targets)
         if not self._measured:  # described when the loss is NaN/Inf (the likeliest origin)
             self.recorder.fetch_unmeasured(rec)
             return
@@ -927,7 +933,7 @@ class Runner(FindingsMixin, ControlsMixin):
             if self._source_failed:
                 self._cut_short(record)
             if self.val_data is not None:
-                metrics = self.evaluate(self.val_data)
+                metrics = self.evaluate(self._shown_batches("val", self.val_data))
                 record.val_loss = metrics.pop("loss")
                 record.val_metrics = metrics
             if sched is not None:
@@ -990,6 +996,33 @@ class Runner(FindingsMixin, ControlsMixin):
                 )
             ]
         )
+
+    def _show_batch(self, split: str, inputs: Any, targets: Any) -> None:
+        """Show a batch to the diagnoser while it wants batches of ``split`` (see ``_tapped_splits``)."""
+        if split not in self._tapped_splits:
+            return
+        try:
+            more = self.diagnoser.on_batch(self, split, inputs, targets)
+        except Exception as exc:  # the diagnoser's failure, never the user's batch
+            log.exception("diagnoser.on_batch raised")
+            self.diagnostic_errors.append(f"on_batch: {type(exc).__name__}: {exc}")
+            del self.diagnostic_errors[:-50]
+            more = False
+        if not more:
+            self._tapped_splits.discard(split)
+
+    def _shown_batches(self, split: str, data: Iterable[Any]) -> Iterable[Any]:
+        """``data``, each batch also shown to the diagnoser while it wants them."""
+        if split not in self._tapped_splits:
+            return data
+
+        def batches() -> Iterator[Any]:
+            for batch in data:
+                if split in self._tapped_splits:
+                    self._show_batch(split, *self.unpack(batch))
+                yield batch
+
+        return batches()
 
     def evaluate(self, data: Iterable[Any] | None = None) -> dict[str, float]:
         """Mean loss per example (and accuracy for class targets) over ``data`` (default: ``val_data``).

@@ -25,7 +25,11 @@ a ``DataLoader`` over a ``TensorDataset`` (or a ``Subset`` of one) by index (a
 seeded random subset when it is larger than the sample; the loader is not
 iterated, so no worker starts), a list of batches, an ``(X, y)`` pair or a
 tensor (at most ``MAX_BATCHES`` batches). Custom datasets and streams are not
-sampled (their ``__getitem__`` may decode files, augment or count calls).
+read up front (their ``__getitem__`` may decode files, augment or count calls):
+their audits read the batches the Runner fetches anyway (the first
+``FETCHED_TRAIN`` training examples, with label counts over the whole first
+epoch, and ``FETCHED_VAL`` examples of the first evaluation), and run at the
+first epoch end, or once the sample is full when the loader shuffles.
 Every audit preserves the global RNGs and the data loaders' generators, and
 the model's weights, buffers, mode and gradients. A failing audit is recorded
 in ``session.diagnostic_errors``, never raised into training.
@@ -94,6 +98,12 @@ SHIFT_SCALE = 2.0
 IMBALANCE_RATIO = 8.0
 IMBALANCE_MIN = 100
 IMBALANCE_PER_CLASS = 10
+#: Data that cannot be sampled up front (a custom ``Dataset``, a stream) is audited on the batches the Runner
+#: fetches: this many training examples (their label counts: the whole first epoch, up to
+#: ``FETCHED_LABELS``) and this many validation examples of the first evaluation.
+FETCHED_TRAIN = 4_096
+FETCHED_VAL = 2_000
+FETCHED_LABELS = 1_000_000
 #: labels-decoupled: steps before the check without an epoch end; relative gain over the prior needed.
 DECOUPLED_STEPS = 300
 DECOUPLED_MIN_STEPS = 10
@@ -244,41 +254,45 @@ def sample_data(data: Any, unpack: Any, limit: int, projector: _Projector, *, ne
     try:
         with rng_preserved(), torch.no_grad():
             for inputs, targets in _batches(data, unpack, limit):
-                x = input_tensor(inputs)
-                if x is None or x.dim() == 0:
-                    continue
-                x = x.detach().cpu()
-                n = int(x.shape[0])
-                if out.first_inputs is None:
-                    out.first_inputs = _map(
-                        inputs, lambda t, n=n: t[:MIX_EXAMPLES] if t.dim() and t.shape[0] == n else t
-                    )
-                    out.first_x = x[:256]
-                    out.integer_inputs = not x.is_floating_point()
-                    out.layout = tuple(x.shape[1:])
-                if tuple(x.shape[1:]) != out.layout:
-                    continue  # variable-size examples (padded sequences): keep the first layout only
-                _digest(out, inputs, n)
-                flat = x.reshape(n, -1).double()
-                if flat.is_floating_point() and torch.isfinite(flat).all():
-                    if sum(p.shape[0] for p in out.proj) < near:
-                        out.proj.append(projector(flat)[: near - sum(p.shape[0] for p in out.proj)])
-                    f = feature_view(x)
-                    if out.feat_sum is None:
-                        out.feat_n = torch.zeros(())
-                        out.feat_sum = torch.zeros(f.shape[1], dtype=torch.float64)
-                        out.feat_sq = torch.zeros(f.shape[1], dtype=torch.float64)
-                    out.feat_n += f.shape[0]
-                    out.feat_sum += f.sum(0)
-                    out.feat_sq += (f * f).sum(0)
-                _count_labels(out, targets, n)
-                out.examples += n
-                nbytes += x.element_size() * x.numel()
+                nbytes += add_batch(out, inputs, targets, projector, near=near)
                 if out.examples >= limit or nbytes >= MAX_BYTES or time.perf_counter() - start > MAX_SECONDS:
                     break
     finally:
         restore_generators(gens)
     return out
+
+
+def add_batch(out: Sample, inputs: Any, targets: Any, projector: _Projector, *, near: int) -> int:
+    """Add one ``(inputs, targets)`` batch to ``out``; the bytes of inputs read (0: nothing usable)."""
+    x = input_tensor(inputs)
+    if x is None or x.dim() == 0:
+        return 0
+    x = x.detach().cpu()
+    n = int(x.shape[0])
+    if out.first_inputs is None:
+        out.first_inputs = _map(inputs, lambda t, n=n: t[:MIX_EXAMPLES] if t.dim() and t.shape[0] == n else t)
+        out.first_x = x[:256]
+        out.integer_inputs = not x.is_floating_point()
+        out.layout = tuple(x.shape[1:])
+    if tuple(x.shape[1:]) != out.layout:
+        return 0  # variable-size examples (padded sequences): keep the first layout only
+    _digest(out, inputs, n)
+    flat = x.reshape(n, -1).double()
+    if flat.is_floating_point() and torch.isfinite(flat).all():
+        kept = sum(p.shape[0] for p in out.proj)
+        if kept < near:
+            out.proj.append(projector(flat)[: near - kept])
+        f = feature_view(x)
+        if out.feat_sum is None:
+            out.feat_n = torch.zeros(())
+            out.feat_sum = torch.zeros(f.shape[1], dtype=torch.float64)
+            out.feat_sq = torch.zeros(f.shape[1], dtype=torch.float64)
+        out.feat_n += f.shape[0]
+        out.feat_sum += f.sum(0)
+        out.feat_sq += (f * f).sum(0)
+    _count_labels(out, targets, n)
+    out.examples += n
+    return x.element_size() * x.numel()
 
 
 def _digest(out: Sample, inputs: Any, n: int) -> None:
@@ -299,7 +313,8 @@ def _digest(out: Sample, inputs: Any, n: int) -> None:
         out.digests.append(h.digest())
 
 
-def _count_labels(out: Sample, targets: Any, n: int) -> None:
+def _count_labels(out: Sample, targets: Any, n: int, *, probe: bool = True) -> None:
+    """Label counts of one batch (and, with ``probe``, its labels for the labels probe)."""
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != n:
         return
     y = targets.detach().cpu()
@@ -312,7 +327,8 @@ def _count_labels(out: Sample, targets: Any, n: int) -> None:
             return
         c = np.bincount(y.numpy().astype(np.int64), minlength=1)
         out.labels = c if out.labels is None else _add(out.labels, c)
-        out.probe_y.append(y.long())
+        if probe:
+            out.probe_y.append(y.long())
         return
     yf = y.double()
     if not bool(torch.isfinite(yf).all()):
@@ -323,7 +339,8 @@ def _count_labels(out: Sample, targets: Any, n: int) -> None:
         out.binary = c if out.binary is None else out.binary + c
     s = out.reg or [0.0, 0.0, 0.0]
     out.reg = [s[0] + n, s[1] + float(yf.sum()), s[2] + float((yf * yf).sum())]
-    out.probe_y.append(yf)
+    if probe:
+        out.probe_y.append(yf)
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -351,20 +368,27 @@ def audit_leakage(train: Sample, val: Sample, step: int = 0) -> Finding | None:
     cover = min(1.0, train.examples / train.total) if train.total else 1.0
     near: list[int] = []
     near_rate = 0.0
+    near_rows = 0
     pt, pv = train.projected, val.projected
     checked = 0
     near_cover = 1.0
     if pt is not None and pv is not None and pt.shape[0] >= 8 and pv.shape[0] >= 1:
-        k = min(512, pt.shape[0])
-        d_tt = torch.cdist(pt[:k], pt)
-        d_tt[torch.arange(k), torch.arange(k)] = math.inf
-        d_tt[d_tt == 0] = math.inf  # identical rows are counted by the digests
-        nn_tt = d_tt.min(1).values
+        # Every kept training row's nearest other training row (in chunks: at most NEAR_TRAIN rows): the
+        # chance rate of near twins is estimated from all of them, not a few.
+        parts = []
+        for s0 in range(0, pt.shape[0], 512):
+            d_tt = torch.cdist(pt[s0 : s0 + 512], pt)
+            rows = torch.arange(d_tt.shape[0])
+            d_tt[rows, rows + s0] = math.inf
+            d_tt[d_tt == 0] = math.inf  # identical rows are counted by the digests
+            parts.append(d_tt.min(1).values)
+        nn_tt = torch.cat(parts)
         nn_tt = nn_tt[torch.isfinite(nn_tt)]
         typical = float(nn_tt.median()) if nn_tt.numel() else math.nan
         if math.isfinite(typical) and typical > 0:
             thr = NEAR_FRACTION * typical
             near_rate = float((nn_tt < thr).double().mean())
+            near_rows = int(nn_tt.numel())
             d_vt = torch.cdist(pv, pt)
             d_vt[d_vt == 0] = math.inf
             exact_set = set(exact)
@@ -375,12 +399,16 @@ def audit_leakage(train: Sample, val: Sample, step: int = 0) -> Finding | None:
             near_cover = min(1.0, pt.shape[0] / (train.total or max(train.examples, 1)))
     n_val = len(val.digests)
 
-    def excess(found: int, rate: float, n: int) -> float:
+    def excess(found: int, rate: float, n: int, rate_rows: int | None = None, slack: float = 1.0) -> float:
+        """Found beyond the chance count ``rate * n``: Poisson noise of the count, plus the uncertainty of
+        ``rate`` when it was estimated from ``rate_rows`` rows (a two-sample comparison)."""
         expected = rate * n
-        return found - expected if found > expected + 3 * math.sqrt(expected) + 1 else 0.0
+        var = expected + (n * n * rate * (1 - rate) / rate_rows if rate_rows else 0.0)
+        return found - expected if found > expected + 3 * math.sqrt(var) + slack else 0.0
 
     x_exact = excess(len(exact), dup_rate * cover, n_val)
-    x_near = excess(len(near), near_rate, checked) if checked else 0.0
+    # Near twins are a softer test than identical digests (dense low-dimensional data has them by chance).
+    x_near = excess(len(near), near_rate, checked, near_rows, slack=2.0) if checked else 0.0
     if not x_exact and not x_near:
         return None
     fraction = min(
@@ -706,55 +734,187 @@ def audit_dropout(session: Any, train: Sample, step: int) -> Finding | None:
 
 
 # ====================================================================== per session
+class _Fetched:
+    """A sample built from the batches a Runner reads (data that cannot be sampled up front)."""
+
+    def __init__(self, total: int | None, cap: int, *, labels_past_cap: bool, projector: _Projector) -> None:
+        self.sample = Sample(total=total)
+        self.cap = cap
+        self.labels_past_cap = labels_past_cap
+        self.projector = projector
+        self.bytes = 0
+        self.seconds = 0.0
+        self.labelled = 0  # examples whose labels were counted (past the cap too)
+        self.complete = False  # a whole pass (epoch / evaluation) was seen
+
+    @property
+    def full(self) -> bool:
+        """Nothing more is kept (cap, bytes or time reached)."""
+        s = self.sample
+        return s.examples >= self.cap or self.bytes >= MAX_BYTES or self.seconds > MAX_SECONDS
+
+    def add(self, inputs: Any, targets: Any) -> bool:
+        """Keep what the batch adds; whether more batches are wanted."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if not self.full:
+                self.bytes += add_batch(self.sample, inputs, targets, self.projector, near=self.cap)
+                x = input_tensor(inputs)
+                self.labelled += int(x.shape[0]) if x is not None and x.dim() else 0
+            elif self.labels_past_cap and self.labelled < FETCHED_LABELS:
+                x = input_tensor(inputs)
+                n = int(x.shape[0]) if x is not None and x.dim() else 0
+                if n:
+                    _count_labels(self.sample, targets, n, probe=False)
+                    self.labelled += n
+        self.seconds += time.perf_counter() - t0
+        return not self.full or (self.labels_past_cap and self.labelled < FETCHED_LABELS)
+
+
+def _shuffled(data: Any) -> bool:
+    """A ``DataLoader`` that draws its batches at random: its first batches stand for the whole set."""
+    return isinstance(data, DataLoader) and isinstance(
+        getattr(data, "sampler", None), torch.utils.data.RandomSampler
+    )
+
+
 class DataAudit:
-    """The data audits of one Runner: the schedule, and what each found (cached, reported once)."""
+    """The data audits of one Runner: the schedule, and what each found (cached, reported once).
+
+    Data that can be read without running user code is sampled at construction.
+    Other data (a custom ``Dataset``, a stream) is audited on the batches the
+    Runner reads anyway (:meth:`on_batch`): the first ``FETCHED_TRAIN`` training
+    examples and ``FETCHED_VAL`` validation examples of the first evaluation.
+    Its audits run when the sample stands for the data: at the first epoch end,
+    or as soon as the sample is full when the loader shuffles.
+    """
 
     def __init__(self) -> None:
         self.train: Sample | None = None
+        self.val: Sample | None = None
         self.prior: Prior | None = None
         self.construction: list[Finding] = []
         self.first_step_done = False
         self.decoupled_done = False
         self.decoupled_checks = 0
+        self._proj = _Projector()
+        self.fetched: dict[str, _Fetched] = {}
+        self.split_done = False  # leakage and shift have run
+        self.constructed = False
 
     def at_construction(self, session: Any, run: Callable[[str, Callable[[], Any]], Any]) -> list[Finding]:
         """Leakage, shift, channel order, imbalance (and the labels probe) on bounded samples."""
+        self.constructed = True
         unpack = getattr(session, "unpack", None)
-        proj = _Projector()
+        proj = self._proj
         train = run(
             "sample-train",
             lambda: sample_data(session.train_data, unpack, TRAIN_EXAMPLES, proj, near=NEAR_TRAIN),
         )
         if train is None:
             return []
-        self.train = train
-        found = [
-            run("channel-order", lambda: audit_channel_order(train)),
-            run("class-imbalance", lambda: audit_imbalance(train, session.loss_fn)),
-        ]
-        self.prior = run("label-prior", lambda: label_prior(train, session.loss_fn))
+        found: list[Finding | None] = []
+        if train.examples:
+            found.extend(self._train_audits(session, train, run, step=0))
+        else:
+            self.fetched["train"] = _Fetched(
+                _length(session.train_data), FETCHED_TRAIN, labels_past_cap=True, projector=proj
+            )
         val_data = getattr(session, "val_data", None)
         if val_data is not None:
             val = run(
                 "sample-val", lambda: sample_data(val_data, unpack, VAL_EXAMPLES, proj, near=VAL_EXAMPLES)
             )
-            if val is not None:
-                found.append(run("data-leakage", lambda: audit_leakage(train, val)))
-                found.append(run("train-val-shift", lambda: audit_shift(train, val)))
+            if val is not None and val.examples:
+                self.val = val
+            elif val is not None:
+                self.fetched["val"] = _Fetched(
+                    _length(val_data), FETCHED_VAL, labels_past_cap=False, projector=proj
+                )
+        found.extend(self._split_audits(run, step=0))
         self.construction = [f for f in found if f is not None]
         return self.construction
 
+    def _train_audits(
+        self, session: Any, train: Sample, run: Callable[[str, Callable[[], Any]], Any], step: int
+    ) -> list[Finding | None]:
+        self.train = train
+        self.prior = run("label-prior", lambda: label_prior(train, session.loss_fn))
+        return [
+            run("channel-order", lambda: audit_channel_order(train, step)),
+            run("class-imbalance", lambda: audit_imbalance(train, session.loss_fn, step)),
+        ]
+
+    def _split_audits(self, run: Callable[[str, Callable[[], Any]], Any], step: int) -> list[Finding | None]:
+        train, val = self.train, self.val
+        if self.split_done or train is None or val is None:
+            return []
+        self.split_done = True
+        return [
+            run("data-leakage", lambda: audit_leakage(train, val, step)),
+            run("train-val-shift", lambda: audit_shift(train, val, step)),
+        ]
+
+    # ------------------------------------------------------------------ data read by the Runner
+    def wants(self, split: str) -> bool:
+        """Whether :meth:`on_batch` still keeps batches of ``split`` (``"train"`` or ``"val"``)."""
+        f = self.fetched.get(split)
+        return f is not None and not f.complete
+
+    def on_batch(self, split: str, inputs: Any, targets: Any) -> bool:
+        """Keep what a batch the Runner read adds to the sample of its split; whether more are wanted."""
+        f = self.fetched.get(split)
+        if f is None or f.complete:
+            return False
+        more = f.add(inputs, targets)
+        if not more:
+            f.complete = f.complete or split == "val"
+        return more
+
+    def pass_ended(self, split: str) -> None:
+        """A whole epoch (``"train"``) or evaluation (``"val"``) was read."""
+        f = self.fetched.get(split)
+        if f is not None:
+            f.complete = True
+
+    def fetched_audits(
+        self, session: Any, run: Callable[[str, Callable[[], Any]], Any], *, epoch_end: bool
+    ) -> list[Finding]:
+        """The audits whose fetched samples are ready now (see the class docstring)."""
+        step = int(session.global_step)
+        found: list[Finding | None] = []
+        ft = self.fetched.get("train")
+        if ft is not None and self.train is None and ft.sample.examples:
+            if epoch_end:
+                ft.complete = True
+            if ft.complete or (ft.full and _shuffled(session.train_data)):
+                found.extend(self._train_audits(session, ft.sample, run, step))
+        fv = self.fetched.get("val")
+        if fv is not None and self.val is None and fv.complete and fv.sample.examples:
+            self.val = fv.sample
+        found.extend(self._split_audits(run, step))
+        return [f for f in found if f is not None]
+
+    @property
+    def first_inputs(self) -> Any:
+        """The first training examples read (sampled up front or fetched), for the first-step audits."""
+        if self.train is not None:
+            return self.train
+        ft = self.fetched.get("train")
+        return ft.sample if ft is not None and ft.sample.first_inputs is not None else None
+
     def at_first_step(self, session: Any, run: Callable[[str, Callable[[], Any]], Any]) -> list[Finding]:
         """Batch mixing and functional dropout, once, after the model has run a step."""
-        if self.first_step_done or self.train is None:
+        sample = self.first_inputs
+        if self.first_step_done or sample is None:
             return []
         self.first_step_done = True
         if getattr(session, "forward", call_model) is not call_model:
             return []  # a custom forward= is user code that may count its calls: the probes do not call it
         step = int(session.global_step)
         found = [
-            run("batch-mixing", lambda: audit_batch_mixing(session, self.train, step)),
-            run("dropout", lambda: audit_dropout(session, self.train, step)),
+            run("batch-mixing", lambda: audit_batch_mixing(session, sample, step)),
+            run("dropout", lambda: audit_dropout(session, sample, step)),
         ]
         return [f for f in found if f is not None]
 

@@ -197,7 +197,7 @@ class RuleDiagnoser:
         found = self._run(self._applicable(self._setup, session.kind, "setup"), session)
         data = self._data_audit(session)
         if data is not None:
-            if data.train is None and not data.construction:
+            if not data.constructed:
                 data.construction = data.at_construction(session, self._audit_runner(session)) or []
             found.extend(data.construction)
         return found
@@ -241,12 +241,22 @@ class RuleDiagnoser:
         ]
         found = self._run(due, session)
         data = self._data_audit(session)
-        if data is not None and data.train is not None:
+        if data is not None and data.constructed:
             run = self._audit_runner(session)
+            found.extend(data.fetched_audits(session, run, epoch_end=False))
             found.extend(data.at_first_step(session, run))
             if step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0:
                 found.extend(data.decoupled(session, None, self._explained(session), run))
         return found
+
+    def on_batch(self, session: Any, split: str, inputs: Any, targets: Any) -> bool:
+        """A batch the Runner read (``split``: ``"train"`` or ``"val"``), kept for the audits of data that
+        could not be sampled up front (a custom ``Dataset``, a stream); whether more batches are wanted."""
+        data = self._data_audit(session)
+        if data is None or not data.constructed or not data.wants(split):
+            return False
+        run = self._audit_runner(session)
+        return bool(run("fetched-sample", lambda: data.on_batch(split, inputs, targets)))
 
     @staticmethod
     def _explained(session: Any) -> bool:
@@ -258,9 +268,14 @@ class RuleDiagnoser:
         labels-decoupled."""
         found = self._run(self._applicable(self._epoch, session.kind, "epoch"), session, record)
         data = self._data_audit(session)
-        if data is not None and data.train is not None and getattr(record, "ok", True):
+        if data is not None and data.constructed and getattr(record, "ok", True):
+            run = self._audit_runner(session)
+            data.pass_ended("train")
+            if getattr(record, "val_loss", None) is not None:
+                data.pass_ended("val")
+            found.extend(data.fetched_audits(session, run, epoch_end=True))
             val = getattr(record, "val_loss", None)
-            found.extend(data.decoupled(session, val, self._explained(session), self._audit_runner(session)))
+            found.extend(data.decoupled(session, val, self._explained(session), run))
         return found
 
     def explain(self, exc: BaseException, stage: Stage | None, context: dict[str, Any], step: int) -> Finding:
