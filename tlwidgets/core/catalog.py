@@ -513,6 +513,19 @@ _SPECS: tuple[Spec, ...] = (
         "or build the final layer with out_features=num_classes.",
         "error",
     ),
+    # --- distributed ---------------------------------------------------------------------------------
+    Spec(
+        Code.RANK_DIVERGENCE,
+        _E,
+        "Replicas drifted apart",
+        "The copies of the model on the ranks of a distributed run no longer hold the same weights or "
+        "buffers, because something changed one replica only (an edit on one rank, a step under "
+        "no_sync(), buffers not broadcast with broadcast_buffers=False).",
+        "Change weights on every rank alike (or only before wrapping in DistributedDataParallel, which "
+        "broadcasts rank 0's), keep broadcast_buffers=True or use nn.SyncBatchNorm.convert_sync_batchnorm(), "
+        "and restart from rank 0's checkpoint.",
+        "trend",
+    ),
     Spec(
         Code.STAGE_ERROR,
         _E,

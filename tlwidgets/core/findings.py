@@ -72,6 +72,7 @@ class Code(str, enum.Enum):
     TRAIN_VAL_SHIFT = "train-val-shift"
     MISSING_ACTIVATION = "missing-activation"
     DROPOUT_TOO_HIGH = "dropout-too-high"
+    RANK_DIVERGENCE = "rank-divergence"
     OVERFITTING = "overfitting"
     SHAPE_MISMATCH = "shape-mismatch"
     DEVICE_MISMATCH = "device-mismatch"

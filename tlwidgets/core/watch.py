@@ -40,7 +40,7 @@ import itertools
 import logging
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ from torch import nn
 
 from tlwidgets.core.batches import tensors_in
 from tlwidgets.core.controls import ControlsMixin, optimizer_param_ids
+from tlwidgets.core.distributed import RankSync, attach
+from tlwidgets.core.findings import Finding
 from tlwidgets.core.graph import reached_params, reaches_any
 from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import StageRecord
@@ -284,6 +286,10 @@ class Watcher(FindingsMixin, ControlsMixin):
     diagnostic_errors
         Failures inside tlwidgets itself (a hook, a statistic, a rule): kept
         here and logged, never raised into the user's loop.
+    distributed
+        Under ``torch.distributed`` with more than one rank, this rank's
+        :class:`~tlwidgets.core.distributed.RankSync` (rank 0's findings and
+        history then cover every rank); ``None`` in a single process.
     """
 
     kind = "watch"
@@ -370,6 +376,8 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._measure_clip = False
         self._clip_handles: list[Any] = []
         self._hooked: list[int] = []
+        #: This rank's share of a distributed run (None in a single process: nothing runs, nothing costs).
+        self.distributed: RankSync | None = None
         self._install()
         self._refresh_audit()
 
@@ -414,6 +422,17 @@ class Watcher(FindingsMixin, ControlsMixin):
             _protect(self.loss_fn)
         self._hook_params()
         self._clip_pre = [None] * len(self.named_params)
+        try:
+            self.distributed = attach(self)
+        except Exception as exc:  # a half-initialized process group: watch this rank alone
+            self._internal_error("distributed setup", exc)
+        if self.distributed is not None:
+            inner = self.distributed.forward_module  # DDP's .module: its buffers as DDP broadcast them
+            self._handles.append(
+                inner.register_forward_pre_hook(self._hook(self.distributed.on_forward, "distributed hook"))
+            )
+            _protect(inner)
+            self._extra_protected = inner
 
     def _hook_params(self) -> None:
         """Gradient hooks on a few trainable parameters the optimizer holds, spread over the model.
@@ -795,6 +814,8 @@ class Watcher(FindingsMixin, ControlsMixin):
             return  # the inner call of a nested step() ended; the outer one is the step
         self._finish_pass()  # the last pass of a closure
         self._end_step()
+        if self.distributed is not None:
+            self._sync_ranks()
         measured = self.tracker.measuring(self.global_step)
         try:
             numbers = self.tracker.record_step(
@@ -840,6 +861,20 @@ class Watcher(FindingsMixin, ControlsMixin):
             else:
                 self._last_fp.pop(i, None)
 
+    def _sync_ranks(self) -> None:
+        """A distributed run's sync step: the loss averaged over the ranks, the other ranks' findings."""
+        sync = self.distributed
+        try:
+            self._loss_value = sync.on_step(self.global_step, self._loss_value)
+        except Exception as exc:  # the sync stopped itself (RankSync.stopped); this rank goes on
+            self._internal_error("distributed sync", exc)
+        FindingsMixin._publish(self, sync.take_remote())
+
+    def _publish(self, findings: Iterable[Finding]) -> None:
+        # Rank 0 names the other ranks that raised the same finding (DDP: see core/distributed.py).
+        sync = self.distributed
+        super()._publish(sync.own(findings) if sync is not None else findings)
+
     def _emit_step(self, lrs: list[float]) -> None:
         self.recorder.announce_step(batch=0, loss=self._loss_value, lrs=lrs, exact=False, duration_s=0.0)
 
@@ -857,6 +892,19 @@ class Watcher(FindingsMixin, ControlsMixin):
         if not interrupted and self.loop.backwards and not self.loop.steps:
             self.loop.backwards_without_step = max(self.loop.backwards_without_step, self.loop.backwards)
         self._diagnose_loop()
+        sync = self.distributed
+        if sync is not None and sync.stopped is None:
+            if interrupted:  # never a collective after an exception: the other ranks may not come
+                sync.leave("this rank's loop ended with an exception")
+                return
+            seen = sync.comparisons
+            try:  # the findings of the loop's end reach rank 0; a last look at the replicas
+                sync.on_finish(self.global_step, self._loss_value)
+            except Exception as exc:
+                self._internal_error("distributed sync", exc)
+            FindingsMixin._publish(self, sync.take_remote())
+            if sync.comparisons != seen:
+                self._diagnose_loop()  # the rank-divergence loop rule reads the last comparison
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -870,7 +918,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._handles, self._grad_handles = [], []
         self._pass, self._pending_forward = None, None
         self._terms.clear()
-        for m in (self.model, self.loss_fn):
+        if self.distributed is not None and self.distributed.stopped is None:
+            self.distributed.leave("the watcher was closed")
+        for m in (self.model, self.loss_fn, getattr(self, "_extra_protected", None)):
             if m is not None:
                 try:
                     _unprotect(m)

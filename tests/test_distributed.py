@@ -1,0 +1,297 @@
+"""``tlw.watch()`` in a DDP run: 2 gloo ranks on CPU, started with ``torch.multiprocessing.spawn``.
+
+Every scenario runs in one spawn (starting processes and importing torch costs seconds; the
+scenarios take well under a second each): the workers write what their watchers saw to a JSON file
+per rank, and each test reads the scenario it is about. A deadlock fails the fixture through its
+timeout instead of hanging the suite.
+
+Without the sync of ``tlwidgets.core.distributed`` rank 0 would not see rank 1's finding, a
+replica changed by hand or a buffer that is not broadcast, and its loss history would be its own
+shard's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_rules_support import cnn_bn, digits, mlp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tlwidgets as tlw
+from tlwidgets.core import distributed
+
+WORLD = 2
+#: Seconds the whole spawn may take before the fixture fails (a deadlock, not a slow machine).
+SPAWN_TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------------------------- the workers
+def _batches(
+    rank: int, steps: int, batch: int = 32, scale: float = 1.0, seed: int = 0
+) -> list[tuple[Any, Any]]:
+    """Rank ``rank``'s shard of the digits, ``steps`` batches (each rank its own examples)."""
+    x, y = digits(1200)
+    x, y = x[rank::WORLD] * scale, y[rank::WORLD]
+    g = torch.Generator().manual_seed(seed + rank)
+    out = []
+    while len(out) < steps:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = perm[i : i + batch]
+            out.append((x[idx], y[idx]))
+    return out[:steps]
+
+
+def _summary(w: Any, local_losses: list[float]) -> dict[str, Any]:
+    sync = w.distributed
+    return {
+        "findings": [
+            {
+                "code": f.code,
+                "severity": f.severity,
+                "message": f.message,
+                "params": list(f.params),
+                "ranks": f.evidence.get("ranks"),
+            }
+            for f in w.findings
+        ],
+        "loss": [float(v) for v in w.history.loss],
+        "local": local_losses,
+        "steps": int(w.global_step),
+        "stopped": sync.stopped if sync is not None else "no sync",
+        "syncs": sync.syncs if sync is not None else 0,
+        "sync_seconds": sync.sync_seconds if sync is not None else 0.0,
+        "errors": list(w.diagnostic_errors),
+    }
+
+
+def _train(
+    rank: int,
+    *,
+    model: nn.Module,
+    steps: int = 60,
+    lr: float = 0.05,
+    momentum: float = 0.0,
+    wrap: bool = True,
+    watch_inner: bool = False,
+    broadcast_buffers: bool = True,
+    leave_out: str | None = None,
+    scale: float = 1.0,
+    tamper: tuple[int, int, str] | None = None,
+    raise_at: tuple[int, int] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """A plain DDP loop under ``tlw.watch``; returns what rank ``rank``'s watcher saw."""
+    ddp = DDP(model, broadcast_buffers=broadcast_buffers) if wrap else model
+    params = [p for n, p in model.named_parameters() if n != leave_out]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    crit = nn.CrossEntropyLoss()
+    local: list[float] = []
+    w = tlw.watch(model if watch_inner else ddp, opt, loss_fn=crit, **options)
+    start = time.perf_counter()
+    try:
+        with w:
+            for step, (x, y) in enumerate(_batches(rank, steps, scale=scale)):
+                if raise_at is not None and raise_at == (rank, step):
+                    raise RuntimeError("rank left the loop")
+                opt.zero_grad()
+                loss = crit(ddp(x), y)
+                loss.backward()
+                opt.step()
+                local.append(float(loss))
+                if tamper is not None and tamper[:2] == (rank, step):
+                    with torch.no_grad():
+                        dict(model.named_parameters())[tamper[2]].add_(1.0)
+    except RuntimeError as exc:
+        if "rank left the loop" not in str(exc):
+            raise
+    out = _summary(w, local)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _scenarios(rank: int) -> dict[str, dict[str, Any]]:
+    torch.manual_seed(0)
+    res: dict[str, dict[str, Any]] = {}
+    res["healthy"] = _train(rank, model=mlp((64, 32, 10)))
+    res["healthy-bn-inner"] = _train(rank, model=cnn_bn(classes=10), watch_inner=True)
+    res["not-in-optimizer"] = _train(rank, model=mlp((64, 32, 10)), leave_out="2.bias", steps=30)
+    res["lr-too-high"] = _train(rank, model=mlp((64, 32, 10)), lr=3.0, momentum=0.9, steps=30)
+    res["lr-too-low"] = _train(rank, model=mlp((64, 32, 10)), lr=1e-6, steps=30)
+    res["tampered"] = _train(rank, model=mlp((64, 32, 10)), tamper=(1, 20, "0.weight"), steps=40)
+    res["tampered-inner"] = _train(
+        rank, model=mlp((64, 32, 10)), watch_inner=True, tamper=(1, 250, "2.weight"), steps=300
+    )
+    res["buffers-not-broadcast"] = _train(rank, model=cnn_bn(classes=10), broadcast_buffers=False, steps=20)
+    res["rank1-only"] = _train(rank, model=mlp((64, 32, 10)), scale=1.0 if rank == 0 else 300.0, steps=20)
+    # Last: rank 1 leaves its loop with an exception at step 5 while rank 0 goes on (a model without
+    # DDP, so only tlwidgets could make rank 0 wait); its next sync must give up, not hang.
+    res["rank1-raises"] = _train(rank, model=mlp((64, 32, 10)), wrap=False, raise_at=(1, 5), steps=40)
+    return res
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["TLW_STRICT_RULES"] = "1"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    distributed.TIMEOUT_S = 20.0  # a rank that never comes fails fast here (the store says so sooner)
+    try:
+        res = _scenarios(rank)
+    except BaseException:
+        res = {"crash": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run every scenario on 2 gloo ranks; the results of rank 0 and rank 1."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    ctx = mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2-rank run did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
+    out = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for r, res in enumerate(out):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return out
+
+
+def _problems(res: dict[str, Any]) -> list[str]:
+    return [f"{f['code']}: {f['message']}" for f in res["findings"] if f["severity"] in ("warning", "error")]
+
+
+def _top3(res: dict[str, Any]) -> list[str]:
+    return [f["code"] for f in res["findings"][:3]]
+
+
+def _find(res: dict[str, Any], code: str) -> dict[str, Any]:
+    got = [f for f in res["findings"] if f["code"] == code]
+    assert got, f"no {code} in {[f['code'] for f in res['findings']]}"
+    return got[0]
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("scenario", ["healthy", "healthy-bn-inner"])
+def test_healthy_ddp_run_is_silent_and_has_one_loss_per_step(ranks, scenario) -> None:
+    r0, r1 = ranks[0][scenario], ranks[1][scenario]
+    assert _problems(r0) == [] and _problems(r1) == []
+    assert r0["errors"] == [] and r1["errors"] == []
+    assert len(r0["loss"]) == r0["steps"] == 60
+    assert r0["stopped"] == "finished" and r0["syncs"] == 61  # 60 steps (all dense) and the end
+
+
+def test_rank0_loss_is_the_mean_over_ranks(ranks) -> None:
+    r0, r1 = ranks[0]["healthy"], ranks[1]["healthy"]
+    mean = (np.array(r0["local"]) + np.array(r1["local"])) / 2
+    np.testing.assert_allclose(r0["loss"], mean, rtol=1e-6)
+    assert not np.allclose(r0["loss"], r0["local"])  # not rank 0's own shard
+
+
+@pytest.mark.parametrize(
+    "scenario, code, named",
+    [
+        ("not-in-optimizer", "param-not-in-optimizer", "2.bias"),
+        ("lr-too-high", "lr-too-high", "0.weight"),
+        ("lr-too-low", "lr-too-low", "0.weight"),
+    ],
+)
+def test_the_bug_is_named_in_rank0s_top_three(ranks, scenario, code, named) -> None:
+    r0 = ranks[0][scenario]
+    assert code in _top3(r0), r0["findings"]
+    assert any(p.endswith(named) for p in _find(r0, code)["params"])
+    # Every rank raised it: listed once, naming both.
+    assert _find(r0, code)["ranks"] == [0, 1]
+
+
+def test_a_replica_changed_by_hand_is_rank_divergence(ranks) -> None:
+    r0 = ranks[0]["tampered"]
+    f = _find(r0, "rank-divergence")
+    assert f["params"] == ["module.0.weight"] and f["severity"] == "error"
+    assert "rank 1" in f["message"] and f["ranks"] == [1]
+    assert "rank-divergence" in _top3(r0)
+    assert "rank-divergence" not in [g["code"] for g in ranks[0]["healthy"]["findings"]]
+
+
+def test_divergence_in_the_sparse_phase_of_the_inner_module(ranks) -> None:
+    """Watching the module inside DDP; the change at step 250 (sync every 20th step by then)."""
+    r0 = ranks[0]["tampered-inner"]
+    f = _find(r0, "rank-divergence")
+    assert f["params"] == ["2.weight"] and "rank 1" in f["message"]
+    assert r0["syncs"] == 200 + 5 + 1  # dense for 200 steps, then every 20th (200..280), the end
+
+
+def test_buffers_that_are_not_broadcast_are_rank_divergence(ranks) -> None:
+    r0 = ranks[0]["buffers-not-broadcast"]
+    f = _find(r0, "rank-divergence")
+    assert f["params"] and all("running_" in p for p in f["params"]), f["params"]
+    assert "buffer" in f["message"] and "rank 1" in f["message"]
+
+
+def test_a_finding_only_rank1_sees_reaches_rank0_naming_rank1(ranks) -> None:
+    r0, r1 = ranks[0]["rank1-only"], ranks[1]["rank1-only"]
+    assert "input-not-normalized" in [f["code"] for f in r1["findings"]]
+    f = _find(r0, "input-not-normalized")
+    assert f["ranks"] == [1] and f["message"].startswith("on rank 1: ")
+    assert len([g for g in r0["findings"] if g["code"] == "input-not-normalized"]) == 1
+
+
+def test_an_exception_on_one_rank_does_not_hang_the_other(ranks) -> None:
+    r0, r1 = ranks[0]["rank1-raises"], ranks[1]["rank1-raises"]
+    assert r1["steps"] == 5 and "exception" in r1["stopped"]
+    assert r0["steps"] == 40 and len(r0["loss"]) == 40
+    assert "left" in r0["stopped"]
+    assert r0["seconds"] < 10  # told by the store, not by the 20 s timeout
+
+
+def test_single_process_watch_has_no_sync() -> None:
+    assert not dist.is_initialized()
+    model = mlp((64, 32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = nn.CrossEntropyLoss()
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for x, y in _batches(0, 5):
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+    assert w.distributed is None and len(w.history.loss) == 5
+    assert all("ranks" not in f.evidence for f in w.findings)
+
+
+def test_fingerprints_see_small_drifts_and_not_rounding() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    ref = distributed.fingerprints([w])
+    same, _ = distributed._differs(ref, distributed.fingerprints([w.clone()]), distributed.TOLERANCE)
+    assert not same.any()
+    # The same tensor summed in another order (another thread count) rounds differently.
+    shuffled = w.reshape(-1)[torch.randperm(w.numel())].reshape(w.shape)
+    rounding, _ = distributed._differs(ref, distributed.fingerprints([shuffled]), distributed.TOLERANCE)
+    assert not rounding.any()
+    # One SGD step at an update/weight ratio of 1e-4, orthogonal-ish to the weights.
+    step = torch.randn_like(w) * (1e-4 * w.norm() / w.numel() ** 0.5)
+    drift, rel = distributed._differs(ref, distributed.fingerprints([w + step]), distributed.TOLERANCE)
+    assert drift.all(), rel
+    ints = distributed.fingerprints([torch.tensor(7), torch.zeros(3, dtype=torch.bfloat16)])
+    assert np.isfinite(ints).all()
