@@ -13,6 +13,7 @@ this module imports Lightning; ``import tlwidgets`` does not.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from typing import Any
 
@@ -148,6 +149,14 @@ class _LightningHooks(CallbackAdapter):
         if val is None and not extra:
             return  # validation reported nothing we can read as a loss
         w.record_validation(val, epoch=int(trainer.current_epoch), metrics=extra)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # Lightning binds the module's log/log_dict onto every callback at fit (and again at the next).
+        for key in ("log", "log_dict"):
+            if inspect.ismethod(state.get(key)):
+                del state[key]
+        return state
 
 
 def _batch_size(batch: Any) -> int:

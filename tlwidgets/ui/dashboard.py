@@ -52,7 +52,10 @@ class Dashboard(widgets.VBox):
     Parameters
     ----------
     session
-        A ``tlw.Runner`` or the ``tlw.watch(...)`` watcher (stepping controls hidden).
+        A ``tlw.Runner``, the ``tlw.watch(...)`` watcher (stepping controls hidden), or a
+        framework ``DebugCallback`` (:mod:`tlwidgets.integrations`): before its fit starts the
+        dashboard shows a waiting line, and it builds the panels when the fit creates its
+        watcher (again for each later fit); after the fit they stay, showing the last fit.
     parts
         The panels to show: registered names and/or :class:`~tlwidgets.ui.Panel`
         classes (a class need not be registered). None: every registered panel.
@@ -80,11 +83,15 @@ class Dashboard(widgets.VBox):
         clock: Callable[[], float] = time.perf_counter,
         **kwargs: Any,
     ) -> None:
+        source = None
         kind = getattr(session, "kind", None)
-        if kind not in ("runner", "watch") or not hasattr(session, "events"):
+        if kind not in ("runner", "watch") and callable(getattr(session, "on_attach", None)):
+            # A framework callback: its watcher exists once the fit starts (deferred attach).
+            source, session = session, getattr(session, "session", None)
+        elif kind not in ("runner", "watch") or not hasattr(session, "events"):
             raise TypeError(
-                "Dashboard takes a tlw.Runner or the watcher from tlw.watch(...), "
-                f"got {type(session).__name__}"
+                "Dashboard takes a tlw.Runner, the watcher from tlw.watch(...) or a framework "
+                f"DebugCallback, got {type(session).__name__}"
             )
         classes = resolve_parts(parts)
         for cls in classes:
@@ -93,10 +100,12 @@ class Dashboard(widgets.VBox):
                     f"panel name {cls.name!r} ({cls.__qualname__}) is taken by the Dashboard itself; "
                     "choose another name"
                 )
-        self.session = session
-        self.is_runner = kind == "runner"
+        #: The framework callback this dashboard follows (None for a Runner or a watcher).
+        self.source = source
+        self._classes = classes
         self.clock = clock
         self.heatmap_steps = heatmap_steps
+        self._max_redraws = max_redraws_per_s
         self.task: asyncio.Task | None = None
         self.last_result: Any = None
         self._stop_on_finding = False
@@ -109,13 +118,43 @@ class Dashboard(widgets.VBox):
         self._ui_s = 0.0
         self._closed = False
         self._unsubscribe: list[Callable[[], None]] = []
-
+        self._detach_source: Callable[[], None] | None = None
         #: The panels shown, by name (also attributes: ``dashboard.<name>``).
         self.panels: dict[str, Panel] = {}
         for name in PANELS:  # a registered panel left out reads as None
             setattr(self, name, None)
+        self.tabs: widgets.Tab | None = None
+        self.refresher: Refresher | None = None
+
+        if session is None:  # a callback before its fit: a waiting line until the watcher exists
+            self.session = None
+            self.is_runner = False
+            self._waiting = widgets.HTML(
+                "<span class='tlw-waiting'>waiting for the fit to start: the panels appear when "
+                "the trainer creates the optimizer</span>"
+            )
+            super().__init__(children=self._header([], extra=[self._waiting]), **kwargs)
+            self.add_class("tlw-dashboard")
+            self.add_class("tlw-dashboard-watch")
+        else:
+            children = self._build(session)
+            super().__init__(children=children, **kwargs)
+            self.add_class("tlw-dashboard")
+            if not self.is_runner:
+                self.add_class("tlw-dashboard-watch")
+            self._subscribe()
+            self.refresh()
+            self._ui_s = 0.0  # the status reports the cost per step of following the run, not of building
+        if source is not None:
+            self._detach_source = source.on_attach(self._on_source_attach)
+
+    def _build(self, session: Any) -> list[widgets.Widget]:
+        """Build the panels for ``session`` (sets the panel attributes and the refresher); the children."""
+        self.session = session
+        self.is_runner = getattr(session, "kind", None) == "runner"
+        self.panels = {}
         try:
-            for cls in classes:
+            for cls in self._classes:
                 panel = cls.build(self)
                 self.panels[cls.name] = panel
                 setattr(self, cls.name, panel)
@@ -126,47 +165,75 @@ class Dashboard(widgets.VBox):
         self._draw_order = [p for p in ordered if not p.draw_last] + [p for p in ordered if p.draw_last]
         self.refresher = Refresher(
             self._draw,
-            max_rate=max_redraws_per_s,
-            clock=clock,
+            max_rate=self._max_redraws,
+            clock=self.clock,
             on_error=lambda e: self.report("redraw", e),
             part_intervals={p.name: p.min_interval for p in ordered if p.min_interval > 0},
         )
+        return self._layout(ordered)
 
-        super().__init__(children=self._layout(ordered), **kwargs)
-        self.add_class("tlw-dashboard")
-        if not self.is_runner:
-            self.add_class("tlw-dashboard-watch")
-
-        # One subscription per event that a panel (or the dashboard's run control) listens to.
+    def _subscribe(self) -> None:
+        """One subscription per event that a panel (or the dashboard's run control) listens to."""
         listeners: dict[Event, list[Panel]] = {}
-        for panel in ordered:
+        for panel in self.panels.values():
             for ev in panel.events:
                 listeners.setdefault(Event(ev), []).append(panel)
         for ev in Event:
             if ev in listeners or ev is Event.FINDING:
-                self._unsubscribe.append(session.events.on(ev, self._dispatcher(ev, listeners.get(ev, []))))
-        self.refresh()
-        self._ui_s = 0.0  # the status reports the cost per step of following the run, not of building
+                self._unsubscribe.append(
+                    self.session.events.on(ev, self._dispatcher(ev, listeners.get(ev, [])))
+                )
+
+    def _on_source_attach(self, session: Any) -> None:
+        """The callback's fit created its watcher: (re)build the panels for it."""
+        if self._closed:
+            return
+        try:
+            if self.panels:  # a later fit: the panels of the previous watcher go
+                self._release_session()
+            self.children = self._build(session)
+            self._subscribe()
+            self.refresh()
+        except Exception as exc:
+            log.error("tlwidgets dashboard: attaching to the fit's watcher raised %s", exc, exc_info=exc)
+
+    def _release_session(self) -> None:
+        for off in self._unsubscribe:
+            off()
+        self._unsubscribe = []
+        if self.refresher is not None:
+            self.refresher.cancel()
+        self._close_panels()
+        for child in list(self.children):
+            _close_tree(child)
+        self.panels = {}
+        for name in PANELS:
+            setattr(self, name, None)
+
+    def _header(self, panels: list[Panel], extra: list[widgets.Widget] = ()) -> list[widgets.Widget]:
+        title = widgets.HTML("<span class='tlw-title'>tlwidgets</span>")
+        return [
+            widgets.HTML(CSS),
+            widgets.HBox(
+                [title, *(_widget(p) for p in panels), *extra],
+                layout=widgets.Layout(align_items="center"),
+            ),
+        ]
 
     def _layout(self, panels: list[Panel]) -> list[widgets.Widget]:
         """The dashboard's children: title and header panels, main panels, plots side by side, tabs."""
         by_slot: dict[str, list[Panel]] = {}
         for panel in panels:
             by_slot.setdefault(panel.slot, []).append(panel)
-        title = widgets.HTML("<span class='tlw-title'>tlwidgets</span>")
         children: list[widgets.Widget] = [
-            widgets.HTML(CSS),
-            widgets.HBox(
-                [title, *(_widget(p) for p in by_slot.get("header", []))],
-                layout=widgets.Layout(align_items="center"),
-            ),
+            *self._header(by_slot.get("header", [])),
             *(_widget(p) for p in by_slot.get("main", [])),
         ]
         plots = [_widget(p) for p in by_slot.get("plots", [])]
         if plots:
             children.append(widgets.HBox(plots, layout=widgets.Layout(flex_flow="row wrap", width="100%")))
         self._tab_panels = by_slot.get("tabs", [])
-        self.tabs: widgets.Tab | None = None
+        self.tabs = None
         if self._tab_panels:
             self.tabs = widgets.Tab(children=[_widget(p) for p in self._tab_panels])
             self.tabs.titles = tuple(p.tab_caption() for p in self._tab_panels)
@@ -209,6 +276,8 @@ class Dashboard(widgets.VBox):
     # ------------------------------------------------------------------ drawing
     def refresh(self) -> None:
         """Redraw everything now (after a click, at the end of a run)."""
+        if self.refresher is None:  # a callback's dashboard before the fit: nothing to draw
+            return
         self.refresher.dirty.update(self.panels)
         self.refresher.flush()
 
@@ -465,9 +534,12 @@ class Dashboard(widgets.VBox):
         if getattr(self, "_closed", True):  # also when __init__ failed before the end
             return
         self._closed = True
+        if self._detach_source is not None:
+            self._detach_source()
         for off in self._unsubscribe:
             off()
-        self.refresher.cancel()
+        if self.refresher is not None:
+            self.refresher.cancel()
         if self.task is not None and not self.task.done() and self.is_runner:
             self.session.pause()
         self._close_panels()
@@ -482,13 +554,14 @@ class Dashboard(widgets.VBox):
                 log.error("tlwidgets dashboard: closing panel %s raised %s", panel.name, exc)
 
     def __repr__(self) -> str:
-        return f"Dashboard({self.session!r})"
+        return f"Dashboard({self.session if self.session is not None else self.source!r})"
 
 
 #: Instance attributes of the Dashboard that a panel name must not replace.
 _OWN_ATTRIBUTES = frozenset(
     {
         "session",
+        "source",
         "is_runner",
         "clock",
         "heatmap_steps",
