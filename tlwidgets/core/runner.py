@@ -309,10 +309,6 @@ class Runner(FindingsMixin, ControlsMixin):
         self._pause = threading.Event()
         self._running = False
         self._closed = False
-        #: Splits whose batches the diagnoser still wants to see (its ``on_batch``): the data audits of
-        #: data that cannot be sampled up front read the batches the Runner reads anyway.
-        wants_batches = callable(getattr(self.diagnoser, "on_batch", None))
-        self._tapped_splits = {"train", "val"} if wants_batches else set()
         self._refresh_audit()
 
     # ------------------------------------------------------------------ public state
@@ -996,20 +992,6 @@ class Runner(FindingsMixin, ControlsMixin):
                 )
             ]
         )
-
-    def _show_batch(self, split: str, inputs: Any, targets: Any) -> None:
-        """Show a batch to the diagnoser while it wants batches of ``split`` (see ``_tapped_splits``)."""
-        if split not in self._tapped_splits:
-            return
-        try:
-            more = self.diagnoser.on_batch(self, split, inputs, targets)
-        except Exception as exc:  # the diagnoser's failure, never the user's batch
-            log.exception("diagnoser.on_batch raised")
-            self.diagnostic_errors.append(f"on_batch: {type(exc).__name__}: {exc}")
-            del self.diagnostic_errors[:-50]
-            more = False
-        if not more:
-            self._tapped_splits.discard(split)
 
     def _shown_batches(self, split: str, data: Iterable[Any]) -> Iterable[Any]:
         """``data``, each batch also shown to the diagnoser while it wants them."""

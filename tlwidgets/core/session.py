@@ -40,6 +40,10 @@ class FindingsMixin:
         self.recorder = Recorder(self)
         #: Latest record of each stage (a Runner: of the current or last completed step).
         self.records: dict[Any, Any] = {}
+        #: Splits whose batches the diagnoser still wants to see (its optional ``on_batch``): the data
+        #: audits of data that cannot be sampled up front read the batches the session sees anyway.
+        wants_batches = callable(getattr(self.diagnoser, "on_batch", None))
+        self._tapped_splits: set[str] = {"train", "val"} if wants_batches else set()
         self._init_findings()
 
     def _init_findings(self) -> None:
@@ -93,6 +97,20 @@ class FindingsMixin:
             self.diagnostic_errors.append(f"{hook}: {type(exc).__name__}: {exc}")
             del self.diagnostic_errors[:-50]
             return []
+
+    def _show_batch(self, split: str, inputs: Any, targets: Any) -> None:
+        """Show a batch (``split``: "train" or "val") to the diagnoser while it wants batches of ``split``."""
+        if split not in self._tapped_splits:
+            return
+        try:
+            more = self.diagnoser.on_batch(self, split, inputs, targets)
+        except Exception as exc:  # the diagnoser's failure, never the user's batch
+            log.exception("diagnoser.on_batch raised")
+            self.diagnostic_errors.append(f"on_batch: {type(exc).__name__}: {exc}")
+            del self.diagnostic_errors[:-50]
+            more = False
+        if not more:
+            self._tapped_splits.discard(split)
 
     def _refresh_audit(self) -> None:
         """Setup checks, again: findings that no longer hold are dropped, new ones published."""

@@ -347,6 +347,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._closed = False
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_inputs: Any = None
+        self._val_inputs: Any = None  # the last no-grad forward's inputs (validation), for the data audits
         self._fwd_rng: torch.Tensor | None = None
         self._loss_value = math.nan
         self._pending_forward: StageRecord | None = None
@@ -614,6 +615,8 @@ class Watcher(FindingsMixin, ControlsMixin):
     # ------------------------------------------------------------------ forward and loss
     def _on_model_pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
+            if "val" in self._tapped_splits:  # validation inputs, for the data audits (with the loss's targets)
+                self._val_inputs = args[0] if len(args) == 1 else args
             return
         self._finish_pass()  # a new forward: the previous backward is over
         if self._step_depth and not self._step_closure:
@@ -667,6 +670,9 @@ class Watcher(FindingsMixin, ControlsMixin):
             return
         if not torch.is_grad_enabled() or not output.requires_grad:
             self.loop.val_losses.append(float(output.detach()))
+            if self._val_inputs is not None and len(args) > 1 and "val" in self._tapped_splits:
+                self._show_batch("val", self._val_inputs, args[1])
+                self._val_inputs = None
             return
         if self._pass is not None and self._pass.confirmed:
             self._finish_pass()  # a new criterion call: the backward before it is over
@@ -729,6 +735,9 @@ class Watcher(FindingsMixin, ControlsMixin):
     ) -> None:
         """A pass backpropagated this loss into the model: it is a training loss; record LOSS and FETCH."""
         step = self.global_step
+        if self._tapped_splits and self._last_inputs is not None:  # the data audits' sample
+            batch = self._last_inputs[0] if len(self._last_inputs) == 1 else self._last_inputs
+            self._show_batch("train", batch, main.args[1] if len(main.args) > 1 else None)
         if math.isfinite(value) and not self.tracker.measuring(step):
             return
         rec = self.recorder.new(Stage.LOSS)

@@ -142,6 +142,9 @@ class Sample:
     first_inputs: Any = None  # the first batch's inputs (its first rows)
     first_x: torch.Tensor | None = None  # first float input tensor of the first batch (up to 256 rows)
     integer_inputs: bool = False
+    #: The inputs hold several per-example tensors (a siamese pair, features and a mask): the label may
+    #: depend on how they relate, which a probe of the first one cannot see.
+    multi_input: bool = False
     probe_x: list[torch.Tensor] = dataclasses.field(default_factory=list)
     probe_y: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
@@ -230,11 +233,17 @@ class _Projector:
     def __init__(self) -> None:
         self.cols: torch.Tensor | None = None
         self.mat: torch.Tensor | None = None
+        self.dim = 0
+
+    def fits(self, flat: torch.Tensor) -> bool:
+        """Rows of this size can be projected (the first rows seen fix the size)."""
+        return self.mat is None or flat.shape[1] == self.dim
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         if self.mat is None:
             g = torch.Generator().manual_seed(1234)
             d = flat.shape[1]
+            self.dim = d
             self.cols = torch.randperm(d, generator=g)[:4096] if d > 4096 else None
             k = min(d, 4096)
             self.mat = torch.randn(k, PROJ_DIM, generator=g, dtype=torch.float64) / math.sqrt(PROJ_DIM)
@@ -265,8 +274,10 @@ def sample_data(data: Any, unpack: Any, limit: int, projector: _Projector, *, ne
 def add_batch(out: Sample, inputs: Any, targets: Any, projector: _Projector, *, near: int) -> int:
     """Add one ``(inputs, targets)`` batch to ``out``; the bytes of inputs read (0: nothing usable)."""
     x = input_tensor(inputs)
-    if x is None or x.dim() == 0:
+    if x is None or x.dim() == 0 or x.shape[0] == 0:
         return 0
+    if any(t.layout is not torch.strided for _, t in tensors_in(inputs, "inputs")):
+        return 0  # sparse or nested inputs (a graph's adjacency): rows cannot be hashed or compared
     x = x.detach().cpu()
     n = int(x.shape[0])
     if out.first_inputs is None:
@@ -274,13 +285,14 @@ def add_batch(out: Sample, inputs: Any, targets: Any, projector: _Projector, *, 
         out.first_x = x[:256]
         out.integer_inputs = not x.is_floating_point()
         out.layout = tuple(x.shape[1:])
+        out.multi_input = sum(t.dim() > 0 and t.shape[0] == n for _, t in tensors_in(inputs, "inputs")) > 1
     if tuple(x.shape[1:]) != out.layout:
         return 0  # variable-size examples (padded sequences): keep the first layout only
     _digest(out, inputs, n)
     flat = x.reshape(n, -1).double()
     if flat.is_floating_point() and torch.isfinite(flat).all():
         kept = sum(p.shape[0] for p in out.proj)
-        if kept < near:
+        if kept < near and projector.fits(flat):  # validation rows of another size are not compared
             out.proj.append(projector(flat)[: near - kept])
         f = feature_view(x)
         if out.feat_sum is None:
@@ -583,7 +595,7 @@ def label_prior(train: Sample, loss_fn: Any) -> Prior | None:
 def _probe(train: Sample, kind: str) -> bool | None:
     """Does a random-feature ridge probe, fitted on 3/4 of the sample, beat the prior on the other 1/4?"""
     x = train.projected
-    if x is None or train.integer_inputs or not train.probe_y:
+    if x is None or train.integer_inputs or train.multi_input or not train.probe_y:
         return None
     y = torch.cat(train.probe_y)[: x.shape[0]]
     n = y.shape[0]
@@ -771,8 +783,13 @@ class _Fetched:
         return not self.full or (self.labels_past_cap and self.labelled < FETCHED_LABELS)
 
 
-def _shuffled(data: Any) -> bool:
-    """A ``DataLoader`` that draws its batches at random: its first batches stand for the whole set."""
+def _representative(session: Any) -> bool:
+    """The first batches stand for the whole training set: a ``DataLoader`` that draws them at random, or
+    (a watched loop, whose data is not known) batches not named sorted by class."""
+    data = getattr(session, "train_data", None)
+    if data is None:
+        has = getattr(session, "has_finding", None)
+        return not (callable(has) and has("unshuffled-data"))
     return isinstance(data, DataLoader) and isinstance(
         getattr(data, "sampler", None), torch.utils.data.RandomSampler
     )
@@ -801,12 +818,19 @@ class DataAudit:
         self.fetched: dict[str, _Fetched] = {}
         self.split_done = False  # leakage and shift have run
         self.constructed = False
+        self.val_passes = 0  # validation passes seen ending (a watched loop)
+        self.decoupled_at_val = 0
 
     def at_construction(self, session: Any, run: Callable[[str, Callable[[], Any]], Any]) -> list[Finding]:
         """Leakage, shift, channel order, imbalance (and the labels probe) on bounded samples."""
         self.constructed = True
-        unpack = getattr(session, "unpack", None)
         proj = self._proj
+        if not hasattr(session, "train_data"):
+            # A watcher: the data sets are the user's; only the batches the loop feeds the model are seen.
+            self.fetched["train"] = _Fetched(None, FETCHED_TRAIN, labels_past_cap=True, projector=proj)
+            self.fetched["val"] = _Fetched(None, FETCHED_VAL, labels_past_cap=False, projector=proj)
+            return []
+        unpack = getattr(session, "unpack", None)
         train = run(
             "sample-train",
             lambda: sample_data(session.train_data, unpack, TRAIN_EXAMPLES, proj, near=NEAR_TRAIN),
@@ -866,6 +890,14 @@ class DataAudit:
         f = self.fetched.get(split)
         if f is None or f.complete:
             return False
+        fv = self.fetched.get("val")
+        if split == "train" and fv is not None and fv.sample.examples and not fv.complete:
+            # Training again after validation batches (a watched loop): the validation pass is over, and
+            # the epoch before it most likely too.
+            fv.complete = True
+            f.complete = True
+            self.val_passes += 1
+            return False
         more = f.add(inputs, targets)
         if not more:
             f.complete = f.complete or split == "val"
@@ -887,7 +919,7 @@ class DataAudit:
         if ft is not None and self.train is None and ft.sample.examples:
             if epoch_end:
                 ft.complete = True
-            if ft.complete or (ft.full and _shuffled(session.train_data)):
+            if ft.complete or (ft.full and _representative(session)):
                 found.extend(self._train_audits(session, ft.sample, run, step))
         fv = self.fetched.get("val")
         if fv is not None and self.val is None and fv.complete and fv.sample.examples:

@@ -148,9 +148,10 @@ class RuleDiagnoser:
     # ------------------------------------------------------------------ data audits
     def _data_audit(self, session: Any) -> DataAudit | None:
         """The session's :class:`DataAudit` (Runners only: a watcher does not see the data sets)."""
-        if getattr(session, "kind", None) != "runner" or "data-audits" in self._off:
+        kind = getattr(session, "kind", None)
+        if kind not in ("runner", "watch") or "data-audits" in self._off:
             return None
-        if not hasattr(session, "train_data"):
+        if kind == "runner" and not hasattr(session, "train_data"):
             return None
         try:
             got = self._audits.get(session)
@@ -244,8 +245,11 @@ class RuleDiagnoser:
         if data is not None and data.constructed:
             run = self._audit_runner(session)
             found.extend(data.fetched_audits(session, run, epoch_end=False))
-            found.extend(data.at_first_step(session, run))
-            if step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0:
+            if session.kind == "runner":  # the probes run the model: a watcher's hooks would see them
+                found.extend(data.at_first_step(session, run))
+            at_val = data.val_passes > data.decoupled_at_val  # a watched loop's "epoch end"
+            data.decoupled_at_val = data.val_passes
+            if at_val or (step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0):
                 found.extend(data.decoupled(session, None, self._explained(session), run))
         return found
 

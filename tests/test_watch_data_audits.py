@@ -1,0 +1,81 @@
+"""Data bugs found in a loop the user writes (``tlw.watch``): the audits read the batches the loop feeds the
+model and the loss (training passes, and validation under ``no_grad``), with no check function called."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tlwidgets as tlw
+from tlwidgets import zoo
+
+# The data codes whose bug is in the data sets (the first-step probes, which run the model, are the Runner's).
+FORMS = {
+    "data-leakage": ["data-leakage", "data-leakage-tabular", "data-leakage-images"],
+    "train-val-shift": ["train-val-shift", "train-val-shift-tabular", "train-val-shift-images"],
+    "channel-order": ["channel-order", "channel-order-24px"],
+    "class-imbalance": ["class-imbalance", "class-imbalance-binary", "class-imbalance-digits"],
+    "labels-decoupled": ["labels-decoupled", "labels-decoupled-regression", "labels-decoupled-images"],
+}
+DATA_CODES = (*FORMS, "batch-mixing", "dropout-too-high")
+TWINS = [
+    "mlp-digits",
+    "rgb-cnn",
+    "gaussian-rmsprop",
+    "regression-mlp",
+    "near-duplicate-free-tabular",
+    "small-natural-shift",
+    "mild-imbalance",
+    "binary-3to1",
+]
+
+
+def _loop(name: str, seed: int, epochs: int | None = None) -> tlw.Watcher:
+    """The zoo setup trained by a plain loop under ``watch``: epochs of training, then validation."""
+    setup = zoo.get(name)
+    parts = setup.build(seed, data_seed=seed)
+    model, loss_fn, opt = parts["model"], parts["loss_fn"], parts["optimizer"]
+    train, val = parts["train_data"], parts.get("val_data")
+    epochs = epochs or setup.run.get("epochs", 1)
+    with tlw.watch(model, opt, loss_fn=loss_fn) as w:
+        for _ in range(epochs):
+            model.train()
+            for x, y in train:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+            if val is not None:
+                model.eval()
+                with torch.no_grad():
+                    for x, y in val:
+                        loss_fn(model(x), y)
+    return w
+
+
+CASES = [(code, name, seed) for code, names in FORMS.items() for name in names for seed in (0, 1, 2)]
+
+
+@pytest.mark.parametrize(("code", "name", "seed"), CASES, ids=[f"{n}-{s}" for _, n, s in CASES])
+def test_data_bug_in_a_watched_loop_is_reported(code, name, seed):
+    w = _loop(name, seed, epochs=2)
+    got = w.findings_with(code)
+    assert got, f"{name} seed {seed}: {[f.code for f in w.findings]}"
+    assert got[0].evidence
+
+
+@pytest.mark.parametrize("name", TWINS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_twin_in_a_watched_loop_stays_silent(name, seed):
+    w = _loop(name, seed)
+    loud = [f for f in w.findings if f.severity in ("warning", "error")]
+    data = [f for f in w.findings if f.code in DATA_CODES]
+    assert not loud and not data, [(f.code, f.message) for f in loud + data]
+
+
+def test_the_watched_audits_stop_reading_batches():
+    w = _loop("mlp-digits", 0, epochs=2)
+    audit = w.diagnoser._audits[w]
+    assert not w._tapped_splits
+    assert audit.train is audit.fetched["train"].sample and audit.val is audit.fetched["val"].sample
+    assert audit.val_passes == 1
