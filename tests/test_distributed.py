@@ -12,6 +12,7 @@ shard's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -91,6 +92,9 @@ def _train(
     scale: float = 1.0,
     tamper: tuple[int, int, str] | None = None,
     raise_at: tuple[int, int] | None = None,
+    accumulate: int = 1,
+    validate_every: int = 0,
+    local_step_at: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """A plain DDP loop under ``tlw.watch``; returns what rank ``rank``'s watcher saw."""
@@ -99,6 +103,7 @@ def _train(
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     crit = nn.CrossEntropyLoss()
     local: list[float] = []
+    x_val, y_val = digits(64, offset=1200)
     w = tlw.watch(model if watch_inner else ddp, opt, loss_fn=crit, **options)
     start = time.perf_counter()
     try:
@@ -107,10 +112,24 @@ def _train(
                 if raise_at is not None and raise_at == (rank, step):
                     raise RuntimeError("rank left the loop")
                 opt.zero_grad()
-                loss = crit(ddp(x), y)
-                loss.backward()
+                # Gradient accumulation the DDP way: no all-reduce on all but the last micro-batch.
+                for i, (xb, yb) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+                    last = i == accumulate - 1
+                    with contextlib.nullcontext() if last or not wrap else ddp.no_sync():
+                        loss = crit(ddp(xb), yb)
+                        (loss / accumulate).backward()
+                if step == local_step_at:  # the bug: a step on gradients that were never all-reduced
+                    with ddp.no_sync():
+                        crit(ddp(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
                 opt.step()
                 local.append(float(loss))
+                if validate_every and step % validate_every == 0:
+                    ddp.eval()
+                    with torch.no_grad():  # held-out examples (the same ones would be data leakage)
+                        crit(ddp(x_val), y_val)
+                    ddp.train()
                 if tamper is not None and tamper[:2] == (rank, step):
                     with torch.no_grad():
                         dict(model.named_parameters())[tamper[2]].add_(1.0)
@@ -134,6 +153,13 @@ def _scenarios(rank: int) -> dict[str, dict[str, Any]]:
     res["tampered-inner"] = _train(
         rank, model=mlp((64, 32, 10)), watch_inner=True, tamper=(1, 250, "2.weight"), steps=300
     )
+    # Accumulation under no_sync() with batch norm and no-grad validation: DDP skips the buffer
+    # broadcast before some forwards, healthy all the same.
+    res["accumulate-bn"] = _train(rank, model=cnn_bn(classes=10), accumulate=2, validate_every=3, steps=30)
+    res["accumulate-bn-inner"] = _train(
+        rank, model=cnn_bn(classes=10), accumulate=2, validate_every=3, steps=30, watch_inner=True
+    )
+    res["step-under-no-sync"] = _train(rank, model=mlp((64, 32, 10)), local_step_at=10, steps=20)
     res["buffers-not-broadcast"] = _train(rank, model=cnn_bn(classes=10), broadcast_buffers=False, steps=20)
     res["rank1-only"] = _train(rank, model=mlp((64, 32, 10)), scale=1.0 if rank == 0 else 300.0, steps=20)
     # Last: rank 1 leaves its loop with an exception at step 5 while rank 0 goes on (a model without
@@ -240,6 +266,20 @@ def test_divergence_in_the_sparse_phase_of_the_inner_module(ranks) -> None:
     f = _find(r0, "rank-divergence")
     assert f["params"] == ["2.weight"] and "rank 1" in f["message"]
     assert r0["syncs"] == 200 + 5 + 1  # dense for 200 steps, then every 20th (200..280), the end
+
+
+@pytest.mark.parametrize("scenario", ["accumulate-bn", "accumulate-bn-inner"])
+def test_accumulation_under_no_sync_with_batch_norm_is_healthy(ranks, scenario) -> None:
+    r0 = ranks[0][scenario]
+    assert _problems(r0) == [] and r0["errors"] == []
+    assert len(r0["loss"]) == r0["steps"] == 30
+
+
+def test_a_step_on_gradients_never_all_reduced_is_rank_divergence(ranks) -> None:
+    r0 = ranks[0]["step-under-no-sync"]
+    f = _find(r0, "rank-divergence")
+    assert set(f["params"]) == {"module.0.weight", "module.0.bias", "module.2.weight", "module.2.bias"}
+    assert "rank 1" in f["message"]
 
 
 def test_buffers_that_are_not_broadcast_are_rank_divergence(ranks) -> None:

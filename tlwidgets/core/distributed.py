@@ -224,6 +224,15 @@ def _ddp_inner(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, False
 
 
+def _active_ddp() -> Any:
+    """The DDP wrapper whose forward is running now (torch records it for its compiler), or ``None``."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except Exception:
+        return None
+    return getattr(DistributedDataParallel, "_active_ddp_module", None)
+
+
 def _sharded(model: nn.Module) -> bool:
     """FSDP and tensor-parallel models hold a different shard on each rank: nothing to compare."""
     name = type(model).__name__
@@ -354,8 +363,16 @@ class RankSync:
         step = int(self.session.global_step)
         if not self.due(step):
             return
-        # Every training forward of a sync step overwrites the last: under gradient accumulation the
-        # step's last forward is the one DDP synchronizes (no_sync() skips the broadcast before).
+        ddp = _active_ddp()
+        if ddp is not None:
+            # DDP broadcasts rank 0's buffers before a forward only when the forward before it was a
+            # synchronized training forward (not under no_sync(), not under no_grad()); the flag it
+            # decides by is still the previous forward's here. broadcast_buffers=False is ignored on
+            # purpose: then the buffers *should* have been equal, and differ (the bug to report).
+            if not getattr(ddp, "require_forward_param_sync", True):
+                return
+        elif self._buf_step == step:
+            return  # no DDP in sight (a hand-made all-reduce): the step's first forward
         self._buf_fp = fingerprints([b for _, b in self._buffers])
         self._buf_step = step
 
