@@ -335,3 +335,115 @@ def test_fingerprints_see_small_drifts_and_not_rounding() -> None:
     assert drift.all(), rel
     ints = distributed.fingerprints([torch.tensor(7), torch.zeros(3, dtype=torch.bfloat16)])
     assert np.isfinite(ints).all()
+
+
+# ------------------------------------------------------------------------- Lightning's DDP strategy
+def _lightning_fit(rank: int, L: Any, tamper_at: int | None) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tlwidgets.integrations.lightning import DebugCallback
+
+    class DigitsMLP(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp((64, 32, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if tamper_at is not None and self.global_step == tamper_at and self.global_rank == 1:
+                with torch.no_grad():
+                    self.net[0].weight.add_(1.0)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = digits(1200)
+    data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    cb = DebugCallback()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        max_steps=30,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
+    trainer.fit(DigitsMLP(), data)
+    return _summary(cb.session, [])
+
+
+def _lightning_worker(rank: int, port: int, out_dir: str) -> None:
+    import logging
+    import warnings
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    # What torchrun sets: Lightning then joins this process group instead of launching processes.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        TLW_STRICT_RULES="1",
+    )
+    distributed.TIMEOUT_S = 20.0
+    try:
+        import lightning.pytorch as L
+
+        res = {"healthy": _lightning_fit(rank, L, None), "tampered": _lightning_fit(rank, L, 12)}
+    except BaseException:
+        res = {"crash": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lightning_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two Lightning DDP fits (healthy, then a replica changed by hand) with DebugCallback, 2 ranks."""
+    pytest.importorskip("lightning")
+    tmp = tmp_path_factory.mktemp("lightning-ddp")
+    ctx = mp.spawn(_lightning_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2-rank Lightning fit did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
+    out = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for r, res in enumerate(out):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return out
+
+
+def test_lightning_ddp_fit_with_the_callback_covers_both_ranks(lightning_ranks) -> None:
+    r0, r1 = lightning_ranks[0]["healthy"], lightning_ranks[1]["healthy"]
+    assert _problems(r0) == [] and _problems(r1) == [] and r0["errors"] == []
+    assert r0["steps"] == 30 and len(r0["loss"]) == 30
+    assert r0["syncs"] == 31 and r0["stopped"] == "finished"
+    np.testing.assert_allclose(r0["loss"], r1["loss"])  # both hold the mean over the ranks
+
+
+def test_lightning_ddp_replica_changed_by_hand_is_rank_divergence(lightning_ranks) -> None:
+    r0 = lightning_ranks[0]["tampered"]
+    f = _find(r0, "rank-divergence")
+    assert f["params"] == ["net.0.weight"] and "rank 1" in f["message"]
+    assert "rank-divergence" in _top3(r0)
