@@ -60,9 +60,13 @@ def _check(ctx: RuleContext) -> list[Finding]:
     ]
 
 
-@rule("rank-divergence", ["rank-divergence"], "trend", sessions=("watch",))
+@rule("rank-divergence", ["rank-divergence"], "trend")
 def rank_divergence(ctx: RuleContext) -> list[Finding]:
-    """Replicas differ at the latest sync step (run after measured steps; sync steps are measured)."""
+    """Replicas differ at the latest sync step (run after measured steps; sync steps are measured).
+
+    Declared for both kinds of session: a session without ``distributed`` (a Runner, a single
+    process) returns at once.
+    """
     return _check(ctx)
 
 
