@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (fixture)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,7 @@ for _name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning.
     logging.getLogger(_name).setLevel(logging.ERROR)  # "GPU available: False", tips: not ours
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     # Lightning's own advice on CPU runs (num_workers, a small log_every_n_steps): not ours.
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*log_every_n_steps.*"),
