@@ -160,6 +160,7 @@ def _scenarios(rank: int) -> dict[str, dict[str, Any]]:
         rank, model=cnn_bn(classes=10), accumulate=2, validate_every=3, steps=30, watch_inner=True
     )
     res["step-under-no-sync"] = _train(rank, model=mlp((64, 32, 10)), local_step_at=10, steps=20)
+    res["opted-out"] = _train(rank, model=mlp((64, 32, 10)), steps=10, sync_ranks=False)
     res["buffers-not-broadcast"] = _train(rank, model=cnn_bn(classes=10), broadcast_buffers=False, steps=20)
     res["rank1-only"] = _train(rank, model=mlp((64, 32, 10)), scale=1.0 if rank == 0 else 300.0, steps=20)
     # Last: rank 1 leaves its loop with an exception at step 5 while rank 0 goes on (a model without
@@ -303,6 +304,11 @@ def test_an_exception_on_one_rank_does_not_hang_the_other(ranks) -> None:
     assert r0["steps"] == 40 and len(r0["loss"]) == 40
     assert "left" in r0["stopped"]
     assert r0["seconds"] < 10  # told by the store, not by the 20 s timeout
+
+
+def test_sync_ranks_false_watches_each_rank_alone(ranks) -> None:
+    r0 = ranks[0]["opted-out"]
+    assert r0["stopped"] == "no sync" and r0["loss"] == pytest.approx(r0["local"])
 
 
 def test_single_process_watch_has_no_sync() -> None:

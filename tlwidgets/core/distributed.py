@@ -399,6 +399,9 @@ class RankSync:
 
     # ------------------------------------------------------------------ the sync
     def _sync(self, kind: float, step: int, loss: float) -> float:
+        if not is_distributed():  # the user destroyed the process group before the loop's end
+            self.stopped = self.stopped or "the process group is gone"
+            return loss
         start = time.perf_counter()
         try:
             return self._exchange(kind, step, loss)
@@ -556,7 +559,10 @@ class RankSync:
             if nbytes[r] <= 0:
                 continue
             for item in pickle.loads(gathered[r][: int(nbytes[r])].numpy().tobytes()):
-                f = Finding(**item)
+                try:
+                    f = Finding(**item)
+                except (TypeError, ValueError):  # a code this version does not know (mixed installs)
+                    continue
                 self._remote.append(self._annotate(f, r))
         return True
 

@@ -289,7 +289,9 @@ class Watcher(FindingsMixin, ControlsMixin):
     distributed
         Under ``torch.distributed`` with more than one rank, this rank's
         :class:`~tlwidgets.core.distributed.RankSync` (rank 0's findings and
-        history then cover every rank); ``None`` in a single process.
+        history then cover every rank); ``None`` in a single process, or with
+        ``sync_ranks=False`` (each rank watched alone: models that differ by
+        design per rank, or no collective wanted at all).
     """
 
     kind = "watch"
@@ -309,6 +311,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         grad_budget: float | None = None,
         scheduler: Any = None,
         diagnoser: Diagnoser | None = None,
+        sync_ranks: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -379,6 +382,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._hooked: list[int] = []
         #: This rank's share of a distributed run (None in a single process: nothing runs, nothing costs).
         self.distributed: RankSync | None = None
+        self._sync_ranks_option = sync_ranks
         self._install()
         self._refresh_audit()
 
@@ -424,7 +428,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._hook_params()
         self._clip_pre = [None] * len(self.named_params)
         try:
-            self.distributed = attach(self)
+            self.distributed = attach(self) if self._sync_ranks_option else None
         except Exception as exc:  # a half-initialized process group: watch this rank alone
             self._internal_error("distributed setup", exc)
         if self.distributed is not None:
