@@ -109,3 +109,38 @@ def test_dashboard_of_the_hf_callback(tmp_path) -> None:
         assert d.status.text.startswith("step 45")
     finally:
         d.close()
+
+
+def test_fit_in_background_lets_the_dashboard_act_during_the_fit() -> None:
+    """A slider moved on the kernel's thread while the fit runs in the background is applied at
+    the next batch boundary (queued by the callback), and recorded."""
+    import threading
+
+    from tlwidgets.integrations import fit_in_background
+
+    reached, moved = threading.Event(), threading.Event()
+    lrs = []
+
+    class Module(module_class("lightning.pytorch")):
+        def training_step(self, batch, batch_idx):
+            lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            if self.global_step == 3:
+                reached.set()
+                assert moved.wait(30)
+            return super().training_step(batch, batch_idx)
+
+    cb = DebugCallback()
+    d = tlw.Dashboard(cb)
+    try:
+        torch.manual_seed(0)
+        t = trainer("lightning.pytorch", cb, max_epochs=1, limit_train_batches=6)
+        job = fit_in_background(t.fit, Module(), *loaders())
+        assert reached.wait(60) and not job.done
+        d.lr.sliders[0].value = 0.01  # the kernel's thread, during the fit
+        moved.set()
+        job.result(timeout=60)
+        assert lrs == [0.05] * 4 + [0.01] * 2
+        assert [(c.kind, c.step) for c in cb.history.controls] == [("set_lr", 4)]
+    finally:
+        moved.set()
+        d.close()

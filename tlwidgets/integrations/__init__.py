@@ -7,6 +7,10 @@
 
 Each submodule imports its framework when it is imported; this package imports
 neither, and ``import tlwidgets`` does not import this package.
+:func:`fit_in_background` runs ``trainer.fit``/``trainer.train`` in a thread so a
+dashboard's controls act during the fit.
 """
 
-__all__: list[str] = []
+from tlwidgets.integrations._base import BackgroundFit, fit_in_background
+
+__all__ = ["BackgroundFit", "fit_in_background"]

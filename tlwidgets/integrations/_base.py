@@ -11,6 +11,7 @@ watcher when the fit ends or raises.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -26,7 +27,7 @@ from tlwidgets.core.events import Event
 from tlwidgets.core.records import EpochRecord
 from tlwidgets.core.watch import Watcher
 
-__all__ = ["CallbackAdapter", "FrameworkWatcher", "missing_extra"]
+__all__ = ["BackgroundFit", "CallbackAdapter", "FrameworkWatcher", "fit_in_background", "missing_extra"]
 
 log = logging.getLogger(__name__)
 
@@ -281,3 +282,61 @@ class CallbackAdapter:
         s = self.session
         where = "before fit" if s is None else repr(s)
         return f"{type(self).__name__}({where})"
+
+
+class BackgroundFit:
+    """A fit running in a background thread (see :func:`fit_in_background`).
+
+    Attributes
+    ----------
+    thread
+        The ``threading.Thread`` running it.
+    exception
+        What the fit raised (None while it runs or when it ended cleanly).
+    """
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.exception: BaseException | None = None
+        self._result: Any = None
+        ctx = contextvars.copy_context()  # ipykernel 7 reads ContextVars when widgets send from a thread
+
+        def target() -> None:
+            try:
+                self._result = fn(*args, **kwargs)
+            except BaseException as exc:  # kept for result(); a thread would only print it
+                self.exception = exc
+                log.error("tlwidgets: the background fit raised %s: %s", type(exc).__name__, exc)
+
+        self.thread = threading.Thread(target=ctx.run, args=(target,), name="tlwidgets-fit", daemon=True)
+        self.thread.start()
+
+    @property
+    def done(self) -> bool:
+        """True once the fit has returned or raised."""
+        return not self.thread.is_alive()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the fit; return what it returned, or raise what it raised."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"the fit is still running after {timeout} s")
+        if self.exception is not None:
+            raise self.exception
+        return self._result
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done else ("raised" if self.exception is not None else "done")
+        return f"BackgroundFit({state})"
+
+
+def fit_in_background(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BackgroundFit:
+    """Run ``fn(*args, **kwargs)`` (``trainer.fit`` / ``trainer.train``) in a background thread.
+
+    A fit that blocks the cell receives no dashboard clicks until it ends;
+    in a thread it leaves the kernel free, so the dashboard's toggles and
+    sliders act during the fit (the callback applies them at the next batch
+    boundary). The thread is started through ``contextvars.copy_context().run``
+    (ipykernel 7 needs the cell's context to send widget updates from a
+    thread). Returns a :class:`BackgroundFit`; ``.result()`` waits for the end.
+    """
+    return BackgroundFit(fn, args, kwargs)
