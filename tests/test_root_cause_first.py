@@ -81,20 +81,21 @@ def test_bad_init_is_named_before_the_non_finite_loss(seed: int) -> None:
         _before(got, "exploding-gradients", "lr-too-high")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the from-init exploding-gradients rule needs 2 steps; a deeper net goes NaN at step 1, so only "
-    "lr-too-high and non-finite-loss exist and no finding names the init (a rule gap, not a ranking one)",
-)
-def test_bad_init_in_a_deeper_net_goes_nan_before_the_init_is_named() -> None:
-    x, y = classification(n=1024, seed=0)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bad_init_in_a_deeper_net_goes_nan_before_the_init_is_named(seed: int) -> None:
+    # 8 layers at 100x: the loss is NaN at step 1, before the trend rule's two steps; the first step's
+    # gradients (orders of magnitude above the weights) name the init at the NaN.
+    x, y = classification(n=1024, seed=seed)
     r = run(
-        _scaled_mlp(0, 8, 100.0),
-        loader(x, y, batch_size=32, seed=0),
+        _scaled_mlp(seed, 8, 100.0),
+        loader(x, y, batch_size=32, seed=seed),
         opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.01),
         steps=60,
     )
-    assert codes(r)[0] == "exploding-gradients"
+    got = codes(r)
+    assert got[0] == "exploding-gradients", got
+    assert "grad_to_weight" in r.findings[0].evidence
+    _before(got, "exploding-gradients", "non-finite-loss")
 
 
 def _bn_mlp(seed: int) -> nn.Sequential:

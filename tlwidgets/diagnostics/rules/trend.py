@@ -401,7 +401,7 @@ def _fastest(ratio: np.ndarray) -> float:
     return nanmedian(np.where(np.isnan(ratio), -np.inf, ratio).max(axis=1))
 
 
-@rule("lr-at-nan", ["lr-too-high"], "stage", stages=[Stage.LOSS, Stage.BACKWARD])
+@rule("lr-at-nan", ["lr-too-high", "exploding-gradients"], "stage", stages=[Stage.LOSS, Stage.BACKWARD])
 def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     """The loss or the gradients turned NaN/Inf, or the loss jumped ``LOSS_SPIKE``-fold in one step,
     right after steps that moved the weights a lot."""
@@ -431,6 +431,12 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     n = h.measured_count
     if n < 1:  # even one huge step before the NaN is telling
         return []
+    if n <= 2 and (ctx.record.stage is Stage.BACKWARD or d.finite is False):
+        # NaN right after the first step(s), whose gradients were already orders of magnitude above the
+        # weights: the initialization blew up (a deep stack goes NaN before the trend rule's two steps).
+        seen = _init_explosion(ctx)
+        if seen is not None:
+            return [_init_explosion_finding(ctx, *seen, steps=n)]
     w = min(5, n)
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
     lrs = tail(h, "lr", 1)[-1]
@@ -560,6 +566,39 @@ def _total_grad(gn: np.ndarray) -> np.ndarray:
     return total
 
 
+def _init_explosion(ctx: RuleContext) -> tuple[float, float] | None:
+    """The newest measured step's gradients are ``EXPLODE_INIT_RATIO`` times the weights (median over
+    weight matrices) and its update moved them by more than ``EXPLODE_INIT_UPDATE``: ``(ratio, update)``."""
+    h = ctx.session.history
+    mats = ctx.weight_matrices()
+    if not mats.size or not h.measured_count:
+        return None
+    gn = tail(h, "grad_norm", 1)[-1, mats]
+    wn = tail(h, "weight_norm", 1)[-1, mats]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
+    # Huge gradients hurt through the steps they make: a loss on a huge scale by design (style
+    # transfer weighs its terms by 1e5 and 1e10) under Adam moves the weights by ~lr a step.
+    moved = nanmedian(_ratios(tail(h, "update_norm", 1), tail(h, "weight_norm", 1))[-1, mats])
+    huge = math.isfinite(rel) and rel > EXPLODE_INIT_RATIO
+    damaging = math.isfinite(moved) and moved > EXPLODE_INIT_UPDATE
+    return (rel, moved) if huge and damaging else None
+
+
+def _init_explosion_finding(ctx: RuleContext, rel: float, moved: float, *, steps: int) -> Finding:
+    return ctx.finding(
+        "exploding-gradients",
+        f"from the first steps the gradients are {rel:.3g}x the size of the weights they update "
+        "(median over weight matrices; healthy is below ~1)",
+        params=("<model>",),
+        stage=None,
+        evidence={"grad_to_weight": rel, "update_ratio": moved, "steps": steps},
+        cause="The gradients are orders of magnitude larger than the weights from initialization on: "
+        "activations blow up through a deep stack with too-large initial weights (or the inputs or "
+        "targets are on a huge scale).",
+    )
+
+
 @rule("exploding-gradients", ["exploding-gradients"], "trend", every=10, early=5)
 def exploding_gradients(ctx: RuleContext) -> list[Finding]:
     """Total gradient norm grows by orders of magnitude, or is huge relative to the weights from the start."""
@@ -574,34 +613,11 @@ def exploding_gradients(ctx: RuleContext) -> list[Finding]:
         if math.isfinite(start) and start > 0:
             st["start"] = start
     found = []
-    mats = ctx.weight_matrices()
-    if n <= 5 and mats.size:
-        gn = tail(h, "grad_norm", 1)[-1, mats]
-        wn = tail(h, "weight_norm", 1)[-1, mats]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
-        # Huge gradients hurt through the steps they make: a loss on a huge scale by design (style
-        # transfer weighs its terms by 1e5 and 1e10) under Adam moves the weights by ~lr a step.
-        moved = nanmedian(_ratios(tail(h, "update_norm", 1), tail(h, "weight_norm", 1))[-1, mats])
-        huge = math.isfinite(rel) and rel > EXPLODE_INIT_RATIO
-        damaging = math.isfinite(moved) and moved > EXPLODE_INIT_UPDATE
-        st["init_hits"] = st.get("init_hits", 0) + 1 if huge and damaging else 0
-        if st["init_hits"] >= 2:
-            found.append(
-                ctx.finding(
-                    "exploding-gradients",
-                    f"from the first steps the gradients are {rel:.3g}x the size of the weights they update "
-                    "(median over weight matrices; healthy is below ~1)",
-                    params=("<model>",),
-                    stage=None,
-                    evidence={"grad_to_weight": rel, "update_ratio": moved, "steps": st["init_hits"]},
-                    cause="The gradients are orders of magnitude larger than the weights from "
-                    "initialization on: "
-                    "activations blow up through a deep stack with too-large initial weights (or the inputs "
-                    "or "
-                    "targets are on a huge scale).",
-                )
-            )
+    if n <= 5:
+        seen = _init_explosion(ctx)
+        st["init_hits"] = st.get("init_hits", 0) + 1 if seen is not None else 0
+        if seen is not None and st["init_hits"] >= 2:
+            found.append(_init_explosion_finding(ctx, *seen, steps=st["init_hits"]))
     start = st.get("start")
     if start is None or n < 6:
         return found
