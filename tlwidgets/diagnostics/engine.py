@@ -249,7 +249,8 @@ class RuleDiagnoser:
                 found.extend(data.at_first_step(session, run))
             at_val = data.val_passes > data.decoupled_at_val  # a watched loop's "epoch end"
             data.decoupled_at_val = data.val_passes
-            if at_val or (step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0):
+            first_late = step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0
+            if at_val or first_late:
                 found.extend(data.decoupled(session, None, self._explained(session), run))
         return found
 
