@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -65,11 +66,13 @@ class _LightningHooks(CallbackAdapter):
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = list(getattr(trainer, "optimizers", None) or [])
-        if not optimizers:
-            raise RuntimeError(
+        if not optimizers:  # configure_optimizers returned none: nothing trains, nothing to watch
+            warnings.warn(
                 "DebugCallback: the Trainer has no optimizer at fit start (configure_optimizers returned "
-                "none); there is nothing to watch"
+                "none); this fit is not watched",
+                stacklevel=2,
             )
+            return
         optimizer = optimizers[0]
         # Lightning keeps torch optimizers in trainer.optimizers; unwrap a LightningOptimizer anyway.
         optimizer = getattr(optimizer, "_optimizer", optimizer)
@@ -79,8 +82,6 @@ class _LightningHooks(CallbackAdapter):
                 scheduler = config.scheduler
                 break
         if len(optimizers) > 1:
-            import warnings
-
             warnings.warn(
                 f"DebugCallback watches the first of the {len(optimizers)} optimizers "
                 "(configure_optimizers); the others' steps are not followed",

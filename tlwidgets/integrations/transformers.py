@@ -13,6 +13,7 @@ import contextlib
 import math
 import sys
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -106,7 +107,12 @@ class DebugCallback(CallbackAdapter, TrainerCallback):
         model = kwargs.get("model")
         optimizer = kwargs.get("optimizer")
         if not isinstance(model, nn.Module) or optimizer is None:
-            raise RuntimeError("DebugCallback: the Trainer passed no model or optimizer to on_train_begin")
+            warnings.warn(
+                "DebugCallback: the Trainer passed no model or optimizer to on_train_begin; "
+                "this train() is not watched",
+                stacklevel=2,
+            )
+            return
         scheduler = kwargs.get("lr_scheduler")
         self._stop_hf(interrupted=True)
         self._ga_steps = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
