@@ -349,3 +349,48 @@ def test_bert_converged_run_raises_no_lr_too_low(tmp_path) -> None:
     cb, _ = bert_run(tmp_path, length=8, learning_rate=3e-3, num_train_epochs=4)
     assert cb.history.val_loss[-1, 1] < 0.01
     assert "lr-too-low" not in [f.code for f in cb.findings]
+
+
+def test_in_ipython_the_cell_that_raised_closes_the_watcher(tmp_path, monkeypatch) -> None:
+    """A backward that raises ends train() without any callback; in IPython the callback closes the
+    watcher when the cell ends with the error (post_run_cell), and unregisters itself."""
+    import types
+
+    from tlwidgets.integrations import transformers as integration
+
+    class Events:
+        def __init__(self) -> None:
+            self.handlers: list = []
+
+        def register(self, name, fn) -> None:
+            assert name == "post_run_cell"
+            self.handlers.append(fn)
+
+        def unregister(self, name, fn) -> None:
+            self.handlers.remove(fn)
+
+    shell = types.SimpleNamespace(events=Events())
+    monkeypatch.setattr(integration, "_ipython", lambda: shell)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    cb = DebugCallback()
+    calls = []
+
+    def fail(grad):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom in backward")
+
+    handle = model.classifier.weight.register_hook(fail)
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        train(model, *digits(), tmp_path, cb=cb)
+    handle.remove()
+    assert not cb.session.closed and len(shell.events.handlers) == 1
+    ok = types.SimpleNamespace(error_in_exec=None, error_before_exec=None)
+    shell.events.handlers[0](ok)  # another cell that ended well: nothing happens
+    assert not cb.session.closed
+    shell.events.handlers[0](
+        types.SimpleNamespace(error_in_exec=RuntimeError("boom"), error_before_exec=None)
+    )
+    assert cb.session.closed and hooks_left(model, cb.session.optimizer) == []
+    assert shell.events.handlers == []
