@@ -64,6 +64,17 @@ def test_data_bug_in_a_watched_loop_is_reported(code, name, seed):
     assert got[0].evidence
 
 
+@pytest.mark.parametrize("name", [names[0] for names in FORMS.values()])
+def test_a_loop_of_one_epoch_is_audited_when_it_ends(name):
+    """One epoch and its validation: no training batch follows the validation pass; the end of the
+    ``with`` block completes the samples."""
+    code = next(c for c, names in FORMS.items() if name in names)
+    w = _loop(name, 0, epochs=1)
+    got = w.findings_with(code)
+    assert got, f"{name} seed {seed}: {[f.code for f in w.findings]}"
+    assert got[0].evidence
+
+
 @pytest.mark.parametrize("name", TWINS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_healthy_twin_in_a_watched_loop_stays_silent(name, seed):

@@ -48,7 +48,8 @@ class Diagnoser(Protocol):
 
     # Optional (not part of the protocol check, so older diagnosers stay valid):
     # ``on_batch(session, split, inputs, targets) -> bool`` is shown the batches a
-    # Runner reads (``split`` "train" or "val") until it returns False.
+    # session reads (``split`` "train" or "val") until it returns False;
+    # ``on_end(session) -> list[Finding]`` runs when a watched loop ends normally.
 
 
 class NullDiagnoser:

@@ -904,6 +904,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._finish_pass()
         if not interrupted and self.loop.backwards and not self.loop.steps:
             self.loop.backwards_without_step = max(self.loop.backwards_without_step, self.loop.backwards)
+        on_end = getattr(self.diagnoser, "on_end", None)
+        if not interrupted and callable(on_end):  # the data audits' samples are as complete as they get
+            self._publish(self._diagnose("on_end"))
         self._diagnose_loop()
         sync = self.distributed
         if sync is not None and sync.stopped is None:

@@ -263,6 +263,20 @@ class RuleDiagnoser:
         run = self._audit_runner(session)
         return bool(run("fetched-sample", lambda: data.on_batch(split, inputs, targets)))
 
+    def on_end(self, session: Any) -> list[Finding]:
+        """A watched loop ended normally: the data audits run on what their samples hold (a loop of one
+        epoch never shows the end of its validation pass otherwise)."""
+        data = self._data_audit(session)
+        if data is None or not data.constructed:
+            return []
+        run = self._audit_runner(session)
+        data.pass_ended("train")
+        data.pass_ended("val")
+        found = data.fetched_audits(session, run, epoch_end=True)
+        if data.decoupled_checks == 0:
+            found.extend(data.decoupled(session, None, self._explained(session), run))
+        return found
+
     @staticmethod
     def _explained(session: Any) -> bool:
         has = getattr(session, "has_finding", None)
