@@ -218,9 +218,11 @@ class CallbackAdapter:
         return getattr(self._require(name), name)
 
     def on_attach(self, fn: Callable[[FrameworkWatcher], None]) -> Callable[[], None]:
-        """Call ``fn(watcher)`` whenever a fit creates its watcher; returns the unsubscribe function.
+        """Call ``fn(watcher)`` when a fit creates its watcher, and again with the same watcher when
+        that fit ends (it is closed then); returns the unsubscribe function.
 
-        ``tlw.Dashboard(cb)`` uses this to build its panels when the fit starts.
+        ``tlw.Dashboard(cb)`` uses this to build its panels when the fit starts and to draw the
+        final state when it ends (redraws during the fit are throttled).
         """
         self._listeners.append(fn)
 
@@ -239,12 +241,15 @@ class CallbackAdapter:
         self.watchers.append(watcher)
         del self.watchers[:-8]  # each keeps its history: a notebook that fits many times stays bounded
         watcher.begin_fit()
+        self._notify(watcher)
+        return watcher
+
+    def _notify(self, watcher: FrameworkWatcher) -> None:
         for fn in list(self._listeners):
             try:
                 fn(watcher)
-            except Exception:  # a dashboard failing to attach must not stop the fit
-                log.exception("tlwidgets: a listener of the callback raised on attach")
-        return watcher
+            except Exception:  # a dashboard failing to follow must not stop the fit
+                log.exception("tlwidgets: a listener of the callback raised")
 
     def _stop(self, *, interrupted: bool) -> None:
         """Finish (final loop checks) and close the current watcher; idempotent, never raises."""
@@ -258,6 +263,7 @@ class CallbackAdapter:
             w._internal_error("finish", exc)
         finally:
             w.close()
+            self._notify(w)  # dashboards draw the final state
 
     def close(self) -> None:
         """Remove the hooks of the current fit's watcher (also done at the end of every fit)."""

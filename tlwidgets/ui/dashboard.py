@@ -185,8 +185,12 @@ class Dashboard(widgets.VBox):
                 )
 
     def _on_source_attach(self, session: Any) -> None:
-        """The callback's fit created its watcher: (re)build the panels for it."""
+        """The callback's fit created its watcher: (re)build the panels for it; the same watcher
+        again: its fit ended, draw the final state."""
         if self._closed:
+            return
+        if session is self.session:
+            self.refresh()
             return
         try:
             if self.panels:  # a later fit: the panels of the previous watcher go
