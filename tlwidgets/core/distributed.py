@@ -460,8 +460,11 @@ class RankSync:
                 work.wait(timeout=datetime.timedelta(seconds=max(0.001, min(_POLL_S, left))))
                 return True
             except RuntimeError as exc:
-                if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
-                    raise
+                text = str(exc).lower()
+                if "timed out" not in text and "timeout" not in text:
+                    # A peer closed its connections (it left and tore the process group down).
+                    self.leave(f"another rank left the run (the collective failed: {exc})")
+                    return False
             if self._peer_left():
                 self.leave("another rank left the run (its loop ended or raised)")
                 return False
