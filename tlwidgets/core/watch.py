@@ -619,7 +619,8 @@ class Watcher(FindingsMixin, ControlsMixin):
     # ------------------------------------------------------------------ forward and loss
     def _on_model_pre(self, module: nn.Module, args: Any) -> None:
         if not torch.is_grad_enabled():
-            if "val" in self._tapped_splits:  # validation inputs, for the data audits (with the loss's targets)
+            # Validation inputs, for the data audits (with the loss's targets).
+            if "val" in self._tapped_splits:
                 self._val_inputs = args[0] if len(args) == 1 else args
             return
         self._finish_pass()  # a new forward: the previous backward is over
@@ -885,7 +886,7 @@ class Watcher(FindingsMixin, ControlsMixin):
 
     def _publish(self, findings: Iterable[Finding]) -> None:
         # Rank 0 names the other ranks that raised the same finding (DDP: see core/distributed.py).
-        sync = self.distributed
+        sync = getattr(self, "distributed", None)  # (a subclass may publish before __init__ sets it)
         super()._publish(sync.own(findings) if sync is not None else findings)
 
     def _emit_step(self, lrs: list[float]) -> None:
