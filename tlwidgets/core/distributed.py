@@ -392,6 +392,8 @@ class RankSync:
         """Stop syncing for good and tell the other ranks (no collective: safe after an exception)."""
         if self.stopped is None:
             self.stopped = reason
+            if reason != "finished":  # the rest of the run is watched per rank: say so once
+                log.warning("tlwidgets: rank %d stops syncing with the other ranks: %s", self.rank, reason)
         if self._store is not None:
             # The store may be gone (the process group destroyed): then nobody is waiting.
             with contextlib.suppress(Exception):
