@@ -43,6 +43,8 @@ _EXPLAINS_NO_LEARNING = (
     "lr-too-high",
     "lr-too-low",
     "scheduler-too-fast",
+    # A heavy majority class: a model (and the labels probe) can hardly beat predicting it.
+    "class-imbalance",
     "exploding-gradients",
     "vanishing-gradients",
     "dead-relu",
@@ -251,7 +253,7 @@ class RuleDiagnoser:
             data.decoupled_at_val = data.val_passes
             first_late = step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0
             if at_val or first_late:
-                found.extend(data.decoupled(session, None, self._explained(session), run))
+                found.extend(data.decoupled(session, None, self._explained(session, found), run))
         return found
 
     def on_batch(self, session: Any, split: str, inputs: Any, targets: Any) -> bool:
@@ -274,11 +276,14 @@ class RuleDiagnoser:
         data.pass_ended("val")
         found = data.fetched_audits(session, run, epoch_end=True)
         if data.decoupled_checks == 0:
-            found.extend(data.decoupled(session, None, self._explained(session), run))
+            found.extend(data.decoupled(session, None, self._explained(session, found), run))
         return found
 
     @staticmethod
-    def _explained(session: Any) -> bool:
+    def _explained(session: Any, found: Sequence[Finding] = ()) -> bool:
+        """A finding (published, or ``found`` in the same hook) explains a loss stuck at the prior."""
+        if any(f.code in _EXPLAINS_NO_LEARNING for f in found):
+            return True
         has = getattr(session, "has_finding", None)
         return bool(has(*_EXPLAINS_NO_LEARNING)) if callable(has) else False
 
@@ -294,7 +299,7 @@ class RuleDiagnoser:
                 data.pass_ended("val")
             found.extend(data.fetched_audits(session, run, epoch_end=True))
             val = getattr(record, "val_loss", None)
-            found.extend(data.decoupled(session, val, self._explained(session), run))
+            found.extend(data.decoupled(session, val, self._explained(session, found), run))
         return found
 
     def explain(self, exc: BaseException, stage: Stage | None, context: dict[str, Any], step: int) -> Finding:

@@ -431,9 +431,10 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     n = h.measured_count
     if n < 1:  # even one huge step before the NaN is telling
         return []
-    if n <= 2 and (ctx.record.stage is Stage.BACKWARD or d.finite is False):
-        # NaN right after the first step(s), whose gradients were already orders of magnitude above the
-        # weights: the initialization blew up (a deep stack goes NaN before the trend rule's two steps).
+    if n <= 2:
+        # NaN or a spike right after the first step(s), whose gradients were already orders of magnitude
+        # above the weights: the initialization blew up (a deep stack does before the trend rule's two
+        # steps). A well-initialized model has gradients well below its weights whatever the LR.
         seen = _init_explosion(ctx)
         if seen is not None:
             return [_init_explosion_finding(ctx, *seen, steps=n)]
