@@ -394,3 +394,49 @@ def test_in_ipython_the_cell_that_raised_closes_the_watcher(tmp_path, monkeypatc
     )
     assert cb.session.closed and hooks_left(model, cb.session.optimizer) == []
     assert shell.events.handlers == []
+
+
+def test_custom_compute_loss_reports_its_loss_with_record_loss(tmp_path) -> None:
+    """A compute_loss override whose loss the model does not return: cb.record_loss(loss) gives it
+    to the watcher (without it the history's loss is NaN: nothing else carries it)."""
+
+    class Smoothed(transformers.Trainer):
+        def __init__(self, *args, report=None, **kw):
+            super().__init__(*args, **kw)
+            self.report = report
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = nn.functional.cross_entropy(outputs["logits"], labels, label_smoothing=0.1)
+            if self.report is not None:
+                self.report(loss)
+            return (loss, outputs) if return_outputs else loss
+
+    def run(report: bool):
+        torch.manual_seed(0)
+        cb = DebugCallback()
+        trainer = Smoothed(
+            model=DigitsMLP(),
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path),
+                per_device_train_batch_size=32,
+                max_steps=8,
+                report_to=[],
+                disable_tqdm=True,
+                save_strategy="no",
+                logging_strategy="no",
+                use_cpu=True,
+            ),
+            train_dataset=digits()[0],
+            callbacks=[cb],
+            report=cb.record_loss if report else None,
+        )
+        trainer.train()
+        return cb
+
+    assert np.isnan(run(False).history.loss).all()
+    cb = run(True)
+    loss = cb.history.loss
+    assert len(loss) == 8 and np.isfinite(loss).all() and 2.0 < loss[0] < 2.5  # ~ln(10), smoothed
+    assert serious(cb) == []
