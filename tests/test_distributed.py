@@ -96,6 +96,7 @@ def _train(
     accumulate: int = 1,
     validate_every: int = 0,
     local_step_at: int | None = None,
+    set_lr_at: tuple[int, int, float] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """A plain DDP loop under ``tlw.watch``; returns what rank ``rank``'s watcher saw."""
@@ -126,6 +127,8 @@ def _train(
                     opt.zero_grad()
                 opt.step()
                 local.append(float(loss.detach()))
+                if set_lr_at is not None and set_lr_at[:2] == (rank, step):
+                    w.set_lr(set_lr_at[2])  # a dashboard's slider on one rank only
                 if validate_every and step % validate_every == 0:
                     ddp.eval()
                     with torch.no_grad():  # held-out examples (the same ones would be data leakage)
@@ -165,6 +168,7 @@ def _scenarios(rank: int) -> dict[str, dict[str, Any]]:
         rank, model=cnn_bn(classes=10), accumulate=2, validate_every=3, steps=30, watch_inner=True
     )
     res["step-under-no-sync"] = _train(rank, model=mlp((64, 32, 10)), local_step_at=10, steps=20)
+    res["set-lr-on-rank0"] = _train(rank, model=mlp((64, 32, 10)), set_lr_at=(0, 8, 0.2), steps=20)
     res["opted-out"] = _train(rank, model=mlp((64, 32, 10)), steps=10, sync_ranks=False)
     res["buffers-not-broadcast"] = _train(rank, model=cnn_bn(classes=10), broadcast_buffers=False, steps=20)
     res["rank1-only"] = _train(rank, model=mlp((64, 32, 10)), scale=1.0 if rank == 0 else 300.0, steps=20)
@@ -308,6 +312,11 @@ def test_a_step_on_gradients_never_all_reduced_is_rank_divergence(ranks) -> None
     f = _find(r0, "rank-divergence")
     assert set(f["params"]) == {"module.0.weight", "module.0.bias", "module.2.weight", "module.2.bias"}
     assert "rank 1" in f["message"]
+
+
+def test_set_lr_on_rank0_alone_is_rank_divergence(ranks) -> None:
+    f = _find(ranks[0]["set-lr-on-rank0"], "rank-divergence")
+    assert "module.0.weight" in f["params"] and "rank 1" in f["message"]
 
 
 def test_buffers_that_are_not_broadcast_are_rank_divergence(ranks) -> None:
