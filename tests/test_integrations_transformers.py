@@ -440,3 +440,49 @@ def test_custom_compute_loss_reports_its_loss_with_record_loss(tmp_path) -> None
     loss = cb.history.loss
     assert len(loss) == 8 and np.isfinite(loss).all() and 2.0 < loss[0] < 2.5  # ~ln(10), smoothed
     assert serious(cb) == []
+
+
+def test_set_lr_during_train_keeps_the_schedules_shape(tmp_path) -> None:
+    """cb.set_lr mid-train rescales the Trainer's scheduler (the one inside accelerate's wrapper):
+    the linear decay goes on from the new LR."""
+
+    def run(change: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = DigitsMLP()
+        cb = DebugCallback()
+        lrs: list[float] = []
+
+        class Spy(transformers.TrainerCallback):
+            def on_step_begin(self, args, state, control, optimizer=None, **kw):
+                if change and state.global_step == 3:
+                    # Queued: DebugCallback.on_step_begin ran before this callback, so the LR is set at
+                    # the next step's beginning, and the schedule goes on from there at that level.
+                    cb.set_lr(1e-3)
+
+            def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+                lrs.append(optimizer.param_groups[0]["lr"])
+
+        transformers.Trainer(
+            model=model,
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path),
+                per_device_train_batch_size=32,
+                max_steps=8,
+                learning_rate=4e-3,
+                report_to=[],
+                disable_tqdm=True,
+                save_strategy="no",
+                logging_strategy="no",
+                use_cpu=True,
+            ),
+            train_dataset=digits()[0],
+            callbacks=[cb, Spy()],
+        ).train()
+        if change:
+            assert [(c.kind, c.step) for c in cb.history.controls] == [("set_lr", 4)]
+        return lrs
+
+    base, changed = np.asarray(run(False)), np.asarray(run(True))
+    np.testing.assert_allclose(changed[:4], base[:4])
+    assert changed[4] == pytest.approx(1e-3)
+    np.testing.assert_allclose(changed[4:] / base[4:], 1e-3 / base[4], rtol=1e-6)  # same shape
