@@ -478,3 +478,20 @@ def test_lightning_ddp_replica_changed_by_hand_is_rank_divergence(lightning_rank
     f = _find(r0, "rank-divergence")
     assert f["params"] == ["net.0.weight"] and "rank 1" in f["message"]
     assert "rank-divergence" in _top3(r0)
+
+
+def test_structure_hash_ignores_wrapper_prefixes_and_sees_shapes() -> None:
+    a = mlp((64, 32, 10))
+    named = list(a.named_parameters())
+    wrapped = [(f"module._orig_mod.{n}", p) for n, p in named]
+    assert distributed._structure_hash(named) == distributed._structure_hash(wrapped)
+    other = list(mlp((64, 16, 10)).named_parameters())
+    assert distributed._structure_hash(named) != distributed._structure_hash(other)
+    assert not distributed._sharded(a)
+
+
+def test_non_finite_fingerprints_differ_only_when_one_side_is_not_finite() -> None:
+    nan = np.array([[np.nan, np.nan]])
+    one = np.array([[1.0, 0.5]])
+    assert not distributed._differs(nan, nan, 1e-5)[0][0]  # both diverged to NaN: the same
+    assert distributed._differs(one, nan, 1e-5)[0][0] and distributed._differs(nan, one, 1e-5)[0][0]

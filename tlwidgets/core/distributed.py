@@ -185,8 +185,9 @@ def _differs(ref: np.ndarray, other: np.ndarray, tol: float) -> tuple[np.ndarray
     buffer, scales with itself). NaN on both sides is equal; on one side, not.
     """
     with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.nanmax(np.abs(np.stack([ref[:, 0], other[:, 0]])), axis=0)
-        sum_scale = np.maximum(scale, np.nanmax(np.abs(np.stack([ref[:, 1], other[:, 1]])), axis=0))
+        # fmax ignores a NaN side without the all-NaN warning of nanmax (NaN is settled below).
+        scale = np.fmax(np.abs(ref[:, 0]), np.abs(other[:, 0]))
+        sum_scale = np.fmax(scale, np.fmax(np.abs(ref[:, 1]), np.abs(other[:, 1])))
         d_norm = np.abs(ref[:, 0] - other[:, 0]) / np.maximum(scale, 1e-30)
         d_sum = np.abs(ref[:, 1] - other[:, 1]) / np.maximum(sum_scale, 1e-30)
     rel = np.fmax(d_norm, d_sum)
@@ -335,8 +336,9 @@ class RankSync:
         self._buffers: list[tuple[str, torch.Tensor]] = list(model.named_buffers())
         self._params: list[torch.Tensor] = list(session.tracker.params)
         self._param_names: list[str] = list(session.param_names)
-        self._hash = _structure_hash([*session.named_params, *self._buffers])
-        self._sharded = _sharded(model)
+        # A sharded model (FSDP, DTensor) has nothing to compare: -1, which every rank then sees, so
+        # the decision to compare (and the vector's length) is the same on all of them.
+        self._hash = -1.0 if _sharded(model) else _structure_hash([*session.named_params, *self._buffers])
         self._schedule: tuple[int, int] = (session.tracker.measure_every, session.tracker.dense_steps)
         self._compare = False  # decided at the first sync: same structure everywhere
         self._buf_fp: np.ndarray | None = None
@@ -441,7 +443,7 @@ class RankSync:
         self.syncs += 1
         if first:
             self._schedule = (int(heads[0, 6]), int(heads[0, 7]))  # rank 0's schedule, for all
-            self._compare = bool((heads[:, 5] == heads[0, 5]).all()) and not self._sharded
+            self._compare = bool((heads[:, 5] == heads[0, 5]).all() and heads[0, 5] >= 0)
             if not self._compare:
                 self.replicated = False
         self.rank_losses = heads[:, 2].copy()
