@@ -66,6 +66,13 @@ class FrameworkWatcher(Watcher):
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ controls
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "this watcher is closed: the fit it followed has ended (its hooks are removed); "
+                "freeze/unfreeze/set_lr act during a fit, at the next batch"
+            )
+
     def _control(self, apply: Callable[[], Any], result: Any) -> Any:
         self._check_open()
         with self._control_lock:
