@@ -9,15 +9,18 @@ import torch
 import tlwidgets as tlw
 from tlwidgets import zoo
 
-# The data codes whose bug is in the data sets (the first-step probes, which run the model, are the Runner's).
+# Every data code of DESIGN section 4, in at least two forms.
 FORMS = {
     "data-leakage": ["data-leakage", "data-leakage-tabular", "data-leakage-images"],
     "train-val-shift": ["train-val-shift", "train-val-shift-tabular", "train-val-shift-images"],
     "channel-order": ["channel-order", "channel-order-24px"],
     "class-imbalance": ["class-imbalance", "class-imbalance-binary", "class-imbalance-digits"],
     "labels-decoupled": ["labels-decoupled", "labels-decoupled-regression", "labels-decoupled-images"],
+    # The first-step probes run the model with the watcher's hooks suspended.
+    "batch-mixing": ["batch-mixing", "batch-mixing-mlp"],
+    "dropout-too-high": ["dropout-functional", "dropout2d-too-high"],
 }
-DATA_CODES = (*FORMS, "batch-mixing", "dropout-too-high")
+DATA_CODES = tuple(FORMS)
 TWINS = [
     "mlp-digits",
     "rgb-cnn",
@@ -27,6 +30,8 @@ TWINS = [
     "small-natural-shift",
     "mild-imbalance",
     "binary-3to1",
+    "row-independent-mlp",
+    "dropout-half",
 ]
 
 
@@ -71,7 +76,7 @@ def test_a_loop_of_one_epoch_is_audited_when_it_ends(name):
     code = next(c for c, names in FORMS.items() if name in names)
     w = _loop(name, 0, epochs=1)
     got = w.findings_with(code)
-    assert got, f"{name} seed {seed}: {[f.code for f in w.findings]}"
+    assert got, f"{name}: {[f.code for f in w.findings]}"
     assert got[0].evidence
 
 
@@ -90,3 +95,25 @@ def test_the_watched_audits_stop_reading_batches():
     assert not w._tapped_splits
     assert audit.train is audit.fetched["train"].sample and audit.val is audit.fetched["val"].sample
     assert audit.val_passes == 1
+
+
+def test_the_probes_do_not_show_up_as_steps_of_the_loop(monkeypatch):
+    """batch-mixing's probe runs the model inside the loop's first step: the watcher's hooks sit it out,
+    so the model's forward hook sees exactly the loop's forwards (training and validation)."""
+    from tlwidgets.core.watch import Watcher
+
+    seen = []
+    original = Watcher._on_model_pre
+
+    def counting(self, module, args):
+        seen.append(torch.is_grad_enabled())
+        return original(self, module, args)
+
+    monkeypatch.setattr(Watcher, "_on_model_pre", counting)
+    setup = zoo.get("batch-mixing-mlp")
+    parts = setup.build(0, data_seed=0)
+    train, val = parts["train_data"], parts["val_data"]
+    w = _loop("batch-mixing-mlp", 0, epochs=1)
+    assert w.findings_with("batch-mixing")
+    assert seen.count(True) == len(train) == w.loop.steps
+    assert seen.count(False) == len(val)

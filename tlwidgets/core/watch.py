@@ -34,13 +34,14 @@ module is dropped when they are pickled, deep-copied or saved with
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,8 @@ class _Hook:
         self.where = where
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if self.owner._suspended:  # tlwidgets' own probe of the model: not the user's loop
+            return None
         try:
             self.fn(*args, **kwargs)
         except Exception as exc:  # tlwidgets' own failure: never the user's
@@ -350,6 +353,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._closed = False
         self._failures: collections.Counter[str] = collections.Counter()
         self._last_inputs: Any = None
+        self._suspended = False  # see suspended()
         self._val_inputs: Any = None  # the last no-grad forward's inputs (validation), for the data audits
         self._fwd_rng: torch.Tensor | None = None
         self._loss_value = math.nan
@@ -944,6 +948,16 @@ class Watcher(FindingsMixin, ControlsMixin):
                 except Exception as exc:
                     self._internal_error("close", exc)
         self.tracker.close()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Hooks do nothing inside: for tlwidgets' own forward/backward probes of the model (the data
+        audits' batch-mixing and dropout probes), which are not steps of the user's loop."""
+        was, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = was
 
     def _check_open(self) -> None:
         if self._closed:

@@ -142,6 +142,13 @@ class Sample:
     first_inputs: Any = None  # the first batch's inputs (its first rows)
     first_x: torch.Tensor | None = None  # first float input tensor of the first batch (up to 256 rows)
     integer_inputs: bool = False
+    #: Labelled batches seen, and those holding a single label value: when every batch does, the loop
+    #: sets the labels batch by batch (a GAN discriminator's real and fake batches), not the data.
+    label_batches: int = 0
+    uniform_label_batches: int = 0
+    #: Every input tensor has the examples as its first dimension: the first-step probes can take a few
+    #: examples (not so with an RNN state fed back as ``(x, (h, c))``, batch second).
+    rows_first: bool = True
     #: The inputs hold several per-example tensors (a siamese pair, features and a mask): the label may
     #: depend on how they relate, which a probe of the first one cannot see.
     multi_input: bool = False
@@ -285,7 +292,9 @@ def add_batch(out: Sample, inputs: Any, targets: Any, projector: _Projector, *, 
         out.first_x = x[:256]
         out.integer_inputs = not x.is_floating_point()
         out.layout = tuple(x.shape[1:])
-        out.multi_input = sum(t.dim() > 0 and t.shape[0] == n for _, t in tensors_in(inputs, "inputs")) > 1
+        leaves = [t for _, t in tensors_in(inputs, "inputs")]
+        out.multi_input = sum(t.dim() > 0 and t.shape[0] == n for t in leaves) > 1
+        out.rows_first = all(t.dim() > 0 and t.shape[0] == n for t in leaves)
     if tuple(x.shape[1:]) != out.layout:
         return 0  # variable-size examples (padded sequences): keep the first layout only
     _digest(out, inputs, n)
@@ -334,6 +343,9 @@ def _count_labels(out: Sample, targets: Any, n: int, *, probe: bool = True) -> N
         y = y[:, 0]
     if y.dim() != 1:
         return  # per-token or multi-label targets: one label per example is what is counted
+    if probe and n > 1:
+        out.label_batches += 1
+        out.uniform_label_batches += bool((y == y[0]).all())
     if not y.is_floating_point() and y.dtype != torch.bool:
         if bool((y < 0).any()) or int(y.max()) > 100_000:
             return
@@ -597,6 +609,8 @@ def _probe(train: Sample, kind: str) -> bool | None:
     x = train.projected
     if x is None or train.integer_inputs or train.multi_input or not train.probe_y:
         return None
+    if train.label_batches and train.uniform_label_batches == train.label_batches:
+        return None  # labels set per batch by the loop (real vs generated), not a property of the data
     y = torch.cat(train.probe_y)[: x.shape[0]]
     n = y.shape[0]
     if n < 64:
@@ -675,14 +689,18 @@ def audit_labels_decoupled(
 # ---------------------------------------------------------------------- first-step audits
 def audit_batch_mixing(session: Any, train: Sample, step: int) -> Finding | None:
     """``check_batch_independence`` on the first ``MIX_EXAMPLES`` sampled examples."""
-    from tlwidgets.diagnostics.checks import check_batch_independence
+    from tlwidgets.diagnostics.checks import NotBatchFirst, check_batch_independence
 
     inputs = train.first_inputs
     leaves = [t for _, t in tensors_in(inputs, "inputs") if t.dim() > 0] if inputs is not None else []
     if not leaves or leaves[0].shape[0] < 2:
         return None
     inputs = to_device(inputs, getattr(session, "device", None))
-    f = check_batch_independence(session.model, inputs, forward=getattr(session, "forward", None))
+    forward = getattr(session, "forward", None) or call_model  # a watcher's inputs are the model's args
+    try:
+        f = check_batch_independence(session.model, inputs, forward=forward)
+    except NotBatchFirst:
+        return None  # sequence-first outputs: rows are not examples, the probe does not apply
     return dataclasses.replace(f, step=step) if f is not None else None
 
 
@@ -720,7 +738,7 @@ def audit_dropout(session: Any, train: Sample, step: int) -> Finding | None:
             handles.append(m.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)))
             handles.append(m.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1)))
     mode = _DropoutCalls(depth)
-    forward = getattr(session, "forward", None) or (lambda mdl, x: mdl(x))
+    forward = getattr(session, "forward", None) or call_model
     try:
         with preserved_state(model), torch.no_grad(), mode:
             forward(model, to_device(inputs, getattr(session, "device", None)))
@@ -941,6 +959,8 @@ class DataAudit:
         if self.first_step_done or sample is None:
             return []
         self.first_step_done = True
+        if not sample.rows_first:
+            return []  # the probes cannot cut a few examples out of these inputs
         if getattr(session, "forward", call_model) is not call_model:
             return []  # a custom forward= is user code that may count its calls: the probes do not call it
         step = int(session.global_step)

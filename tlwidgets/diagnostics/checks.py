@@ -116,17 +116,21 @@ class StateSnapshot:
         """Put every saved value back (idempotent; the snapshot stays usable)."""
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
+        # A tensor that still holds its saved value is left alone: a copy would bump its version counter,
+        # which a watcher reads as the user's loop writing to it (a gradient reset, say).
         with torch.no_grad():
             for t, saved in self._values:
                 if t.shape == saved.shape and t.dtype == saved.dtype:
-                    t.copy_(saved)
+                    if not _same(t, saved):
+                        t.copy_(saved)
                 else:  # the check cannot resize; a user hook did: put the old tensor back
                     t.data = saved.clone()
             for p, saved in self._grads:
                 if saved is None:
                     p.grad = None
                 elif p.grad is not None and p.grad.shape == saved.shape and p.grad.dtype == saved.dtype:
-                    p.grad.copy_(saved)
+                    if not _same(p.grad, saved):
+                        p.grad.copy_(saved)
                 else:
                     p.grad = saved.clone()
         for m, mode in self._modes:
@@ -135,6 +139,26 @@ class StateSnapshot:
             restore_optimizer(self.optimizer, self._opt)
         if self._rng is not None:
             restore_rng(self._rng)
+
+
+class NotBatchFirst(ValueError):
+    """The model's output is not one row per example (a sequence-first language model): the per-example
+    probes do not apply."""
+
+
+def _same(t: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Bitwise the saved value (NaN included), without writing to ``t``."""
+    if t.is_sparse or saved.is_sparse:
+        return False
+    return (
+        bool(torch.equal(t, saved))
+        or bool(
+            torch.equal(t.isnan(), saved.isnan())
+            and torch.equal(torch.nan_to_num(t), torch.nan_to_num(saved))
+        )
+        if t.is_floating_point()
+        else bool(torch.equal(t, saved))
+    )
 
 
 @contextlib.contextmanager
@@ -1013,7 +1037,7 @@ def _independence_by_grad(model, inputs, forward, n, index, gen, rtol) -> Findin
         for h in handles:
             h.remove()
     if out is None or out.dim() == 0 or out.shape[0] != n:
-        raise ValueError("the model's output must be a tensor whose first dimension is the batch")
+        raise NotBatchFirst("the model's output must be a tensor whose first dimension is the batch")
 
     def mixing(t: torch.Tensor) -> tuple[bool, float, float, int]:
         r = torch.randn(t[index].shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
@@ -1071,7 +1095,7 @@ def _independence_by_reorder(model, inputs, forward, n, index, rtol) -> Finding 
         moved = _map_tensors(inputs, lambda t: t[perm_t.to(t.device)] if t.dim() and t.shape[0] == n else t)
         out2 = first_tensor(forward(model, moved))
     if out1 is None or out1.dim() == 0 or out1.shape[0] != n:
-        raise ValueError("the model's output must be a tensor whose first dimension is the batch")
+        raise NotBatchFirst("the model's output must be a tensor whose first dimension is the batch")
     a, b = out1[index].double(), out2[index].double()
     diff = float((a - b).norm())
     if diff <= rtol * float(a.norm()) + 1e-12:

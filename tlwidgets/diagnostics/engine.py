@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -247,7 +248,9 @@ class RuleDiagnoser:
         if data is not None and data.constructed:
             run = self._audit_runner(session)
             found.extend(data.fetched_audits(session, run, epoch_end=False))
-            if session.kind == "runner":  # the probes run the model: a watcher's hooks would see them
+            # The probes run the model: a watcher's hooks sit them out.
+            suspended = getattr(session, "suspended", None)
+            with suspended() if callable(suspended) else contextlib.nullcontext():
                 found.extend(data.at_first_step(session, run))
             at_val = data.val_passes > data.decoupled_at_val  # a watched loop's "epoch end"
             data.decoupled_at_val = data.val_passes
