@@ -26,11 +26,13 @@ from tlwidgets.core import (
     Stage,
     StageRecord,
 )
+from tlwidgets.core.actions import Action
 from tlwidgets.core.watch import Watcher, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
     "Checkpoint",
     "Code",
     "ControlChange",

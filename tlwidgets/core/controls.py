@@ -162,7 +162,7 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
 
 
 class ControlsMixin:
-    """``freeze`` / ``unfreeze`` / ``set_lr`` / ``set_bn_eval`` for a Runner or a Watcher.
+    """``freeze``, ``unfreeze``, ``set_lr``, ``set_bn_eval``, ``set_train_mode`` for a Runner or a Watcher.
 
     Every control is applied at a stage boundary (deferred when called from
     inside a stage), recorded as a :class:`~tlwidgets.core.records.ControlChange`
@@ -287,6 +287,49 @@ class ControlsMixin:
         layers = self._frozen_bn_layers(params) if on else list(self._bn_eval.items())
         modules = [m for m, layer in layers if chosen is None or _owns_any(m, layer, chosen)]
         return self._control(lambda: self._apply_bn_eval(on, modules, list(names)), modules)
+
+    def set_train_mode(self, *names: str, on: bool = True) -> list[str]:
+        """Put modules in train mode (``on=True``) or eval mode, as a recorded control.
+
+        Parameters
+        ----------
+        *names
+            Module names (``"<model>"`` or none: the whole model, like ``model.train()``).
+            A named module is switched with its submodules, and the model itself is put in
+            the same mode without touching its other children (parts frozen in eval mode on
+            purpose stay so). Batch-norm layers held in eval mode (:attr:`bn_eval`) stay held.
+        on
+            Train mode (True) or eval mode (False).
+
+        Returns
+        -------
+        list[str]
+            The module names switched (``"<model>"`` for the whole model).
+        """
+        if not isinstance(on, (bool, np.bool_)):
+            raise TypeError(f"on must be True or False, got {on!r}")
+        modules = dict(self.model.named_modules())
+        chosen = [n for n in names if n not in ("", "<model>")]
+        unknown = [n for n in chosen if n not in modules]
+        if unknown:
+            raise KeyError(f"no module named {', '.join(map(repr, unknown))} in the model")
+        whole = not chosen
+        return self._control(
+            lambda: self._apply_train_mode(bool(on), chosen, whole), ["<model>"] if whole else chosen
+        )
+
+    def _apply_train_mode(self, on: bool, chosen: Sequence[str], whole: bool) -> None:
+        modules = dict(self.model.named_modules())
+        if whole:
+            self.model.train(on)
+        else:
+            for n in chosen:
+                modules[n].train(on)
+            self.model.training = on  # the model's own flag (forward code may read it), not its children
+        for m in self._bn_eval.values():  # frozen batch-norm layers keep their statistics
+            m.eval()
+        detail = {"on": on, "modules": ["<model>"] if whole else list(chosen)}
+        self._after_control(ControlChange("train_mode", self.global_step, detail))
 
     def _control(self, apply: Callable[[], Any], result: Any) -> Any:
         self._check_open()

@@ -119,6 +119,18 @@ class Finding:
         ``("loss-sum-reduction",)`` on a ``non-finite-grad``). Filled by the ranking
         (:func:`tlwidgets.diagnostics.ranking.rank_findings`) each time ``findings`` is read, so
         it reflects the findings present then; it takes no part in equality nor in :attr:`key`.
+    actions
+        The fixes the session can carry out itself (:class:`tlwidgets.core.actions.Action`), first
+        the one to try first. Filled each time the session's ``findings`` is read, from the session's
+        state then (an action is offered only while it applies); empty on a resolved finding. Takes no
+        part in equality.
+    resolved
+        True once the condition no longer holds: the setup check no longer finds it, the numbers after
+        a fix no longer show it, or the run was rewound to before it (see ``docs/findings.md``,
+        "Actions and resolution"). A resolved finding stays listed after the active ones; reported
+        again, it is active again. Takes no part in equality.
+    resolved_step
+        Global step at which it was resolved (``None`` while active).
     """
 
     code: str
@@ -133,6 +145,9 @@ class Finding:
     first_step: int | None = None
     count: int = 1
     likely_causes: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    actions: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    resolved: bool = dataclasses.field(default=False, compare=False)
+    resolved_step: int | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.code = Code(self.code).value
@@ -141,6 +156,7 @@ class Finding:
             self.stage = Stage(self.stage)
         self.params = tuple(self.params)
         self.likely_causes = tuple(self.likely_causes)
+        self.actions = tuple(self.actions)
         if self.first_step is None:
             self.first_step = self.step
 
@@ -154,6 +170,8 @@ class Finding:
         if self.stage is not None:
             where += f", {self.stage.value}"
         text = f"[{self.severity}] {self.code} ({where}): {self.message}"
+        if self.resolved:
+            text = f"[resolved at step {self.resolved_step}] " + text
         if self.params:
             shown = ", ".join(self.params[:5])
             more = f" (+{len(self.params) - 5} more)" if len(self.params) > 5 else ""
@@ -164,10 +182,14 @@ class Finding:
             text += f"\n  cause: {self.cause}"
         if self.fix:
             text += f"\n  fix: {self.fix}"
+        for a in self.actions:
+            text += f"\n  action: {a.label} ({a.description})"
         return text
 
     def _repr_html_(self) -> str:
         colour = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}[self.severity]
+        if self.resolved:
+            colour = "#9e9e9e"  # greyed: the story of the run, not a problem now
         esc = html.escape
         where = f"step {self.step}" if self.step is not None else "setup"
         if self.stage is not None:
@@ -183,10 +205,16 @@ class Finding:
                 + ", ".join(f"<code>{esc(c)}</code>" for c in self.likely_causes)
                 + "</div>"
             )
+        resolved, css, style = "", "tlw-finding", ""
+        if self.resolved:
+            at = f" at step {self.resolved_step}" if self.resolved_step is not None else ""
+            resolved = f' <b class="tlw-resolved-mark">resolved{at}</b>'
+            css += " tlw-finding-resolved"
+            style = "color:#757575;"
         return (
-            f'<div class="tlw-finding" style="border-left:4px solid {colour};padding:4px 8px;margin:4px 0">'
+            f'<div class="{css}" style="border-left:4px solid {colour};padding:4px 8px;margin:4px 0;{style}">'
             f'<div><b style="color:{colour}">{esc(self.severity)}</b> '
-            f"<code>{esc(self.code)}</code> <small>({where})</small></div>"
+            f"<code>{esc(self.code)}</code> <small>({where})</small>{resolved}</div>"
             f"<div>{esc(self.message)}</div>{params}"
             f"<div><b>cause:</b> {esc(self.cause)}</div>"
             f"<div><b>fix:</b> {esc(self.fix)}</div></div>"
@@ -198,19 +226,36 @@ class FindingLog:
 
     A repeated report updates the entry's step, message and evidence and bumps
     its count instead of appending, so a bug seen for 1,000 steps is one line.
+    A resolved entry stays (marked :attr:`Finding.resolved`); reported again, it
+    is active again and counts as new.
+
+    Parameters
+    ----------
+    clock
+        The session's global step now. With a clock, :meth:`restore` keeps the
+        entries a rewind goes back past, resolved at the step it went back to;
+        without one it drops them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int | None] | None = None) -> None:
         self._by_key: dict[tuple[str, tuple[str, ...]], Finding] = {}
         self._order: list[tuple[str, tuple[str, ...]]] = []
+        self._clock = clock
+        #: Bumped whenever an entry is resolved or reactivated (a panel redraws when it moved).
+        self.resolution_seq = 0
 
     def add(self, finding: Finding) -> tuple[Finding, bool]:
-        """Merge ``finding`` in; return the stored entry and whether it is new."""
+        """Merge ``finding`` in; return the stored entry and whether it is new (or active again)."""
         old = self._by_key.get(finding.key)
         if old is None:
             self._by_key[finding.key] = finding
             self._order.append(finding.key)
             return finding, True
+        again = old.resolved
+        if again:  # the condition holds again: active, and news (run() stops at an error again)
+            old.resolved = False
+            old.resolved_step = None
+            self.resolution_seq += 1
         old.count += 1
         old.step = finding.step
         old.stage = finding.stage
@@ -218,7 +263,26 @@ class FindingLog:
         old.evidence = finding.evidence
         if Severity(finding.severity).rank < Severity(old.severity).rank:
             old.severity = finding.severity
-        return old, False
+        return old, again
+
+    def resolve(self, key: tuple[str, tuple[str, ...]], step: int | None) -> bool:
+        """Mark the entry ``key`` resolved at ``step``; False when there is none or it already was."""
+        f = self._by_key.get(key)
+        if f is None or f.resolved:
+            return False
+        f.resolved = True
+        f.resolved_step = step
+        f.actions = ()
+        self.resolution_seq += 1
+        return True
+
+    def active(self) -> list[Finding]:
+        """Entries not resolved, in the order they were first raised."""
+        return [f for f in self if not f.resolved]
+
+    def resolved(self) -> list[Finding]:
+        """Resolved entries, in the order they were first raised."""
+        return [f for f in self if f.resolved]
 
     def extend(self, findings: Iterable[Finding]) -> list[Finding]:
         """Add several; return those that were new."""
@@ -239,8 +303,12 @@ class FindingLog:
 
         Entries that ``keep`` accepts and that ``entries`` lacks stay, after
         them (a rewind keeps findings that belong to no point of the run).
+        With a clock, the other entries that ``entries`` lacks (those of the
+        timeline a rewind abandons) stay too, resolved at the clock's step: the
+        run went back to before them, and the story of the run is kept.
         """
         kept = [f for f in self if keep is not None and keep(f)]
+        gone = [f for f in self if not (keep is not None and keep(f))] if self._clock is not None else []
         self.clear()
         for f in entries:
             self._by_key[f.key] = dataclasses.replace(f)
@@ -249,6 +317,14 @@ class FindingLog:
             if f.key not in self._by_key:
                 self._by_key[f.key] = f
                 self._order.append(f.key)
+        step = self._clock() if gone else None
+        for f in gone:
+            if f.key not in self._by_key:
+                self._by_key[f.key] = f
+                self._order.append(f.key)
+                if not f.resolved:
+                    self.resolve(f.key, step)
+        self.resolution_seq += 1
 
     def clear(self) -> None:
         self._by_key.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,9 +46,18 @@ class FindingsMixin:
         wants_batches = callable(getattr(self.diagnoser, "on_batch", None))
         self._tapped_splits: set[str] = {"train", "val"} if wants_batches else set()
         self._init_findings()
+        # Every control (a fix from a finding's action, or the user's own) starts a re-check of the
+        # active findings whose condition the numbers can be seen to end (core/actions.py).
+        self.events.on(Event.CONTROL, self._arm_rechecks)
 
     def _init_findings(self) -> None:
-        self._log = FindingLog()
+        # The clock lets a rewind keep the findings it goes back past, resolved at the step it went to.
+        self._log = FindingLog(clock=lambda: getattr(self, "global_step", None))
+        #: Findings being re-checked after a control: key -> (steps after this one count, count then).
+        self._rechecks: dict[tuple[str, tuple[str, ...]], tuple[int, int]] = {}
+        self._recheck_off: Any = None  # unsubscribes the per-step re-check (subscribed only while needed)
+        #: Confirmation lines of the actions applied, per finding key (the dashboard shows them).
+        self.applied_actions: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         self._audit_keys: set[tuple[str, tuple[str, ...]]] = set()
         self._error_seq = 0  # counts new error findings: run() stops when it grows
         self._last_error: Finding | None = None
@@ -56,21 +66,94 @@ class FindingsMixin:
 
     @property
     def findings(self) -> list[Finding]:
-        """Current findings, most likely root cause first (one per code and parameters)."""
+        """Active findings, most likely root cause first (one per code and parameters), then the
+        resolved ones (:attr:`Finding.resolved`) in the order they were first raised.
+
+        Each active finding's :attr:`~Finding.actions` is filled from the session's state now.
+        """
+        return [*self.active_findings, *self.resolved_findings]
+
+    @property
+    def active_findings(self) -> list[Finding]:
+        """The findings whose condition still holds, most likely root cause first, with their actions."""
+        from tlwidgets.core.actions import actions_for
+
+        active = self._log.active()
         try:
-            return self.diagnoser.rank(list(self._log))
+            ranked = self.diagnoser.rank(active)
         except Exception:  # a broken ranking must not hide findings
             self.diagnostic_errors.append("rank failed")
-            return list(self._log)
+            ranked = active
+        for f in ranked:
+            f.actions = actions_for(self, f)
+        return ranked
+
+    @property
+    def resolved_findings(self) -> list[Finding]:
+        """The resolved findings, in the order they were first raised (they carry no actions)."""
+        return self._log.resolved()
+
+    @property
+    def resolution_seq(self) -> int:
+        """Bumped whenever a finding is resolved or active again (cheap; a panel redraws when it moved)."""
+        return self._log.resolution_seq
 
     def has_finding(self, *codes: str) -> bool:
-        """Is a finding with one of ``codes`` in the log (cheap: no ranking)?"""
+        """Is an active finding with one of ``codes`` in the log (cheap: no ranking)?"""
         wanted = set(codes)
-        return any(f.code in wanted for f in self._log)
+        return any(f.code in wanted and not f.resolved for f in self._log)
 
     def findings_with(self, code: str) -> list[Finding]:
-        """Findings of ``code`` in the log, in the order they were first raised (no ranking)."""
-        return [f for f in self._log if f.code == code]
+        """Active findings of ``code`` in the log, in the order they were first raised (no ranking)."""
+        return [f for f in self._log if f.code == code and not f.resolved]
+
+    def resolve_finding(self, finding: Finding, step: int | None = None) -> bool:
+        """Mark ``finding`` (an entry of :attr:`findings`) resolved at ``step`` (default: now).
+
+        Returns False when it is not in the log or already resolved.
+        """
+        done = self._log.resolve(finding.key, self.global_step if step is None else step)
+        self._rechecks.pop(finding.key, None)
+        return done
+
+    # ------------------------------------------------------------------ resolution after a control
+    def _arm_rechecks(self, change: Any) -> None:
+        """After a control, re-check the active findings that the numbers can show to be over."""
+        from tlwidgets.core.actions import RESOLVERS
+
+        if getattr(change, "kind", None) == "checkpoint":
+            return
+        for f in self._log.active():
+            if f.code in RESOLVERS:
+                self._rechecks[f.key] = (self.global_step, f.count)
+        if self._rechecks and self._recheck_off is None:
+            self._recheck_off = self.events.on(Event.STEP, self._recheck)
+
+    def _recheck(self, _summary: Any = None) -> None:
+        """One step later: resolve the re-checked findings whose condition is gone for long enough."""
+        from tlwidgets.core.actions import RESOLVERS
+
+        for key, (since, count) in list(self._rechecks.items()):
+            f = self._log.get(key)
+            if f is None or f.resolved:
+                self._rechecks.pop(key, None)
+                continue
+            if f.count != count:  # reported again: the condition was still seen, count from here
+                self._rechecks[key] = (self.global_step, f.count)
+                continue
+            try:
+                over = RESOLVERS[f.code](self, f, since)
+            except Exception as exc:
+                if os.environ.get("TLW_STRICT_RULES"):
+                    raise
+                self.diagnostic_errors.append(f"resolve {f.code}: {type(exc).__name__}: {exc}")
+                del self.diagnostic_errors[:-50]
+                over = False
+            if over:
+                self.resolve_finding(f)
+        if not self._rechecks and self._recheck_off is not None:
+            self._recheck_off()
+            self._recheck_off = None
 
     def retire_finding(self, code: str, params: Sequence[str]) -> None:
         """Drop the finding filed under ``(code, params)``: a rule reports the problem under a wider
@@ -113,7 +196,8 @@ class FindingsMixin:
             self._tapped_splits.discard(split)
 
     def _refresh_audit(self) -> None:
-        """Setup checks, again: findings that no longer hold are dropped, new ones published."""
+        """Setup checks, again: findings that no longer hold are resolved (at this step), new ones published
+        (one that was resolved and holds again is active again)."""
         found: list[Finding] = []
         missing = params_missing_from_optimizer(self.named_params, self.optimizer)
         if missing:
@@ -128,8 +212,9 @@ class FindingsMixin:
             )
         found.extend(self._diagnose("audit"))
         keys = {f.key for f in found}
-        for code, params in self._audit_keys - keys:
-            self._log.discard(code, params)
+        for key in self._audit_keys - keys:
+            self._log.resolve(key, getattr(self, "global_step", None))
+            self._rechecks.pop(key, None)
         self._audit_keys = keys
         self._publish(found)
 
