@@ -323,7 +323,7 @@ def _unfreeze(session: Any, finding: Finding) -> list[Action]:
 # ============================================================================ learning rate
 def _regime_start(session: Any, group: int) -> int:
     """Global step from which the group's LR is the one in force: its last ``set_lr``, the ``unfreeze``
-    that created it, or a rewind (0 when none)."""
+    that created it, or a rewind (-1 when none: the LR of the start)."""
     for c in reversed(session.history.controls):
         d = c.detail or {}
         if c.kind == "rewind":
@@ -332,7 +332,7 @@ def _regime_start(session: Any, group: int) -> int:
             return int(c.step)
         if c.kind == "unfreeze" and d.get("new_group") == group:
             return int(c.step)
-    return 0
+    return -1
 
 
 def _columns(session: Any, params: Sequence[str], group: int) -> list[int]:
@@ -428,6 +428,8 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
     now = float(groups[group]["lr"])
     if not now > 0:
         return []
+    if _regime_start(session, group) >= (finding.step if finding.step is not None else -1):
+        return []  # the LR was set (or the run rewound) since the finding was last seen: wait for new numbers
     new = suggest_lr(session, group, finding.params, evidence=ev)
     if new is None:
         return []
@@ -444,7 +446,7 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
     setter = f"set_lr({new:.2g}{f', group={group}' if len(groups) > 1 else ''})"
     ck = None
     if high:
-        onset = min(_regime_start(session, group), finding.first_step or 0)
+        onset = min(max(_regime_start(session, group), 0), finding.first_step or 0)
         ck = _checkpoint_before(session, onset)
 
     def still() -> bool:
@@ -547,7 +549,9 @@ def _train_mode(session: Any, finding: Finding) -> list[Action]:
     if not callable(getattr(session, "set_train_mode", None)):
         return []
     mods = dict(session.model.named_modules())
-    names = [n for n in finding.params if n in mods and n != ""]
+    # The model itself in eval mode (a model.eval() left over): model.train() is the fix. Otherwise the
+    # layers named, the model's other parts (frozen on purpose, say) left as they are.
+    names = [] if not session.model.training else [n for n in finding.params if n in mods and n != ""]
     whole = not names
 
     def in_eval() -> bool:
