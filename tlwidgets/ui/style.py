@@ -50,6 +50,10 @@ CSS = """
 .tlw-swatch { display: inline-block; width: 10px; height: 10px; background: #d0d0d0; }
 .tlw-module { font-family: var(--jp-code-font-family, monospace); font-size: 12px; }
 .tlw-finding-row { border-bottom: 1px solid #f5f5f5; }
+.tlw-finding-resolved { opacity: 0.55; filter: grayscale(100%); }
+.tlw-fixes { gap: 2px; margin: 0 4px; }
+.tlw-fix { font-size: 12px; }
+.tlw-fix-done { color: #2e7d32; font-size: 12px; padding: 0 8px 4px 12px; }
 .tlw-legend { display: flex; align-items: flex-start; gap: 8px; font-size: 11px; margin-left: 130px; }
 .tlw-legend-none { padding: 0 6px; border-radius: 2px; line-height: 12px; }
 .tlw-legend-scale { flex: 0 1 260px; }

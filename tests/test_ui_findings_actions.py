@@ -1,0 +1,167 @@
+"""The findings panel's action buttons (``tlw-fix``), without a browser: a click changes the kernel's
+state and shows a confirmation line; training on, the finding's card shows resolved (greyed).
+
+ipywidgets swallows exceptions raised in button callbacks (it logs "Exception in callback") and the
+dashboard reports its own in its error area (logged on ``tlwidgets.ui``): the autouse fixture fails a
+test on either kind of record.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import tlwidgets as tlw
+from tlwidgets import zoo
+from tlwidgets.core.events import Event
+
+torch.set_num_threads(1)
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_callback_errors():
+    collector = _Collector()
+    loggers = [logging.getLogger(), logging.getLogger("traitlets"), logging.getLogger("tlwidgets")]
+    for lg in loggers:
+        lg.addHandler(collector)
+    try:
+        yield collector
+    finally:
+        for lg in loggers:
+            lg.removeHandler(collector)
+    bad = [
+        r
+        for r in collector.records
+        if "Exception in callback" in r.getMessage()
+        or (r.name.startswith("tlwidgets") and r.levelno >= logging.ERROR)
+    ]
+    if bad:
+        pytest.fail(
+            "exception(s) in widget callbacks:\n" + "\n".join(r.getMessage() for r in bad), pytrace=False
+        )
+
+
+def _index(panel, code: str) -> int:
+    for i in range(panel.count):
+        if panel.finding(i).code == code:
+            return i
+    raise AssertionError(f"{code} not listed: {[panel.finding(i).code for i in range(panel.count)]}")
+
+
+def _fix_buttons(root) -> list:
+    out, stack = [], [root]
+    while stack:
+        w = stack.pop()
+        if "tlw-fix" in getattr(w, "_dom_classes", ()):
+            out.append(w)
+        stack.extend(getattr(w, "children", ()) or ())
+    return out
+
+
+def test_a_fix_button_adds_the_head_to_the_optimizer_and_the_card_shows_resolved():
+    runner = zoo.get("head-not-in-optimizer").runner(0)
+    d = tlw.Dashboard(runner)
+    try:
+        d.refresh()
+        panel = d.findings
+        i = _index(panel, "param-not-in-optimizer")
+        buttons = panel.fix_buttons(i)
+        assert [b.description for b in buttons] == ["Add to optimizer"]
+        assert all("tlw-fix" in b._dom_classes for b in buttons)
+        assert buttons[0].tooltip.startswith("Add head.weight, head.bias")
+        assert _fix_buttons(d) == buttons  # the only tlw-fix buttons of the dashboard, found by class
+        assert panel.confirmation(i) == ""
+        buttons[0].click()
+        # The kernel's state changed: the head is in a new optimizer group, recorded as a control.
+        assert runner.param_group_of()["head.weight"] == 1
+        assert runner.history.controls[-1].kind == "unfreeze"
+        j = _index(panel, "param-not-in-optimizer")
+        assert "Added 2 parameter(s)" in panel.confirmation(j)
+        assert 'class="tlw-fix-done"' in panel.list.children[j].children[0].value  # on the card
+        assert panel.fix_buttons(j) == []  # applied: no longer offered
+        row = panel.list.children[j]
+        assert "tlw-finding-resolved" in row._dom_classes
+        assert "resolved at step 0" in panel.finding(j)._repr_html_()
+        assert "resolved" in panel.header.value
+        assert d.errors.count == 0
+    finally:
+        d.close()
+        runner.close()
+
+
+def test_rewind_and_set_lr_from_the_dashboard_then_the_finding_resolves():
+    parts = zoo.get("lr-too-high").build(0)
+    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
+    runner = tlw.Runner(**parts)
+    d = tlw.Dashboard(runner)
+    try:
+        runner.checkpoint("start")
+        runner.run(epochs=1)
+        d.refresh()
+        panel = d.findings
+        i = _index(panel, "lr-too-high")
+        assert not panel.finding(i).resolved
+        assert "tlw-finding-resolved" not in panel.list.children[i]._dom_classes
+        button = panel.fix_buttons(i)[0]
+        assert button.description.startswith("Rewind to step 0 and set lr=")
+        new_lr = float(button.description.rsplit("=", 1)[1])
+        button.click()
+        assert runner.global_step == 0
+        assert runner.optimizer.param_groups[0]["lr"] == pytest.approx(new_lr)
+        j = _index(panel, "lr-too-high")
+        assert "Rewound to step 0" in panel.confirmation(j)
+        runner.run(epochs=3)
+        d.refresh()
+        j = _index(panel, "lr-too-high")
+        assert panel.finding(j).resolved
+        assert "tlw-finding-resolved" in panel.list.children[j]._dom_classes
+        assert runner.evaluate()["accuracy"] > 0.8
+        assert d.errors.count == 0
+    finally:
+        d.close()
+        runner.close()
+
+
+def test_a_resolution_between_steps_marks_the_panel_dirty_only_then():
+    parts = zoo.get("lr-too-high").build(0)
+    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=0.5, momentum=0.9)
+    runner = tlw.Runner(**parts)
+    d = tlw.Dashboard(runner)
+    try:
+        runner.run(epochs=2)
+        d.refresh()
+        panel = d.findings
+        i = _index(panel, "lr-too-high")
+        panel.fix_buttons(i)[0].click()  # set the LR only: resolved once the numbers say so
+        answers: list[bool | None] = []
+        on_event = panel.on_event
+
+        def spy(event, payload):
+            answer = on_event(event, payload)
+            if event is Event.STEP:
+                answers.append(answer)
+            return answer
+
+        panel.on_event = spy  # the dashboard asks the panel on every event
+        runner.run(steps=60)
+        # Dirty on the step that resolved the finding, not on the other steps (a redraw per step
+        # would rank the findings and rebuild cards at the step rate).
+        assert answers.count(True) == 1 and answers.count(False) == len(answers) - 1
+        d.refresh()
+        j = _index(panel, "lr-too-high")
+        assert panel.finding(j).resolved
+        assert "tlw-finding-resolved" in panel.list.children[j]._dom_classes
+    finally:
+        d.close()
+        runner.close()
