@@ -131,6 +131,10 @@ class Finding:
         again, it is active again. Takes no part in equality.
     resolved_step
         Global step at which it was resolved (``None`` while active).
+    resolved_by
+        How: ``"audit"`` (the setup check no longer finds it), ``"rewind"`` (the run went back to
+        before it), ``"recheck"`` (the numbers after a control no longer show it) or ``"hand"``
+        (``session.resolve_finding``); ``None`` while active.
     """
 
     code: str
@@ -148,6 +152,7 @@ class Finding:
     actions: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
     resolved: bool = dataclasses.field(default=False, compare=False)
     resolved_step: int | None = dataclasses.field(default=None, compare=False)
+    resolved_by: str | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.code = Code(self.code).value
@@ -208,6 +213,11 @@ class Finding:
         resolved, css, style = "", "tlw-finding", ""
         if self.resolved:
             at = f" at step {self.resolved_step}" if self.resolved_step is not None else ""
+            at += {
+                "rewind": " (rewound to before it)",
+                "audit": " (setup check)",
+                "recheck": " (re-checked)",
+            }.get(self.resolved_by or "", "")
             resolved = f' <b class="tlw-resolved-mark">resolved{at}</b>'
             css += " tlw-finding-resolved"
             style = "color:#757575;"
@@ -254,7 +264,7 @@ class FindingLog:
         again = old.resolved
         if again:  # the condition holds again: active, and news (run() stops at an error again)
             old.resolved = False
-            old.resolved_step = None
+            old.resolved_step = old.resolved_by = None
             self.resolution_seq += 1
         old.count += 1
         old.step = finding.step
@@ -265,13 +275,15 @@ class FindingLog:
             old.severity = finding.severity
         return old, again
 
-    def resolve(self, key: tuple[str, tuple[str, ...]], step: int | None) -> bool:
-        """Mark the entry ``key`` resolved at ``step``; False when there is none or it already was."""
+    def resolve(self, key: tuple[str, tuple[str, ...]], step: int | None, by: str = "hand") -> bool:
+        """Mark the entry ``key`` resolved at ``step`` (``by``: see :attr:`Finding.resolved_by`);
+        False when there is none or it already was."""
         f = self._by_key.get(key)
         if f is None or f.resolved:
             return False
         f.resolved = True
         f.resolved_step = step
+        f.resolved_by = by
         f.actions = ()
         self.resolution_seq += 1
         return True
@@ -323,7 +335,7 @@ class FindingLog:
                 self._by_key[f.key] = f
                 self._order.append(f.key)
                 if not f.resolved:
-                    self.resolve(f.key, step)
+                    self.resolve(f.key, step, by="rewind")
         self.resolution_seq += 1
 
     def clear(self) -> None:

@@ -99,20 +99,26 @@ class FindingsMixin:
         return self._log.resolution_seq
 
     def has_finding(self, *codes: str) -> bool:
-        """Is an active finding with one of ``codes`` in the log (cheap: no ranking)?"""
+        """Is a finding with one of ``codes`` in the log, as the rules see it (cheap: no ranking)?
+
+        The rules see the active findings and those a re-check after a control resolved (an LR named
+        too high stays the explanation of what followed it), not those the setup check no longer
+        finds nor those of a timeline a rewind abandoned (as before findings were kept resolved).
+        """
         wanted = set(codes)
-        return any(f.code in wanted and not f.resolved for f in self._log)
+        return any(f.code in wanted and _seen_by_rules(f) for f in self._log)
 
     def findings_with(self, code: str) -> list[Finding]:
-        """Active findings of ``code`` in the log, in the order they were first raised (no ranking)."""
-        return [f for f in self._log if f.code == code and not f.resolved]
+        """Findings of ``code`` in the log as the rules see them (see :meth:`has_finding`), in the order
+        they were first raised (no ranking)."""
+        return [f for f in self._log if f.code == code and _seen_by_rules(f)]
 
     def resolve_finding(self, finding: Finding, step: int | None = None) -> bool:
         """Mark ``finding`` (an entry of :attr:`findings`) resolved at ``step`` (default: now).
 
         Returns False when it is not in the log or already resolved.
         """
-        done = self._log.resolve(finding.key, self.global_step if step is None else step)
+        done = self._log.resolve(finding.key, self.global_step if step is None else step, by="hand")
         self._rechecks.pop(finding.key, None)
         return done
 
@@ -150,7 +156,8 @@ class FindingsMixin:
                 del self.diagnostic_errors[:-50]
                 over = False
             if over:
-                self.resolve_finding(f)
+                self._log.resolve(key, self.global_step, by="recheck")
+                self._rechecks.pop(key, None)
         if not self._rechecks and self._recheck_off is not None:
             self._recheck_off()
             self._recheck_off = None
@@ -213,10 +220,15 @@ class FindingsMixin:
         found.extend(self._diagnose("audit"))
         keys = {f.key for f in found}
         for key in self._audit_keys - keys:
-            self._log.resolve(key, getattr(self, "global_step", None))
+            self._log.resolve(key, getattr(self, "global_step", None), by="audit")
             self._rechecks.pop(key, None)
         self._audit_keys = keys
         self._publish(found)
+
+
+def _seen_by_rules(f: Finding) -> bool:
+    """Active, or resolved by a re-check or by hand (see ``FindingsMixin.has_finding``)."""
+    return not f.resolved or f.resolved_by not in ("audit", "rewind")
 
 
 def _short(names: Sequence[str], n: int = 6) -> str:
