@@ -246,6 +246,40 @@ def test_freeze_properly_stops_frozen_parameters_moving():
     assert f.resolved and actions_for(runner, f) == ()
 
 
+def test_hold_frozen_batch_norm_stops_the_statistics_drifting():
+    runner = zoo.get("frozen-bn-stats-drift").runner(0)
+    runner.run(steps=5)
+    f = _finding(runner, "frozen-bn-stats-drift")
+    assert [a.label for a in f.actions] == ["Hold frozen batch norm in eval mode"]
+    f.actions[0].apply()
+    assert _kinds(runner)[-1] == "bn_eval"
+    stats = {n: b.clone() for n, b in runner.model.named_buffers() if "running" in n}
+    runner.run(steps=5)
+    assert all(torch.equal(b, stats[n]) for n, b in runner.model.named_buffers() if n in stats)
+    assert f.resolved and actions_for(runner, f) == ()
+
+
+def test_actions_work_on_a_watched_loop():
+    parts = zoo.get("head-not-in-optimizer").build(0)
+    model, opt, loss_fn = parts["model"], parts["optimizer"], parts["loss_fn"]
+    applied = []
+    with tlw.watch(model, opt, loss_fn=loss_fn) as w:
+        for _ in range(3):
+            for x, y in parts["train_data"]:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+                if w.global_step == 3 and not applied:
+                    applied.append(_finding(w, "param-not-in-optimizer").actions[0].apply())
+    assert applied and len(opt.param_groups) == 2  # the user's own optimizer got the head
+    f = _finding(w, "param-not-in-optimizer")
+    assert f.resolved and f.resolved_step == 3 and f.resolved_by == "audit"
+    model.eval()
+    with torch.no_grad():
+        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in parts["val_data"])
+    assert right / sum(len(y) for _, y in parts["val_data"]) > 0.8
+
+
 # ---------------------------------------------------------------------- resolution bookkeeping
 def test_a_rewind_past_a_finding_keeps_it_resolved_after_the_active_ones():
     model = make_mlp()

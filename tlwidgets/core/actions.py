@@ -577,6 +577,39 @@ def _train_mode(session: Any, finding: Finding) -> list[Action]:
     ]
 
 
+@register_action("frozen-bn-stats-drift")
+def _hold_bn(session: Any, finding: Finding) -> list[Action]:
+    if not callable(getattr(session, "set_bn_eval", None)):
+        return []
+    mods = dict(session.model.named_modules())
+    names = [n for n in finding.params if n in mods]
+
+    def drifting() -> list[str]:
+        return [n for n in names if mods[n].training and n not in session.bn_eval]
+
+    todo = drifting()
+    if not todo:
+        return []
+
+    def run() -> str:
+        held = session.set_bn_eval(True, *todo)
+        return (
+            f"Holding {_short(held)} in eval mode: their running statistics stay put while training goes on."
+        )
+
+    return [
+        Action(
+            "Hold frozen batch norm in eval mode",
+            f"set_bn_eval(True, {_short(todo)}): these frozen batch-norm layers stay in eval mode (the "
+            "runner puts them back before every forward), so their running mean and variance stop drifting.",
+            finding.code,
+            finding.key,
+            run,
+            lambda: drifting() == todo,
+        )
+    ]
+
+
 # ============================================================================ resolution
 def _since(session: Any, since: int, key: str = "update_norm") -> tuple[np.ndarray, int]:
     """Measured rows of ``key`` whose step is after ``since`` (oldest first), and their count."""
@@ -655,6 +688,12 @@ def _resolve_eval_mode(session: Any, finding: Finding, since: int) -> bool:
     return n >= RESOLVE_STATE_STEPS and session.model.training and all(modes)
 
 
+def _resolve_bn_held(session: Any, finding: Finding, since: int) -> bool:
+    _, n = _since(session, since)
+    mods = dict(session.model.named_modules())
+    return n >= RESOLVE_STATE_STEPS and all(not mods[p].training for p in finding.params if p in mods)
+
+
 def _resolve_stage_ok(session: Any, finding: Finding, since: int) -> bool:
     # Whole steps completed since (every stage ran) and the error was not raised again.
     return _losses_since(session, since).size >= RESOLVE_STATE_STEPS
@@ -673,6 +712,7 @@ RESOLVERS: dict[str, Callable[[Any, Finding, int], bool]] = {
     "lr-too-low": _resolve_lr_low,
     "frozen-param-changed": _resolve_frozen_moving,
     "eval-mode-training": _resolve_eval_mode,
+    "frozen-bn-stats-drift": _resolve_bn_held,
     "non-finite-loss": _resolve_finite,
     "non-finite-grad": _resolve_finite,
     **dict.fromkeys(
