@@ -246,6 +246,22 @@ def test_freeze_properly_stops_frozen_parameters_moving():
     assert f.resolved and actions_for(runner, f) == ()
 
 
+def test_lower_weight_decay_repairs_over_regularization():
+    runner = zoo.get("over-regularization").runner(0)  # SGD momentum 0.9, weight_decay=1.0
+    runner.run(epochs=2)
+    assert _accuracy(runner) < 0.5
+    f = _finding(runner, "over-regularization")
+    action = f.actions[0]
+    assert action.label == "Set weight_decay=0.0005"  # from the numbers, capped at SGD's usual value
+    action.apply()
+    assert runner.optimizer.param_groups[0]["weight_decay"] == pytest.approx(5e-4)
+    assert _kinds(runner)[-1] == "set_weight_decay"
+    assert actions_for(runner, f) == ()
+    runner.run(epochs=3)
+    assert _finite_loss(runner) and _accuracy(runner) > 0.8
+    assert f.resolved and f.resolved_by == "recheck"
+
+
 def test_hold_frozen_batch_norm_stops_the_statistics_drifting():
     runner = zoo.get("frozen-bn-stats-drift").runner(0)
     runner.run(steps=5)

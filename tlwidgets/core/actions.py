@@ -32,7 +32,9 @@ from tlwidgets.core.findings import Finding
 
 __all__ = [
     "RESOLVERS",
+    "TARGET_DECAY_SHARE",
     "TARGET_RATIO",
+    "TYPICAL_DECAY",
     "Action",
     "actions_for",
     "register_action",
@@ -512,6 +514,90 @@ def _lr_too_low(session: Any, finding: Finding) -> list[Action]:
     return _lr_actions(session, finding, high=False)
 
 
+# ============================================================================ regularization
+#: Weight decay aimed at: its pull a small share of the data gradient (coupled decay) ...
+TARGET_DECAY_SHARE = 0.05
+#: ... and never above the usual values (SGD's coupled decay, AdamW's decoupled one).
+TYPICAL_DECAY = {"coupled": 5e-4, "decoupled": 1e-2}
+
+
+def _decoupled(group: dict[str, Any], optimizer: Any) -> bool:
+    """AdamW-style decay (applied to the weights, scaled by the LR), not added to the gradient."""
+    return bool(group.get("decoupled_weight_decay")) or type(optimizer).__name__ in ("AdamW", "SGDW", "LAMB")
+
+
+@register_action("over-regularization")
+def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
+    ev = finding.evidence or {}
+    group = int(ev.get("group", 0))
+    groups = session.optimizer.param_groups
+    if not 0 <= group < len(groups) or not callable(getattr(session, "set_weight_decay", None)):
+        return []
+    wd = float(groups[group].get("weight_decay", 0) or 0)
+    if wd <= 0 or float(ev.get("weight_decay", -1)) != wd:
+        return []  # a penalty in the loss (not ours to change), or the decay was changed since
+    kind = "decoupled" if _decoupled(groups[group], session.optimizer) else "coupled"
+    share = float(ev.get("share", math.nan))
+    new = wd * TARGET_DECAY_SHARE / share if math.isfinite(share) and share > 0 else TYPICAL_DECAY[kind]
+    new = float(f"{min(new, TYPICAL_DECAY[kind], wd / 10):.2g}")
+    where = f"group {group}" if len(groups) > 1 else "the optimizer"
+    # Weights pulled toward zero by the decay: rewind to before it did so when a checkpoint allows.
+    start = -1
+    for c in reversed(session.history.controls):
+        if c.kind == "rewind" or (c.kind == "set_weight_decay" and (c.detail or {}).get("group") == group):
+            start = int(c.step)
+            break
+    ck = _checkpoint_before(session, min(max(start, 0), finding.first_step or 0))
+
+    def still() -> bool:
+        return float(session.optimizer.param_groups[group].get("weight_decay", 0) or 0) == wd
+
+    def run() -> str:
+        undo = ""
+        if ck is not None:
+            if session.stage.value == "fetch" and not session._have_batch:
+                here = session.checkpoint(f"before the fix of {finding.code}")
+                undo = f" (the abandoned run is kept as checkpoint {here.id})"
+            session.rewind(ck)
+        session.set_weight_decay(new, group=group)
+        back = f"Rewound to step {ck.step} and set" if ck is not None else "Set"
+        return f"{back} the weight_decay of {where} to {new:.2g} (was {wd:g}){undo}."
+
+    what = f"set_weight_decay({new:.2g}{f', group={group}' if len(groups) > 1 else ''})"
+    why = (
+        f"the decay's pull ~{TARGET_DECAY_SHARE:.0%} of the data gradient, at most the usual "
+        f"{TYPICAL_DECAY[kind]:g}"
+    )
+    if ck is not None:
+        return [
+            Action(
+                f"Rewind to step {ck.step} and set weight_decay={new:.2g}",
+                f"Rewind to checkpoint {ck.id} (step {ck.step}, before the decay shrank the weights), then "
+                f"{what}: {why}.",
+                finding.code,
+                finding.key,
+                run,
+                still,
+            )
+        ]
+    return [
+        Action(
+            f"Set weight_decay={new:.2g}",
+            f"{what} on {where} (now {wd:g}): {why}.",
+            finding.code,
+            finding.key,
+            run,
+            still,
+        )
+    ]
+
+
+def _resolve_regularization(session: Any, finding: Finding, since: int) -> bool:
+    # The rule looks every 20 steps: twice the usual evidence, with the loss finite and not rising.
+    _, n = _since(session, since)
+    return n >= 2 * RESOLVE_STEPS and _loss_settled(session, since)
+
+
 # ============================================================================ freezing and modes
 @register_action("frozen-param-changed")
 def _freeze_properly(session: Any, finding: Finding) -> list[Action]:
@@ -713,6 +799,7 @@ RESOLVERS: dict[str, Callable[[Any, Finding, int], bool]] = {
     "frozen-param-changed": _resolve_frozen_moving,
     "eval-mode-training": _resolve_eval_mode,
     "frozen-bn-stats-drift": _resolve_bn_held,
+    "over-regularization": _resolve_regularization,
     "non-finite-loss": _resolve_finite,
     "non-finite-grad": _resolve_finite,
     **dict.fromkeys(

@@ -162,7 +162,9 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
 
 
 class ControlsMixin:
-    """``freeze``, ``unfreeze``, ``set_lr``, ``set_bn_eval``, ``set_train_mode`` for a Runner or a Watcher.
+    """``freeze``, ``unfreeze``, ``set_lr``, ``set_weight_decay``, ``set_bn_eval``, ``set_train_mode``.
+
+    For a Runner or a Watcher.
 
     Every control is applied at a stage boundary (deferred when called from
     inside a stage), recorded as a :class:`~tlwidgets.core.records.ControlChange`
@@ -287,6 +289,34 @@ class ControlsMixin:
         layers = self._frozen_bn_layers(params) if on else list(self._bn_eval.items())
         modules = [m for m, layer in layers if chosen is None or _owns_any(m, layer, chosen)]
         return self._control(lambda: self._apply_bn_eval(on, modules, list(names)), modules)
+
+    def set_weight_decay(self, weight_decay: float, group: int = 0) -> None:
+        """Set the ``weight_decay`` of optimizer group ``group`` (recorded; undone by a rewind).
+
+        Parameters
+        ----------
+        weight_decay
+            A real number >= 0 (checked like an LR).
+        group
+            Index of the optimizer's param group (negative counts from the end).
+
+        Raises
+        ------
+        KeyError
+            The optimizer has no ``weight_decay`` hyperparameter.
+        """
+        value = _check_lr(weight_decay)
+        index = _check_group(group, len(self.optimizer.param_groups))
+        if "weight_decay" not in self.optimizer.param_groups[index]:
+            raise KeyError(f"{type(self.optimizer).__name__} has no weight_decay hyperparameter")
+        self._control(lambda: self._apply_weight_decay(value, index), None)
+
+    def _apply_weight_decay(self, value: float, group: int) -> None:
+        g = self.optimizer.param_groups[group]
+        old = float(g["weight_decay"])
+        g["weight_decay"] = value
+        detail = {"group": group, "weight_decay": value, "old": old}
+        self._after_control(ControlChange("set_weight_decay", self.global_step, detail))
 
     def set_train_mode(self, *names: str, on: bool = True) -> list[str]:
         """Put modules in train mode (``on=True``) or eval mode, as a recorded control.
