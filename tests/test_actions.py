@@ -262,6 +262,25 @@ def test_lower_weight_decay_repairs_over_regularization():
     assert f.resolved and f.resolved_by == "recheck"
 
 
+def test_step_the_scheduler_per_epoch_repairs_a_schedule_stepped_per_batch():
+    runner = zoo.get("scheduler-too-fast").runner(0)  # StepLR(step_size=5, gamma=0.1) after every batch
+    runner.run(epochs=2)
+    assert runner.optimizer.param_groups[0]["lr"] < 1e-9
+    f = _finding(runner, "scheduler-too-fast")
+    assert [a.label for a in f.actions] == ["Step the scheduler per epoch"]
+    ck = runner.checkpoint()
+    f.actions[0].apply()
+    assert runner.scheduler_interval == "epoch" and runner.scheduler.last_epoch == 2
+    assert runner.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # StepLR at epoch 2 of 5
+    assert _kinds(runner)[-1] == "scheduler_interval"
+    assert actions_for(runner, f) == ()
+    runner.run(epochs=3)
+    assert _finite_loss(runner) and _accuracy(runner) > 0.8
+    assert f.resolved
+    runner.rewind(ck)  # undone: per batch again, the collapsed LR back
+    assert runner.scheduler_interval == "step" and runner.optimizer.param_groups[0]["lr"] < 1e-9
+
+
 def test_hold_frozen_batch_norm_stops_the_statistics_drifting():
     runner = zoo.get("frozen-bn-stats-drift").runner(0)
     runner.run(steps=5)

@@ -514,6 +514,73 @@ def _lr_too_low(session: Any, finding: Finding) -> list[Action]:
     return _lr_actions(session, finding, high=False)
 
 
+# ============================================================================ schedule
+@register_action("scheduler-too-fast")
+def _per_epoch(session: Any, finding: Finding) -> list[Action]:
+    if (
+        getattr(session, "scheduler", None) is None
+        or getattr(session, "scheduler_interval", None) != "step"
+        or not callable(getattr(session, "set_scheduler_interval", None))
+    ):
+        return []
+    ev = finding.evidence or {}
+    # The schedule wasted the steps since the LR collapsed: rewind to before it when a checkpoint allows.
+    ck = _checkpoint_before(session, int(ev.get("collapse_step", finding.first_step or 0)))
+
+    def still() -> bool:
+        return session.scheduler_interval == "step"
+
+    def run() -> str:
+        undo = ""
+        if ck is not None:
+            if session.stage.value == "fetch" and not session._have_batch:
+                here = session.checkpoint(f"before the fix of {finding.code}")
+                undo = f" (the abandoned run is kept as checkpoint {here.id})"
+            session.rewind(ck)
+        session.set_scheduler_interval("epoch")
+        lrs = ", ".join(f"{float(g['lr']):.3g}" for g in session.optimizer.param_groups)
+        back = f"Rewound to step {ck.step}; the" if ck is not None else "The"
+        return f"{back} scheduler now steps once per epoch, at epoch {session.epoch} of it: lr {lrs}{undo}."
+
+    name = type(session.scheduler).__name__
+    what = (
+        f"step {name} once per epoch instead of after every batch, placed at the epochs done so far "
+        "(the LR set from the schedule there)"
+    )
+    if ck is not None:
+        return [
+            Action(
+                f"Rewind to step {ck.step} and step the scheduler per epoch",
+                f"Rewind to checkpoint {ck.id} (step {ck.step}, before the LR collapsed), then {what}.",
+                finding.code,
+                finding.key,
+                run,
+                still,
+            )
+        ]
+    return [
+        Action(
+            "Step the scheduler per epoch",
+            f"{what[0].upper()}{what[1:]}.",
+            finding.code,
+            finding.key,
+            run,
+            still,
+        )
+    ]
+
+
+def _resolve_schedule(session: Any, finding: Finding, since: int) -> bool:
+    # The LR of the group is back above the collapse (a hundredth of its peak) for a few steps.
+    ev = finding.evidence or {}
+    group, peak = int(ev.get("group", 0)), float(ev.get("peak_lr", 0) or 0)
+    lrs = _losses_since(session, since)
+    groups = session.optimizer.param_groups
+    return (
+        lrs.size >= RESOLVE_STATE_STEPS and group < len(groups) and float(groups[group]["lr"]) > 0.01 * peak
+    )
+
+
 # ============================================================================ regularization
 #: Weight decay aimed at: its pull a small share of the data gradient (coupled decay) ...
 TARGET_DECAY_SHARE = 0.05
@@ -800,6 +867,7 @@ RESOLVERS: dict[str, Callable[[Any, Finding, int], bool]] = {
     "eval-mode-training": _resolve_eval_mode,
     "frozen-bn-stats-drift": _resolve_bn_held,
     "over-regularization": _resolve_regularization,
+    "scheduler-too-fast": _resolve_schedule,
     "non-finite-loss": _resolve_finite,
     "non-finite-grad": _resolve_finite,
     **dict.fromkeys(

@@ -162,7 +162,8 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
 
 
 class ControlsMixin:
-    """``freeze``, ``unfreeze``, ``set_lr``, ``set_weight_decay``, ``set_bn_eval``, ``set_train_mode``.
+    """``freeze``, ``unfreeze``, ``set_lr``, ``set_weight_decay``, ``set_bn_eval``, ``set_train_mode``,
+    ``set_scheduler_interval``.
 
     For a Runner or a Watcher.
 
@@ -318,6 +319,35 @@ class ControlsMixin:
         detail = {"group": group, "weight_decay": value, "old": old}
         self._after_control(ControlChange("set_weight_decay", self.global_step, detail))
 
+    def set_scheduler_interval(self, interval: str) -> None:
+        """Step the scheduler after every ``"epoch"`` or every ``"step"`` (a Runner's; recorded, undone by
+        a rewind).
+
+        The schedule is moved to the position it would have with that interval from the start: its
+        step count becomes the epochs (or steps) done so far and the groups' LRs are set from it (the
+        closed form of the torch schedulers that have one, ``LambdaLR``'s and ``OneCycleLR``'s own
+        formula; other schedulers start over from their base LRs).
+
+        Raises
+        ------
+        ValueError
+            ``interval`` is not ``"epoch"`` or ``"step"``, or the session does not step a scheduler.
+        """
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"interval must be 'epoch' or 'step', got {interval!r}")
+        if getattr(self, "scheduler", None) is None or not hasattr(self, "scheduler_interval"):
+            raise ValueError("this session steps no scheduler (a Runner with a scheduler does)")
+        self._control(lambda: self._apply_scheduler_interval(interval), None)
+
+    def _apply_scheduler_interval(self, interval: str) -> None:
+        old = self.scheduler_interval
+        self.scheduler_interval = interval
+        position = int(self.epoch if interval == "epoch" else self.global_step)
+        for sched in iter_schedulers(self.scheduler):
+            _reposition_scheduler(sched, self.optimizer, position)
+        detail = {"interval": interval, "old": old, "position": position}
+        self._after_control(ControlChange("scheduler_interval", self.global_step, detail))
+
     def set_train_mode(self, *names: str, on: bool = True) -> list[str]:
         """Put modules in train mode (``on=True``) or eval mode, as a recorded control.
 
@@ -467,6 +497,35 @@ class ControlsMixin:
         self.history.add_control(change)
         self._refresh_audit()
         self.events.emit(Event.CONTROL, change)
+
+
+def _reposition_scheduler(sched: Any, optimizer: torch.optim.Optimizer, position: int) -> None:
+    """Put ``sched`` at step ``position`` and set the groups' LRs to what it gives there."""
+    import warnings
+
+    lr_sched = torch.optim.lr_scheduler
+    bases = getattr(sched, "base_lrs", None)
+    if not isinstance(bases, list):
+        return
+    sched.last_epoch = position
+    if hasattr(sched, "_step_count"):
+        sched._step_count = position + 1
+    with warnings.catch_warnings():  # get_lr() outside step() warns; here it is what we want
+        warnings.simplefilter("ignore")
+        if hasattr(sched, "_get_closed_form_lr"):
+            lrs = list(sched._get_closed_form_lr())
+        elif isinstance(sched, lr_sched.LambdaLR):
+            lrs = [base * fn(position) for base, fn in zip(bases, sched.lr_lambdas)]
+        elif isinstance(sched, lr_sched.OneCycleLR):
+            lrs = list(sched.get_lr())
+        else:
+            lrs = list(bases)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(float(lr))
+        else:
+            g["lr"] = float(lr)
+    sched._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
 
 
 def _check_lr(lr: Any) -> float:

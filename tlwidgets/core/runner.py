@@ -1132,12 +1132,14 @@ class Runner(FindingsMixin, ControlsMixin):
             "epoch_loss": (self._epoch_loss_sum, self._epoch_loss_n),
             "bn_eval": dict(self._bn_eval),
             "freeze_bn_stats": self.freeze_bn_stats,
+            "scheduler_interval": self.scheduler_interval,
         }
 
     def _restore_runner_state(self, state: dict[str, Any]) -> None:
         self._epoch_loss_sum, self._epoch_loss_n = state["epoch_loss"]
         self._bn_eval = dict(state["bn_eval"])
         self.freeze_bn_stats = state.get("freeze_bn_stats", self.freeze_bn_stats)
+        self.scheduler_interval = state.get("scheduler_interval", self.scheduler_interval)
 
     # ------------------------------------------------------------------ findings
     @property
