@@ -360,5 +360,16 @@ def test_an_action_builder_that_raises_offers_nothing_outside_strict_mode(monkey
     assert any("boom" in e for e in runner.diagnostic_errors)
 
 
+def test_a_finding_pickles_and_copies_without_its_actions():
+    import copy
+    import pickle
+
+    runner = zoo.get("head-not-in-optimizer").runner(0)
+    f = _finding(runner, "param-not-in-optimizer")
+    assert f.actions
+    for g in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f)):
+        assert g == f and g.actions == () and g.key == f.key
+
+
 def test_target_ratio_is_in_the_healthy_band():
     assert 1e-3 <= TARGET_RATIO <= 5e-2 and math.isfinite(TARGET_RATIO)

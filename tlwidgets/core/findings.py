@@ -165,6 +165,13 @@ class Finding:
         if self.first_step is None:
             self.first_step = self.step
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Actions hold the live session (closures over it): a pickled or deep-copied finding is plain
+        # data without them (they are computed again when the session's findings are read).
+        state = dict(self.__dict__)
+        state["actions"] = ()
+        return state
+
     @property
     def key(self) -> tuple[str, tuple[str, ...]]:
         """Identity used to merge repeated reports: code and parameters."""
