@@ -165,3 +165,38 @@ def test_a_resolution_between_steps_marks_the_panel_dirty_only_then():
     finally:
         d.close()
         runner.close()
+
+
+def test_a_fix_clicked_during_a_dashboard_run_pauses_the_run_then_applies():
+    import asyncio
+
+    parts = zoo.get("lr-too-high").build(0)
+    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
+    runner = tlw.Runner(**parts)
+    d = tlw.Dashboard(runner)
+    try:
+        runner.checkpoint("start")
+        runner.run(epochs=1)
+        d.refresh()
+        panel = d.findings
+        button = panel.fix_buttons(_index(panel, "lr-too-high"))[0]
+        new_lr = float(button.description.rsplit("=", 1)[1])
+
+        async def main() -> None:
+            task = d.run("steps", 500)
+            for _ in range(20):  # a few stages into the run
+                await asyncio.sleep(0)
+            assert runner.running
+            button.click()  # a rewind cannot happen mid-run: pause, then apply
+            await task
+            for _ in range(3):
+                await asyncio.sleep(0)  # the done callbacks
+
+        asyncio.run(main())
+        assert not runner.running and runner.global_step == 0  # rewound after the run stopped
+        assert runner.optimizer.param_groups[0]["lr"] == pytest.approx(new_lr)
+        assert "Rewound to step 0" in panel.confirmation(_index(panel, "lr-too-high"))
+        assert d.errors.count == 0
+    finally:
+        d.close()
+        runner.close()

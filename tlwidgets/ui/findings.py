@@ -43,6 +43,9 @@ class FindingsPanel(Panel, widgets.VBox):
         the session).
     session
         The session shown (read on a STEP: a redraw only when a finding was resolved).
+    host
+        The dashboard: an action clicked while its run goes on pauses the run and is applied when
+        the run has stopped (a rewind cannot happen mid-run).
     """
 
     name = "findings"
@@ -55,7 +58,7 @@ class FindingsPanel(Panel, widgets.VBox):
 
     @classmethod
     def build(cls, host: PanelHost) -> FindingsPanel:
-        return cls(host.guard, host.select_finding, on_change=host.refresh, session=host.session)
+        return cls(host.guard, host.select_finding, on_change=host.refresh, session=host.session, host=host)
 
     def tab_caption(self) -> str:
         """ "Findings (n)" once there are some."""
@@ -68,8 +71,10 @@ class FindingsPanel(Panel, widgets.VBox):
         *,
         on_change: Callable[[], None] | None = None,
         session: Any = None,
+        host: Any = None,
         **kwargs: Any,
     ) -> None:
+        self._host = host
         self._guard = guard
         self._on_select = on_select
         self._on_change = on_change
@@ -208,13 +213,24 @@ class FindingsPanel(Panel, widgets.VBox):
             action = row.actions.get(label) if row is not None else None
             if action is None:
                 raise RuntimeError(f"{label!r} is no longer offered for this finding")
-            action.apply()  # its confirmation line is kept by the session (applied_actions) and drawn
-            if self._on_change is not None:
-                self._on_change()  # every panel: the session changed
-            elif self._session is not None:
-                self.draw(self._session)
+            task = getattr(self._host, "task", None)
+            if getattr(self._session, "running", False) and task is not None and not task.done():
+                # Pause first; apply once the run task has stopped (after the dashboard's own callback).
+                self._host.pause()
+                later = self._guard(f"fix {label}")(lambda _task: self._apply(action))
+                task.add_done_callback(later)
+                return
+            self._apply(action)
 
         return click
+
+    def _apply(self, action: Any) -> None:
+        """Apply ``action`` (its confirmation line is kept by the session and drawn) and redraw."""
+        action.apply()
+        if self._on_change is not None:
+            self._on_change()  # every panel: the session changed
+        elif self._session is not None:
+            self.draw(self._session)
 
     def _clicked(self, key: tuple) -> Callable[[Any], None]:
         def click(_button: Any) -> None:
