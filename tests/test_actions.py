@@ -239,7 +239,11 @@ def test_freeze_properly_stops_frozen_parameters_moving():
     runner.run(steps=3)
     f = _finding(runner, "frozen-param-changed")
     assert [a.label for a in f.actions] == ["Freeze properly"]
+    assert any("momentum_buffer" in runner.optimizer.state.get(p, {}) for _, p in runner.named_params)
     f.actions[0].apply()
+    backbone_params = [p for n, p in runner.named_params if n.startswith("backbone.")]
+    assert all(p.grad is None and not p.requires_grad for p in backbone_params)
+    assert not any(runner.optimizer.state.get(p) for p in backbone_params)  # momentum dropped
     before = {n: p.detach().clone() for n, p in runner.named_params if n.startswith("backbone.")}
     runner.run(steps=5)
     assert all(torch.equal(p, before[n]) for n, p in runner.named_params if n in before)

@@ -687,8 +687,8 @@ def _freeze_properly(session: Any, finding: Finding) -> list[Action]:
     return [
         Action(
             "Freeze properly",
-            f"freeze({_short(names)}): requires_grad=False and their gradients set to None, so neither "
-            "momentum nor weight decay moves them.",
+            f"freeze({_short(names)}, reset_state=True): requires_grad=False, their gradients set to None "
+            "and their momentum dropped, so neither momentum nor weight decay moves them.",
             finding.code,
             finding.key,
             run,

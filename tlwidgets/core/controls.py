@@ -197,13 +197,15 @@ class ControlsMixin:
         where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         return {n: where.get(id(p)) for n, p in self.named_params}
 
-    def freeze(self, *names: str, bn_eval: bool | None = None) -> list[str]:
+    def freeze(self, *names: str, bn_eval: bool | None = None, reset_state: bool = False) -> list[str]:
         """Stop training the named modules/parameters (a name matches its dotted subtree).
 
         Sets ``requires_grad=False`` and clears their gradients so no optimizer
         (momentum, weight decay) moves them. With ``bn_eval`` (default: the
         runner's ``freeze_bn_stats``) batch-norm layers whose parameters are all
         frozen go to eval mode so their running statistics stay put too.
+        With ``reset_state`` their optimizer state (momentum buffers, Adam moments) is dropped too, so
+        a later ``unfreeze`` starts them afresh instead of replaying stale momentum.
         Returns the parameter names frozen.
         """
         if not names:
@@ -211,7 +213,7 @@ class ControlsMixin:
                 "freeze() needs at least one module or parameter name ('' means the whole model)"
             )
         chosen = resolve_names(names, self.param_names)
-        return self._control(lambda: self._apply_freeze(chosen, names, bn_eval), chosen)
+        return self._control(lambda: self._apply_freeze(chosen, names, bn_eval, reset_state), chosen)
 
     def unfreeze(self, *names: str, lr: float | None = None) -> list[str]:
         """Train the named modules/parameters again.
@@ -403,18 +405,23 @@ class ControlsMixin:
         while self._pending:
             self._pending.popleft()()
 
-    def _apply_freeze(self, chosen: Sequence[str], names: Sequence[str], bn_eval: bool | None) -> None:
+    def _apply_freeze(
+        self, chosen: Sequence[str], names: Sequence[str], bn_eval: bool | None, reset_state: bool = False
+    ) -> None:
         params = dict(self.named_params)
         for n in chosen:
             params[n].requires_grad_(False)
             params[n].grad = None
+            if reset_state:
+                self.optimizer.state.pop(params[n], None)
         if self.freeze_bn_stats if bn_eval is None else bn_eval:
             for mname, m in self._frozen_bn_layers(params):
                 self._bn_eval[mname] = m
                 m.eval()
-        self._after_control(
-            ControlChange("freeze", self.global_step, {"names": list(names), "params": list(chosen)})
-        )
+        detail: dict[str, Any] = {"names": list(names), "params": list(chosen)}
+        if reset_state:
+            detail["reset_state"] = True
+        self._after_control(ControlChange("freeze", self.global_step, detail))
 
     def _frozen_bn_layers(self, params: dict[str, torch.Tensor]) -> list[tuple[str, nn.Module]]:
         """``(name, layer)`` of the batch-norm layers whose own parameters are all frozen."""
