@@ -679,9 +679,10 @@ def _freeze_properly(session: Any, finding: Finding) -> list[Action]:
         return []
 
     def run() -> str:
-        session.freeze(*names)
+        session.freeze(*names, reset_state=True)
         return (
-            f"Froze {_short(names)}: requires_grad=False and gradients cleared, so no optimizer moves them."
+            f"Froze {_short(names)}: requires_grad=False, gradients and optimizer state (momentum) cleared, "
+            "so no optimizer moves them."
         )
 
     return [
