@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (fixture)
 from test_rules_support import classification, find, loader, problems
 from torch import nn
 from torch.nn import functional as F
@@ -485,3 +486,179 @@ def test_output_computed_from_detach_is_found_soon_by_the_runner() -> None:
     (f,) = find(r, "disconnected-param")
     assert f.params == ("body.0.weight", "body.0.bias") and f.first_step <= 20
     assert problems(r) == [f]
+
+
+# ====================================================================== transformers (HF Trainer report)
+# A tiny BERT built from its config (nothing downloaded) on a generated token task, trained the way
+# the Hugging Face Trainer does it, under watch(): AdamW with two groups (weight matrices; biases and
+# LayerNorm without weight decay), a linear decay of the LR to 0, clip_grad_norm_(1.0).
+def _token_task(n: int, seed: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label 1 when the sequence holds token 3 (at a random position), else 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(5, 100, (n, length), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    pos = torch.randint(0, length, (n,), generator=g)
+    x[y == 1, pos[y == 1]] = 3
+    return x, y
+
+
+def _train_bert(seed: int, lr: float, epochs: int, length: int = 16, layers: int = 2, bs: int = 32):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=layers,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    n = 1024
+    x, y = _token_task(n, seed, length)
+    steps = epochs * (n // bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+    crit = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed)
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for _ in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, bs):
+                idx = perm[i : i + bs]
+                logits = model(input_ids=x[idx], attention_mask=torch.ones_like(x[idx])).logits
+                opt.zero_grad()
+                crit(logits, y[idx]).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+    return w
+
+
+def _loss_fell(w, to: float) -> bool:
+    loss = w.history.loss
+    return float(loss[-10:].mean()) < to * float(loss[:5].mean())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seed, layers", [(0, 2), (1, 4)])
+def test_healthy_tiny_bert_has_no_vanishing_gradients(seed: int, layers: int) -> None:
+    # Layer 0's attention query gets ~1e-4 of the classifier's gradient/weight at initialization (the
+    # softmax over scores is nearly uniform); the blocks' medians (value, dense matrices) are flat.
+    w = _train_bert(seed, lr=1e-3, epochs=3, layers=layers)
+    assert _loss_fell(w, 0.7)
+    assert problems(w) == [], [str(f) for f in problems(w)]
+    _clean(w)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_converged_tiny_bert_has_no_lr_too_low() -> None:
+    # At a loss of ~0.004 (from 0.69) the no-decay group (LayerNorm gains) moves ~1e-6 of its norm a
+    # step at 15% of the peak LR: its gradients are near Adam's eps. Converged, not a too-low LR.
+    w = _train_bert(0, lr=3e-3, epochs=4, length=8)
+    assert _loss_fell(w, 0.01)
+    assert problems(w) == [], [str(f) for f in problems(w)]
+    _clean(w)
+
+
+def _fit_exactly(seed: int, opt_name: str, steps: int = 400):
+    """A noise-free linear regression: the loss falls to float precision and the steps with it."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1024, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.5
+    model = nn.Sequential(nn.Linear(8, 1))
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    crit = nn.MSELoss()
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        done = 0
+        while done < steps:
+            for xb, yb in loader(x, y, batch_size=64, seed=seed + done):
+                opt.zero_grad()
+                crit(model(xb), yb).backward()
+                opt.step()
+                done += 1
+                if done == steps:
+                    break
+    return w
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_regression_fit_to_float_precision_is_not_lr_too_low(seed: int, opt_name: str) -> None:
+    w = _fit_exactly(seed, opt_name)
+    assert _loss_fell(w, 1e-6)
+    assert find(w, "lr-too-low") == [] and problems(w) == [], [str(f) for f in problems(w)]
+    _clean(w)
+
+
+class _SigmoidBlocks(nn.Module):
+    """A deep stack of 2-layer sigmoid blocks (``blocks.3.0.weight``): gradients vanish block by block."""
+
+    def __init__(self, depth: int = 6, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Linear(20, width)
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(nn.Linear(width, width), nn.Sigmoid(), nn.Linear(width, width), nn.Sigmoid())
+                for _ in range(depth)
+            ]
+        )
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(torch.sigmoid(self.stem(x))))
+
+
+def test_gradients_vanishing_block_by_block_are_still_reported() -> None:
+    torch.manual_seed(0)
+    model = _SigmoidBlocks()
+    w = _run_watch(model, 0, steps=30)
+    (f,) = find(w, "vanishing-gradients")
+    assert f.params == ("stem.weight",) and f.evidence["ratio"] < 1e-4
+    assert "blocks.0" in f.evidence["profile"] and f.evidence["output_layer"] == "head"
+
+
+def _clipped_digits(lr: float, max_norm: float, seed: int = 0):
+    """The digits MLP under AdamW with clip_grad_norm_ (the Hugging Face Trainer's default is 1.0)."""
+    from tlwidgets.zoo.datasets import digits_datasets
+
+    torch.manual_seed(seed)
+    x, y = digits_datasets(seed)[0].tensors
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    crit = nn.CrossEntropyLoss()
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for _ in range(2):
+            for xb, yb in loader(x, y, batch_size=32, seed=seed):
+                opt.zero_grad()
+                crit(model(xb), yb).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                opt.step()
+    return w
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_clipping_that_an_lr_far_too_high_forces_comes_after_the_lr(seed: int) -> None:
+    # At lr 1.0 the loss reaches ~1e3 and a clip at 1.0 cuts the gradients ~100-fold on every step:
+    # the clip is a consequence ("raise max_norm" would be the wrong advice), the LR the cause.
+    w = _clipped_digits(1.0, 1.0, seed)
+    got = [f.code for f in problems(w)]
+    assert got[0] == "lr-too-high", got
+    (clip,) = find(w, "grad-clipping-too-strong")
+    assert "lr-too-high" in clip.likely_causes
+
+
+def test_clipping_too_strong_at_a_healthy_lr_is_still_first() -> None:
+    w = _clipped_digits(1e-3, 1e-4)
+    got = [f.code for f in problems(w)]
+    assert got and got[0] == "grad-clipping-too-strong" and "lr-too-high" not in got, got

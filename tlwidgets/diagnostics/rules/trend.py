@@ -18,6 +18,7 @@ accumulate in a small per-session state from the FETCH records.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,12 @@ LR_DECAYED = 0.1
 LR_HIGH_MEMORY = 1 / 3
 #: Barely moving: newest loss above this fraction of the starting loss.
 LOSS_BARELY_MOVED = 0.95
+#: Converged: newest loss below this fraction of the starting loss (as loss-plateau reads it). Tiny
+#: steps then come from gradients that faded (under Adam they near its eps), not from the LR: raising
+#: it has nothing left to gain. Unless the LR itself was cut during the run below LR_CUT of the
+#: highest it had (a set_lr typo late in a run that had learned): then the LR makes the steps tiny.
+LOSS_CONVERGED = 0.05
+LR_CUT = 0.1
 #: scheduler-too-fast: LR at or below this fraction of its peak counts as collapsed, ...
 SCHED_COLLAPSE = 1e-2
 #: ... for at least this share of the steps so far (schedules that end at zero spend the last
@@ -113,9 +120,15 @@ EXPLODE_GROWTH = 100.0
 #: per step (Adam-like optimizers, or an LR scaled to the loss, absorb a large loss scale).
 EXPLODE_INIT_RATIO = 1e3
 EXPLODE_INIT_UPDATE = 0.1
-#: vanishing: first weight matrix's grad/weight ratio below this fraction of the last ones'.
+#: vanishing: the first depth's grad/weight ratio (median over its weight matrices) below this
+#: fraction of the last hidden depths' (the output layer left out), ...
 VANISH_RATIO = 1e-4
+#: ... and the second depth's below this fraction (the shrinking runs through the stack: one block
+#: alone far below the rest is that block's own matter, not gradients fading with depth).
+VANISH_NEXT_RATIO = 1e-2
 VANISH_MIN_MATRICES = 4
+#: Depths (blocks, see :func:`_depth_key`) a profile needs before it is judged.
+VANISH_MIN_DEPTHS = 4
 VANISH_WINDOW = 10
 #: dead-relu: fraction of a ReLU layer's units never positive, on this many measurements in a row.
 DEAD_FRAC = 0.9
@@ -224,11 +237,17 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     first_loss = _first_loss(ctx)
     jumped = math.isfinite(first_loss) and first_loss > 0 and finite.max() > LOSS_BLOWUP * first_loss
     peaks = _lr_peaks(ctx, lrs)
+    run_peaks = _lr_run_peaks(ctx, lrs)
     derived = ctx.derived
     named_high = derived.lr_named_high
     found: list[Finding] = []
     by_group: dict[int, tuple[np.ndarray, float]] = {}
     usable = _not_grown_from_zero(ctx, h)
+    # Groups that hold a trainable tensor of 2 or more dims (the others hold only vectors: biases,
+    # norm gains).
+    multi = ctx.cached("multi_dim", lambda: np.array([p.dim() >= 2 for _, p in s.named_params], dtype=bool))
+    held = ctx.group_index()[multi & ctx.trainable()]
+    with_matrices = {int(g) for g in np.unique(held) if g >= 0}
     for gi in range(len(s.optimizer.param_groups)):
         cols = _group_columns(ctx, gi, usable)
         if cols.size == 0 or gi >= len(lrs) or not lrs[gi] > 0:
@@ -311,8 +330,14 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         decayed = gi < len(peaks) and lrs[gi] < LR_DECAYED * peaks[gi]
         after_high = gi in named_high and lrs[gi] >= LR_HIGH_MEMORY * named_high[gi]
         held_back = derived.clipping or gi in derived.collapsed_groups or decayed or after_high
+        # A group of biases and norm gains alone (Hugging Face's no-decay group) is not judged while
+        # another group holds the weight matrices: those carry what the model learns and are judged
+        # on their own, and vectors' steps say little about the LR (a norm gain's gradient fades
+        # first as the loss nears its floor; a too-low LR there alone does not hold training back).
+        vectors_only = gi not in with_matrices and bool(with_matrices - {gi})
         if (
             not held_back
+            and not vectors_only
             and r < LR_LOW_RATIO
             and _fastest(ratio[:, cols]) < LR_LOW_FASTEST
             and n >= LR_LOW_MIN_STEPS
@@ -320,12 +345,18 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             and loss0 > 0
         ):
             recent = nanmedian(tail(h, "loss", 10))
+            # A run that converged (the loss fell to a small fraction of its start) is not held back by
+            # its LR, unless that LR was cut by an order of magnitude during the run.
+            cut = gi < len(run_peaks) and lrs[gi] < LR_CUT * run_peaks[gi]
+            converged = _converged(loss0, recent) and not cut
             # Barely moved since the start, or (an LR lowered late in a run) no improvement over the
             # window that stands out of the batch-to-batch noise while the weights hardly change.
-            barely = recent > LOSS_BARELY_MOVED * loss0 or (stalled and r < LR_LOW_RATIO / 3)
+            barely = recent > LOSS_BARELY_MOVED * loss0 or (
+                stalled and r < LR_LOW_RATIO / 3 and not converged
+            )
             # With several groups the loss can move thanks to the others: a group far behind them lags.
             others = [v for g, (_, v, _) in by_group.items() if g != gi]
-            lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others))
+            lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others)) and not converged
             if barely or lagging:
                 params = ctx.stable_params("lr-too-low", names, f"g{gi}")
                 if barely:
@@ -379,6 +410,23 @@ def _lr_peaks(ctx: RuleContext, lrs: np.ndarray) -> list[float]:
         if gi >= len(peaks):
             peaks.append(lr if math.isfinite(lr) else 0.0)
         elif math.isfinite(lr) and lr > peaks[gi]:
+            peaks[gi] = lr
+    return peaks
+
+
+def _converged(loss0: float, recent: float) -> bool:
+    """The loss fell from a positive start to a small fraction of it (``LOSS_CONVERGED``)."""
+    return math.isfinite(loss0) and loss0 > 0 and 0 <= recent < LOSS_CONVERGED * loss0
+
+
+def _lr_run_peaks(ctx: RuleContext, lrs: np.ndarray) -> list[float]:
+    """Each group's highest LR seen by this rule over the whole run (a set_lr does not reset it)."""
+    peaks: list[float] = ctx.state.setdefault("run_peaks", [])
+    for gi, lr in enumerate(np.asarray(lrs, dtype=np.float64).tolist()):
+        lr = lr if math.isfinite(lr) else 0.0
+        if gi >= len(peaks):
+            peaks.append(lr)
+        elif lr > peaks[gi]:
             peaks[gi] = lr
     return peaks
 
@@ -679,56 +727,109 @@ def exploding_at_overflow(ctx: RuleContext) -> list[Finding]:
     ]
 
 
+def _depth_key(name: str) -> str:
+    """The depth (block) a parameter belongs to, from its name.
+
+    The path up to the first numeric component names a block of a stack (``encoder.layer.3``,
+    ``layer2.1``, ``features.4``, ``h.0``); an RNN's ``weight_ih_l2`` is layer 2 of its module;
+    any other parameter belongs to its own module (``pooler.dense``, ``classifier``, ``fc3``).
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    module, leaf = ".".join(parts[:-1]), parts[-1]
+    m = _RNN_LAYER.search(leaf)
+    return f"{module}.l{m.group(1)}" if m else module
+
+
+_RNN_LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")
+
+
+def _depths(ctx: RuleContext) -> list[np.ndarray]:
+    """Weight-matrix columns grouped by depth (:func:`_depth_key`), in parameter order."""
+
+    def build() -> list[np.ndarray]:
+        names = ctx.session.param_names
+        groups: dict[str, list[int]] = {}
+        for c in ctx.weight_matrices().tolist():
+            groups.setdefault(_depth_key(names[c]), []).append(c)
+        return [np.array(v, dtype=np.int64) for v in groups.values()]
+
+    return ctx.cached("vanish_depths", build)
+
+
 @rule("vanishing-gradients", ["vanishing-gradients"], "trend", every=10)
 def vanishing_gradients(ctx: RuleContext) -> list[Finding]:
-    """The first layers' grad/weight ratio is orders of magnitude below the last layers' (several steps)."""
+    """The first blocks' grad/weight ratio is orders of magnitude below the last hidden ones' (several steps).
+
+    Vanishing gradients shrink with depth through the stack, so the profile is one value per depth
+    (block), the median over its weight matrices, not one per matrix: single matrices can sit far
+    below their block by design (a transformer's query and key projections get ~1e-4 of the head's
+    gradient at initialization, while the softmax over scores is nearly uniform; the value and
+    feed-forward matrices of the same block do not). And the second depth must be far below the
+    last ones too: gradients fading through the network reach it barely stronger than the first.
+
+    Not judged once the loss has converged (a small fraction of its start): the first layers did
+    learn, and near a loss of zero the gradients fade through every saturated unit (a confident
+    softmax, a tanh pooler) while nothing is left to learn.
+    """
     s = ctx.session
     h = s.history
     n = h.measured_count
-    if n < 5:
+    if n < 5 or _converged(_loss0(ctx), nanmedian(tail(h, "loss", 10))):
         return []
-    mats = ctx.weight_matrices()
     trainable = ctx.trainable()
-    mats = mats[trainable[mats]] if mats.size else mats
-    if mats.size < VANISH_MIN_MATRICES:
+    depths = [cols[trainable[cols]] for cols in _depths(ctx)]
+    depths = [cols for cols in depths if cols.size]
+    if len(depths) < VANISH_MIN_DEPTHS or sum(c.size for c in depths) < VANISH_MIN_MATRICES:
         return []
     w = min(VANISH_WINDOW, n)
     gn_all, wn_all = tail(h, "grad_norm", w), tail(h, "weight_norm", w)
 
-    def profile_of(cols: np.ndarray) -> np.ndarray:
+    def level(cols: np.ndarray) -> float:
+        """Median over the depth's matrices of each one's median grad/weight ratio over the window."""
         gn, wn = gn_all[:, cols], wn_all[:, cols]
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where((wn > 0) & np.isfinite(gn), gn / wn, np.nan)
-        return nanmedian(rel, axis=0)
+        per = nanmedian(rel, axis=0)
+        per = per[np.isfinite(per) & (per > 0)]
+        return float(np.median(per)) if per.size else math.nan
 
-    if mats.size > 8:  # cheap look at the ends first; the whole profile only when they disagree
-        ends = profile_of(np.concatenate([mats[:3], mats[-3:]]))
-        head, back = ends[:3][np.isfinite(ends[:3]) & (ends[:3] > 0)], ends[3:]
-        back = back[np.isfinite(back) & (back > 0)][-2:]
-        if head.size and back.size and not head[0] < 10 * VANISH_RATIO * back.max():
-            return []
-    profile = profile_of(mats)
-    ok = np.isfinite(profile) & (profile > 0)
-    if ok.sum() < VANISH_MIN_MATRICES:
+    # The ends first (cheap); the whole profile only for the finding's evidence. The far end is the
+    # last two depths before the output layer: the output layer's ratio says little about how much
+    # gradient the stack passes down, it often starts far smaller than the rest (BERT's head, std
+    # 0.02; zero-initialized last layers) and so sits far above the rest for as long as it is small.
+    ends = [level(cols) for cols in (depths[0], depths[1], depths[-3], depths[-2])]
+    early, second = ends[0], ends[1]
+    late_at = 2 + int(np.nanargmax(ends[2:])) if any(math.isfinite(v) for v in ends[2:]) else 2
+    late = ends[late_at]
+    if not (math.isfinite(early) and math.isfinite(second) and late > 0):
         return []
-    prof = profile[ok]
-    cols = mats[ok]
-    early, late = prof[0], np.max(prof[-2:])
-    if not (late > 0 and early < VANISH_RATIO * late):
+    if not (early < VANISH_RATIO * late and second < VANISH_NEXT_RATIO * late):
         return []
-    first, last = s.param_names[cols[0]], s.param_names[cols[-1]]
+    names = s.param_names
+    keys = [_depth_key(names[cols[0]]) for cols in depths]
+    profile = {k: level(cols) for k, cols in zip(keys, depths)}
+    first, last = keys[0], keys[-3] if late_at == 2 else keys[-2]
+    block = tuple(names[c] for c in depths[0].tolist())
+    where = f"'{block[0]}'" if len(block) == 1 else f"the {len(block)} weight matrices of '{first}' (median)"
     return [
         ctx.finding(
             "vanishing-gradients",
-            f"'{first}' gets gradients {early:.2g}x its weight norm while '{last}' gets {late:.2g}x: "
-            f"{late / early:.2g} times smaller at the start of the network",
-            params=(first,),
+            f"{where} get{'s' if len(block) == 1 else ''} gradients {early:.2g}x "
+            f"{'its' if len(block) == 1 else 'their'} weight norm "
+            f"while '{last}' gets {late:.2g}x: {late / early:.2g} times smaller at the start of the "
+            f"network (the next block '{keys[1]}': {second:.2g}x)",
+            params=block,
             stage=None,
             evidence={
-                "profile": {s.param_names[c]: float(v) for c, v in zip(cols, prof)},
+                "profile": profile,
                 "first": first,
                 "last": last,
                 "ratio": early / late,
+                "next_ratio": second / late,
+                "output_layer": keys[-1],
             },
         )
     ]
