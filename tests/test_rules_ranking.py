@@ -101,3 +101,18 @@ def test_one_finding_per_param_group() -> None:
 
     r = run(mlp(), loader(*classification()), opt=opt, steps=40)
     assert sorted(f.params for f in find(r, "lr-too-low")) == [("0.weight",), ("2.weight",)]
+
+
+def test_lr_far_too_high_comes_before_the_clipping_it_forces() -> None:
+    # Clipping ranks in an earlier tier than the LR (it makes an LR look too low), but an LR far too
+    # high grows the gradients until a healthy max_norm cuts them on every step: the edge decides.
+    clip, lr = _f("grad-clipping-too-strong", first_step=0), _f("lr-too-high", first_step=5)
+    assert rank_of("grad-clipping-too-strong") < rank_of("lr-too-high")
+    assert [f.code for f in rank_findings([clip, lr])] == ["lr-too-high", "grad-clipping-too-strong"]
+    assert clip.likely_causes == ("lr-too-high",) and lr.likely_causes == ()
+    # Without the LR, clipping still comes first and explains the tiny steps (lr-too-low).
+    low = _f("lr-too-low", first_step=0)
+    assert [f.code for f in rank_findings([low, _f("grad-clipping-too-strong", first_step=3)])] == [
+        "grad-clipping-too-strong",
+        "lr-too-low",
+    ]

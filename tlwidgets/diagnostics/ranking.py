@@ -159,8 +159,11 @@ CAUSES: dict[str, frozenset[str]] = {
         # Gradients that grew during training overflow into Inf/NaN and knock units dead.
         _EXPLODE: {_NF_LOSS, _NF_GRAD, _DEAD},
         # Steps too large: the loss diverges (Inf/NaN), the weights and gradients grow together,
-        # ReLUs pushed into the negative zone for good, or the loss bounces without improving.
-        _LR_HIGH: {_EXPLODE, _DEAD, _NF_LOSS, _NF_GRAD, _PLATEAU},
+        # ReLUs pushed into the negative zone for good, or the loss bounces without improving. A
+        # clip at a healthy max_norm (the Hugging Face Trainer's default 1.0) then cuts those grown
+        # gradients by orders of magnitude on every step: clipping too strong is what that looks
+        # like, and "raise max_norm" would be the wrong fix.
+        _LR_HIGH: {_EXPLODE, _DEAD, _NF_LOSS, _NF_GRAD, _PLATEAU, "grad-clipping-too-strong"},
         # Steps too small: the loss barely moves.
         _LR_LOW: {_PLATEAU},
         # A schedule that collapses the LR (or clipping that cuts every step) makes the LR look too
