@@ -479,11 +479,12 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
     n = h.measured_count
     if n < 1:  # even one huge step before the NaN is telling
         return []
-    if n <= 2:
-        # NaN or a spike right after the first step(s), whose gradients were already orders of magnitude
+    if n <= 2 and len(h) <= 2:
+        # NaN or a spike right after the first step(s) of the run, whose gradients at initialization (the
+        # first step, before any update: a huge LR cannot cause them) were already orders of magnitude
         # above the weights: the initialization blew up (a deep stack does before the trend rule's two
         # steps). A well-initialized model has gradients well below its weights whatever the LR.
-        seen = _init_explosion(ctx)
+        seen = _init_explosion(ctx, first=True)
         if seen is not None:
             return [_init_explosion_finding(ctx, *seen, steps=n)]
     w = min(5, n)
@@ -615,20 +616,23 @@ def _total_grad(gn: np.ndarray) -> np.ndarray:
     return total
 
 
-def _init_explosion(ctx: RuleContext) -> tuple[float, float] | None:
-    """The newest measured step's gradients are ``EXPLODE_INIT_RATIO`` times the weights (median over
-    weight matrices) and its update moved them by more than ``EXPLODE_INIT_UPDATE``: ``(ratio, update)``."""
+def _init_explosion(ctx: RuleContext, *, first: bool = False) -> tuple[float, float] | None:
+    """The newest (``first``: the oldest) measured step's gradients are ``EXPLODE_INIT_RATIO`` times the
+    weights (median over weight matrices) and its update moved them by more than ``EXPLODE_INIT_UPDATE``:
+    ``(ratio, update)``."""
     h = ctx.session.history
     mats = ctx.weight_matrices()
-    if not mats.size or not h.measured_count:
+    n = h.measured_count
+    if not mats.size or not n:
         return None
-    gn = tail(h, "grad_norm", 1)[-1, mats]
-    wn = tail(h, "weight_norm", 1)[-1, mats]
+    row = 0 if first else -1
+    gn = tail(h, "grad_norm", n)[row, mats]
+    wn = tail(h, "weight_norm", n)[row, mats]
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = nanmedian(np.where(wn > 0, gn / wn, np.nan))
     # Huge gradients hurt through the steps they make: a loss on a huge scale by design (style
     # transfer weighs its terms by 1e5 and 1e10) under Adam moves the weights by ~lr a step.
-    moved = nanmedian(_ratios(tail(h, "update_norm", 1), tail(h, "weight_norm", 1))[-1, mats])
+    moved = nanmedian(_ratios(tail(h, "update_norm", n), tail(h, "weight_norm", n))[row, mats])
     huge = math.isfinite(rel) and rel > EXPLODE_INIT_RATIO
     damaging = math.isfinite(moved) and moved > EXPLODE_INIT_UPDATE
     return (rel, moved) if huge and damaging else None
