@@ -329,12 +329,14 @@ def test_findings_of_the_abandoned_timeline_are_dropped_by_rewind():
         f.code for f in runner.findings
     ]
     runner.rewind(ck)
-    assert not [f for f in runner.findings if f.severity == "error"], runner.findings
+    # The abandoned timeline's findings stay listed, resolved by the rewind; none is active.
+    assert not [f for f in runner.active_findings if f.severity == "error"], runner.findings
+    assert all(f.resolved_by == "rewind" for f in runner.resolved_findings)
     runner.set_lr(0.05)
     assert runner.run().stopped_by == "epochs"
-    codes = [f.code for f in runner.findings]
+    codes = [f.code for f in runner.active_findings]
     assert "non-finite-loss" not in codes
-    assert not [f for f in runner.findings if f.severity == "error"], runner.findings
+    assert not [f for f in runner.active_findings if f.severity == "error"], runner.findings
 
 
 def test_findings_seen_before_the_checkpoint_stay_as_they_were():
@@ -347,7 +349,7 @@ def test_findings_seen_before_the_checkpoint_stay_as_they_were():
     runner.run()  # the loss goes NaN: errors and trend findings of a timeline that rewind abandons
     assert len(runner.findings) > len(before)
     runner.rewind(ck)
-    assert {f.key: (f.first_step, f.message, f.severity) for f in runner.findings} == before
+    assert {f.key: (f.first_step, f.message, f.severity) for f in runner.active_findings} == before
 
 
 # ---------------------------------------------------------------------- one optimizer snapshot

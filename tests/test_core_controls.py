@@ -206,7 +206,9 @@ def test_param_not_in_optimizer_finding_appears_and_goes_away():
     assert set(found[0].params) == {n for n, _ in model.named_parameters() if not n.startswith("head")}
     runner.unfreeze("")  # the whole model: adds what the optimizer lacks
     assert None not in runner.param_group_of().values()
-    assert "param-not-in-optimizer" not in [f.code for f in runner.findings]
+    assert "param-not-in-optimizer" not in [f.code for f in runner.active_findings]
+    (gone,) = [f for f in runner.resolved_findings if f.code == "param-not-in-optimizer"]
+    assert gone.resolved_by == "audit"  # kept in the story of the run, resolved
 
 
 # ---------------------------------------------------------------------- set_lr

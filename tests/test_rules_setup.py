@@ -54,8 +54,8 @@ def test_nothing_trainable_follows_freeze_and_unfreeze() -> None:
     r.freeze("")
     assert len(find(r, "nothing-trainable")) == 1
     r.unfreeze("2")
-    # The audit runs again after every control: the finding disappears once something trains.
-    assert find(r, "nothing-trainable") == []
+    # The audit runs again after every control: the finding is resolved once something trains.
+    assert [f.resolved for f in find(r, "nothing-trainable")] == [True]
 
 
 def test_partly_frozen_model_is_not_nothing_trainable() -> None:

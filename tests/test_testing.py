@@ -190,6 +190,11 @@ def test_no_findings_on_runners():
             testing.assert_no_findings(broken)
         testing.assert_no_findings(broken, ignore=["param-not-in-optimizer"])
         testing.assert_no_findings([f for f in broken.findings if f.severity == "info"], severity="info")
+        # Fixed by the finding's own action: the finding stays listed, resolved, and is no problem.
+        (finding,) = broken.findings_with("param-not-in-optimizer")
+        finding.actions[0].apply()
+        assert broken.resolved_findings and not broken.findings_with("param-not-in-optimizer")
+        testing.assert_no_findings(broken)
     finally:
         healthy.close()
         broken.close()

@@ -456,7 +456,14 @@ def assert_no_findings(
     """
     limit = Severity(severity).rank
     findings = runner_or_watcher if isinstance(runner_or_watcher, list) else runner_or_watcher.findings
-    bad = [f for f in findings if Severity(f.severity).rank <= limit and f.code not in set(ignore)]
+    # A resolved finding (fixed by an action or a control, or rewound past) is history, not a problem.
+    bad = [
+        f
+        for f in findings
+        if Severity(f.severity).rank <= limit
+        and f.code not in set(ignore)
+        and not getattr(f, "resolved", False)
+    ]
     if bad:
         raise AssertionError(
             f"{len(bad)} finding(s) of severity {severity} or worse:\n" + "\n".join(str(f) for f in bad)
