@@ -319,16 +319,12 @@ def test_bert_bug_is_named_lr_far_too_high(tmp_path) -> None:
     assert "lr-too-high" in [f.code for f in cb.findings[:3]], [str(f) for f in cb.findings]
 
 
-def test_bert_healthy_run_warns_only_vanishing_gradients(tmp_path) -> None:
-    """The one warning on this healthy BERT is the rule gap of the xfail below (nothing else)."""
-    cb, _ = bert_run(tmp_path)
-    assert {f.code for f in cb.findings if f.severity in ("warning", "error")} <= {"vanishing-gradients"}
-    assert cb.history.val_loss[-1, 1] < 0.3
-
-
 def test_bert_healthy_run_raises_no_warning_or_error(tmp_path) -> None:
+    """A healthy tiny BERT learns and stays silent (attention query/key gradients are ~1e-4x their
+    neighbours' at init: vanishing-gradients judges depths, not single matrices)."""
     cb, _ = bert_run(tmp_path)
     assert serious(cb) == []
+    assert cb.history.val_loss[-1, 1] < 0.3
 
 
 def test_bert_converged_run_raises_no_lr_too_low(tmp_path) -> None:
