@@ -128,12 +128,15 @@ dashboard""",
 finding = runner.findings[0]
 print(finding.code, finding.params)
 print("cause:", finding.cause)
-assert finding.code == "param-not-in-optimizer" and "head.weight" in finding.params, "the head is not in the optimizer\"""",
+assert finding.code == "param-not-in-optimizer" and "head.weight" in finding.params, "the head is not in the optimizer"
+assert [a.label for a in finding.actions][:1] == ["Add to optimizer"], "the card's fix button\"""",
     ),
     (
         "md",
-        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. Toggling it
-(or the code below) adds it to the optimizer as a new parameter group, and the finding goes away.""",
+        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. The finding's
+card has a fix button (**Add to optimizer**, the finding's first action); the code below does the same by
+hand: it adds the head to the optimizer as a new parameter group. The finding is then **resolved**: it stays
+listed, greyed, after the active ones, so the story of the run is kept.""",
     ),
     (
         "code",
@@ -144,9 +147,11 @@ head_rows = [runner.param_names.index(n) for n in ("head.weight", "head.bias")]
 head_moved = bool((runner.history.update_norm[:, head_rows] > 0).all())
 print("head moved:", head_moved)
 assert head_moved, "the head should move once it is in the optimizer"
-codes = [f.code for f in runner.findings if f.severity != "info"]
-print("findings:", codes)
-assert "param-not-in-optimizer" not in codes, "the finding should go away once the head is in the optimizer\"""",
+codes = [f.code for f in runner.active_findings if f.severity != "info"]
+print("active findings:", codes)
+print("resolved:", [f.code for f in runner.resolved_findings])
+assert "param-not-in-optimizer" not in codes, "the finding should be resolved once the head is in the optimizer"
+assert "param-not-in-optimizer" in [f.code for f in runner.resolved_findings], "resolved findings stay listed\"""",
     ),
     (
         "md",
