@@ -235,6 +235,16 @@ def test_keyboard_interrupt_then_run_equals_an_uninterrupted_run(where, at):
     assert not [f for f in runner.findings if f.severity == "error"], runner.findings
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process started in the background
+    by a non-interactive shell inherits SIGINT ignored, and Python then installs no handler at all."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.usefixtures("default_sigint")
 @pytest.mark.parametrize("where", ["scheduler", "optimizer", "post_hook", "backward", "forward"])
 def test_real_sigint_then_run_equals_an_uninterrupted_run(where):
     if threading.current_thread() is not threading.main_thread():
@@ -246,6 +256,7 @@ def test_real_sigint_then_run_equals_an_uninterrupted_run(where):
     assert not [f for f in runner.findings if f.severity == "error"], runner.findings
 
 
+@pytest.mark.usefixtures("default_sigint")
 def test_sigint_during_step_is_raised_at_the_step_boundary_with_the_step_complete():
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals are delivered to the main thread only")
