@@ -41,11 +41,11 @@ def _kinds(runner) -> list[str]:
     return [c.kind for c in runner.history.controls]
 
 
-def _lr_too_high_runner(lr: float = 3.0) -> tlw.Runner:
+def _lr_too_high_runner(lr: float = 3.0, **options) -> tlw.Runner:
     """The mlp-digits setup with SGD momentum 0.9 at ``lr`` (3.0: the issue's example)."""
     parts = zoo.get("lr-too-high").build(0)
     parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=lr, momentum=0.9)
-    return tlw.Runner(**parts)
+    return tlw.Runner(**parts, **options)
 
 
 # ---------------------------------------------------------------------- param-not-in-optimizer
@@ -176,7 +176,7 @@ def test_rewind_and_set_lr_repairs_an_lr_far_too_high():
 
 
 def test_without_a_checkpoint_from_before_the_damage_the_lr_is_only_set():
-    runner = _lr_too_high_runner(3.0)
+    runner = _lr_too_high_runner(3.0, auto_checkpoints=0)  # (an automatic one is from before it)
     runner.run(steps=10)
     runner.checkpoint("after the damage")  # not before it: no use to rewind to
     runner.run(epochs=1)
@@ -192,7 +192,8 @@ def test_without_a_checkpoint_from_before_the_damage_the_lr_is_only_set():
 
 
 def test_set_lr_resolves_an_lr_too_high_after_steps_without_it():
-    runner = _lr_too_high_runner(0.5)  # too high, but the weights survive it
+    # Too high, but the weights survive it (no automatic checkpoint: the path that only sets the LR).
+    runner = _lr_too_high_runner(0.5, auto_checkpoints=0)
     runner.run(epochs=2)
     f = _finding(runner, "lr-too-high")
     action = f.actions[0]
@@ -251,7 +252,8 @@ def test_freeze_properly_stops_frozen_parameters_moving():
 
 
 def test_lower_weight_decay_repairs_over_regularization():
-    runner = zoo.get("over-regularization").runner(0)  # SGD momentum 0.9, weight_decay=1.0
+    # SGD momentum 0.9, weight_decay=1.0; no automatic checkpoint: the path without a rewind
+    runner = zoo.get("over-regularization").runner(0, auto_checkpoints=0)
     runner.run(epochs=2)
     assert _accuracy(runner) < 0.5
     f = _finding(runner, "over-regularization")
@@ -267,7 +269,8 @@ def test_lower_weight_decay_repairs_over_regularization():
 
 
 def test_step_the_scheduler_per_epoch_repairs_a_schedule_stepped_per_batch():
-    runner = zoo.get("scheduler-too-fast").runner(0)  # StepLR(step_size=5, gamma=0.1) after every batch
+    # StepLR(step_size=5, gamma=0.1) after every batch; no automatic checkpoint: the path without a rewind
+    runner = zoo.get("scheduler-too-fast").runner(0, auto_checkpoints=0)
     runner.run(epochs=2)
     assert runner.optimizer.param_groups[0]["lr"] < 1e-9
     f = _finding(runner, "scheduler-too-fast")

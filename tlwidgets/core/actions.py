@@ -412,9 +412,9 @@ def suggest_lr(
 
 
 def _checkpoint_before(session: Any, step: int) -> Any:
-    """The newest of the session's checkpoints taken at or before ``step`` (``None`` when none, or the
-    session cannot rewind)."""
-    cks = getattr(session, "checkpoints", None)
+    """The newest of the session's checkpoints (the user's and the automatic ones) taken at or before
+    ``step`` (``None`` when none, or the session cannot rewind)."""
+    cks = [*getattr(session, "checkpoints", ()), *getattr(session, "auto_checkpoints", ())]
     if not cks or getattr(session, "_one_shot", False) or not callable(getattr(session, "rewind", None)):
         return None
     before = [c for c in cks if c.step <= step]
@@ -463,7 +463,7 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
                 undo = (
                     f" (the abandoned run is kept: runner.rewind() to checkpoint {here.id} goes back to it)"
                 )
-            session.rewind(ck)
+            session.rewind(ck, reason=f"Rewind to step {ck.step} and set lr={new:.2g}")
             session.set_lr(new, group=group)
             return (
                 f"Rewound to step {ck.step} ({ck.label}) and set the LR of {where} to {new:.2g} "
@@ -536,7 +536,7 @@ def _per_epoch(session: Any, finding: Finding) -> list[Action]:
             if session.stage.value == "fetch" and not session._have_batch:
                 here = session.checkpoint(f"before the fix of {finding.code}")
                 undo = f" (the abandoned run is kept as checkpoint {here.id})"
-            session.rewind(ck)
+            session.rewind(ck, reason=f"Rewind to step {ck.step} and step the scheduler per epoch")
         session.set_scheduler_interval("epoch")
         lrs = ", ".join(f"{float(g['lr']):.3g}" for g in session.optimizer.param_groups)
         back = f"Rewound to step {ck.step}; the" if ck is not None else "The"
@@ -625,7 +625,7 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
             if session.stage.value == "fetch" and not session._have_batch:
                 here = session.checkpoint(f"before the fix of {finding.code}")
                 undo = f" (the abandoned run is kept as checkpoint {here.id})"
-            session.rewind(ck)
+            session.rewind(ck, reason=f"Rewind to step {ck.step} and set weight_decay={new:.2g}")
         session.set_weight_decay(new, group=group)
         back = f"Rewound to step {ck.step} and set" if ck is not None else "Set"
         return f"{back} the weight_decay of {where} to {new:.2g} (was {wd:g}){undo}."

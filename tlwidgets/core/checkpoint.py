@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import itertools
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from tlwidgets.core.findings import Finding
 from tlwidgets.core.training import OptimizerSnapshot, snapshot_optimizer
 
 __all__ = [
+    "AutoCheckpoints",
     "Checkpoint",
     "RngState",
     "capture_generators",
@@ -155,6 +157,16 @@ class Checkpoint:
     epoch_data_rng: list[tuple[Any, Any]] | None = None
     #: Copies of the findings as they were (a rewind drops those of the abandoned timeline).
     findings: list[Finding] = dataclasses.field(default_factory=list)
+    #: Taken by the runner itself (:attr:`Runner.auto_checkpoints`), not by ``checkpoint()``.
+    auto: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors copied (weights, buffers, optimizer state)."""
+        total = sum(t.numel() * t.element_size() for t in self.model_state.values())
+        for per_param in (self.optimizer.state or {}).values():
+            total += sum(_tensor_bytes(v) for v in per_param.values())
+        return total
 
     @classmethod
     def capture(cls, runner: Any, label: str = "") -> Checkpoint:
@@ -184,6 +196,78 @@ class Checkpoint:
     def __repr__(self) -> str:
         where = f"step={self.step}, epoch={self.epoch}, batch={self.batch_index}"
         return f"Checkpoint(id={self.id}, {where}, {self.label!r})"
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class AutoCheckpoints:
+    """The checkpoints a runner takes by itself, within a count and a memory bound.
+
+    Checkpoints beyond ``keep`` or ``max_bytes`` are thinned: the oldest (the
+    state before the first run, what a rewind "to before the damage" most
+    often wants) and the newest always stay; of the others, the one whose
+    neighbours are closest in steps goes, so the kept ones stay spread over
+    the run (dense recently, sparse long ago, never all bunched at the end).
+
+    Parameters
+    ----------
+    keep
+        At most this many (0: none are taken).
+    max_bytes
+        At most this many bytes in all (each checkpoint copies weights and
+        optimizer state: for a model of S bytes with SGD momentum about 2S,
+        with Adam about 3S). A single checkpoint larger than this is not taken.
+    """
+
+    def __init__(self, keep: int, max_bytes: float) -> None:
+        self.keep = keep
+        self.max_bytes = max_bytes
+        self.items: list[Checkpoint] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Checkpoint]:
+        return iter(self.items)
+
+    def __getitem__(self, i: int) -> Checkpoint:
+        return self.items[i]
+
+    def __repr__(self) -> str:
+        return f"AutoCheckpoints({self.items!r})"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.items)
+
+    def add(self, ck: Checkpoint) -> None:
+        """Keep ``ck`` (newest) and thin the others down to the bounds."""
+        self.items.append(ck)
+        self.items.sort(key=lambda c: (c.step, c.id))
+        sizes = {c.id: c.nbytes for c in self.items}
+        while len(self.items) > 1 and (len(self.items) > self.keep or sum(sizes.values()) > self.max_bytes):
+            self.items.remove(self._victim())
+            sizes = {c.id: sizes[c.id] for c in self.items}
+        if sum(sizes.values()) > self.max_bytes:  # a single one over the budget: none at all
+            self.items.clear()
+
+    def _victim(self) -> Checkpoint:
+        items = self.items
+        if len(items) <= 2:  # (keep=1, or a tight byte budget) the newest wins
+            return items[0]
+        # The interior checkpoint whose removal leaves the smallest gap (ties: the older).
+        gaps = [items[i + 1].step - items[i - 1].step for i in range(1, len(items) - 1)]
+        return items[1 + int(np.argmin(gaps))]
+
+    def drop_after(self, step: int) -> None:
+        """Forget those taken after ``step`` (a rewind abandoned their timeline)."""
+        self.items = [c for c in self.items if c.step <= step]
 
 
 def _scheduler_lists(sched: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ measured): 4 statistics x 60 parameters x 4 bytes = 960 bytes per step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,10 @@ import numpy as np
 
 from tlwidgets.core.records import ControlChange, EpochRecord
 
-__all__ = ["History", "RingBuffer"]
+__all__ = ["Branch", "History", "RingBuffer"]
+
+#: Abandoned timelines kept in :attr:`History.branches` (oldest dropped).
+MAX_BRANCHES = 8
 
 
 class RingBuffer:
@@ -78,6 +82,32 @@ class RingBuffer:
         return self._data[(self._start + self._len - 1) % self.capacity].copy()
 
 
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """A timeline abandoned by a rewind: what the run did after ``start`` before going back.
+
+    Attributes
+    ----------
+    start
+        Global step of the checkpoint rewound to (where the branch leaves the kept timeline).
+    end
+        Global step the run had reached when it was rewound.
+    step, loss
+        The abandoned steps (each > ``start``) and their training loss, oldest first.
+    val_loss
+        Validation loss per epoch end of the abandoned timeline, rows of (global step, loss).
+    label
+        What rewound it, e.g. the action's label ("Rewind to step 0 and set lr=0.044").
+    """
+
+    start: int
+    end: int
+    step: np.ndarray
+    loss: np.ndarray
+    val_loss: np.ndarray
+    label: str
+
+
 class History:
     """Per-step numbers of a run (DESIGN section 3).
 
@@ -122,6 +152,8 @@ class History:
         )
         #: validation loss per epoch, as (global step, value); bounded like the rest.
         self._val = RingBuffer(capacity, width=2, dtype=np.float64)
+        #: timelines abandoned by rewinds, newest last, at most MAX_BRANCHES (see :meth:`branch_off`).
+        self.branches: list[Branch] = []
         #: control markers (freeze, set_lr, rewind ...), newest last, bounded.
         self.controls: list[ControlChange] = []
         #: epoch-end records, newest last, bounded.
@@ -196,6 +228,30 @@ class History:
     def add_control(self, change: ControlChange) -> None:
         self.controls.append(change)
         del self.controls[: -self.capacity]
+
+    def branch_off(self, step: int, label: str) -> Branch | None:
+        """Keep the loss of the rows after ``step`` as a :class:`Branch` (call before truncating).
+
+        ``None`` (nothing kept) when no row lies after ``step``. At most
+        ``MAX_BRANCHES`` are kept, so the memory stays bounded (each holds at most
+        ``capacity`` losses).
+        """
+        steps = self._step.values()
+        after = steps > step
+        if not after.any():
+            return None
+        val = self._val.values()
+        branch = Branch(
+            start=int(step),
+            end=int(steps[-1]),
+            step=steps[after].copy(),
+            loss=self._loss.values()[after].astype(np.float64),
+            val_loss=val[val[:, 0] > step] if len(val) else np.zeros((0, 2)),
+            label=label,
+        )
+        self.branches.append(branch)
+        del self.branches[:-MAX_BRANCHES]
+        return branch
 
     def truncate_to_step(self, step: int, epoch: int | None = None) -> None:
         """Forget what happened after ``step`` optimizer steps (rewind keeps the older past).

@@ -25,6 +25,7 @@ from tlwidgets.core.activations import first_tensor
 from tlwidgets.core.batches import call_model, default_unpack, tensors_in, to_device
 from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.checkpoint import (
+    AutoCheckpoints,
     Checkpoint,
     capture_generators,
     capture_rng,
@@ -135,6 +136,19 @@ class Runner(FindingsMixin, ControlsMixin):
         Default of ``freeze(..., bn_eval=)``: put fully frozen batch-norm layers in eval mode.
     max_checkpoints
         How many checkpoints :attr:`checkpoints` keeps (oldest dropped; at least 1).
+    auto_checkpoints, auto_checkpoint_every, auto_checkpoint_memory
+        Automatic checkpoints, kept apart from the user's in
+        :attr:`auto_checkpoints` (labelled ``"auto: before run"``, ``"auto: before
+        set_lr"``, ``"auto: step 300"``): at the start of :meth:`run` (unless one
+        holds this very state), before each control change made at a step
+        boundary, and every ``auto_checkpoint_every`` steps (0: not
+        periodically). At most ``auto_checkpoints`` are kept (0: none taken) and
+        at most ``auto_checkpoint_memory`` times the model's state size in
+        bytes; the oldest and newest stay and the others are thinned so they
+        stay spread over the run (see :class:`AutoCheckpoints`). Never taken
+        for a one-shot ``train_data``, which cannot rewind. They are what a
+        finding's "rewind to before the damage" action finds when the user
+        took no checkpoint.
     diagnoser
         The rule set; default: the one registered by :mod:`tlwidgets.diagnostics`.
 
@@ -211,6 +225,9 @@ class Runner(FindingsMixin, ControlsMixin):
         safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
         max_checkpoints: int = 20,
+        auto_checkpoints: int = 8,
+        auto_checkpoint_every: int = 100,
+        auto_checkpoint_memory: float = 16.0,
         diagnoser: Diagnoser | None = None,
     ) -> None:
         _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, scheduler_interval)
@@ -221,6 +238,12 @@ class Runner(FindingsMixin, ControlsMixin):
         measure_every = _count_option("measure_every", measure_every, low=1)
         dense_steps = _count_option("dense_steps", dense_steps, low=0)
         max_checkpoints = _count_option("max_checkpoints", max_checkpoints, low=1)
+        auto_checkpoints = _count_option("auto_checkpoints", auto_checkpoints, low=0)
+        auto_checkpoint_every = _count_option("auto_checkpoint_every", auto_checkpoint_every, low=0)
+        if isinstance(auto_checkpoint_memory, bool) or not (
+            isinstance(auto_checkpoint_memory, (int, float, np.number)) and auto_checkpoint_memory >= 0
+        ):
+            raise ValueError(f"auto_checkpoint_memory must be a number >= 0, got {auto_checkpoint_memory!r}")
         grad_budget = _budget_option(grad_budget)
         if safe_step is not None and not isinstance(safe_step, (bool, np.bool_)):
             raise ValueError(f"safe_step must be None, True or False, got {safe_step!r}")
@@ -260,6 +283,13 @@ class Runner(FindingsMixin, ControlsMixin):
         )
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
+        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        #: Checkpoints the runner took itself (see the ``auto_checkpoints`` option); never the user's.
+        self.auto_checkpoints = AutoCheckpoints(auto_checkpoints, float(auto_checkpoint_memory) * state_bytes)
+        self.auto_checkpoint_every = auto_checkpoint_every
+        self._changes = 0  # control changes so far: with (step, epoch), tells whether the state moved
+        self._ck_mark: tuple[int, int, int] | None = None  # that triple when a checkpoint was last taken
+        self._auto_pending: Checkpoint | None = None  # taken before a control, labelled after it
 
         self.stage = Stage.FETCH
         self.global_step = 0
@@ -439,6 +469,7 @@ class Runner(FindingsMixin, ControlsMixin):
             epochs = 1
         if epochs == 0:  # "until 0 more epoch ends": already there, nothing runs (not one epoch)
             return RunResult(0, 0, "epochs")
+        self._auto_checkpoint("before run")
         target = self.global_step + steps if steps is not None else None
         start_step, epochs_done = self.global_step, 0
         self._pause.clear()
@@ -554,6 +585,9 @@ class Runner(FindingsMixin, ControlsMixin):
             self.events.emit(Event.ERROR, rec)
         if rec.ok and stage is Stage.STEP:
             self._after_step(rec)
+            every = self.auto_checkpoint_every
+            if every and self.global_step % every == 0:
+                self._auto_checkpoint(f"step {self.global_step}")
         if self._pending:  # controls called during the stage take effect at its end
             self._drain_pending()
         return rec
@@ -1045,12 +1079,13 @@ class Runner(FindingsMixin, ControlsMixin):
             )
         ck = Checkpoint.capture(self, label)
         self.checkpoints.append(ck)
+        self._ck_mark = self._state_mark()
         change = ControlChange("checkpoint", self.global_step, {"id": ck.id, "label": ck.label})
         self.history.add_control(change)
         self.events.emit(Event.CONTROL, change)
         return ck
 
-    def rewind(self, handle: Checkpoint | None = None) -> Checkpoint:
+    def rewind(self, handle: Checkpoint | None = None, *, reason: str = "") -> Checkpoint:
         """Restore model, optimizer, scheduler, RNG states and data position from ``handle``.
 
         ``None`` rewinds to the newest checkpoint. Replaying the same steps then
@@ -1061,6 +1096,11 @@ class Runner(FindingsMixin, ControlsMixin):
         Findings first raised after the checkpoint (an abandoned timeline) are
         dropped and the others are put back as they were; setup findings are
         checked again.
+
+        The loss of the steps abandoned stays reachable in
+        ``history.branches`` (labelled with ``reason``, e.g. the action that
+        rewound, else the checkpoint's label); automatic checkpoints taken
+        after the checkpoint's step (on the abandoned timeline) are forgotten.
 
         Raises
         ------
@@ -1080,6 +1120,8 @@ class Runner(FindingsMixin, ControlsMixin):
         if len(handle.requires_grad) != len(self.named_params):
             raise ValueError("this checkpoint belongs to a different model")
         ck = handle
+        self.history.branch_off(ck.step, reason or f"rewind to {ck.label}")
+        self.auto_checkpoints.drop_after(ck.step)
         with torch.no_grad():
             self.model.load_state_dict(ck.model_state)
         for (_, p), rg in zip(self.named_params, ck.requires_grad):
@@ -1116,7 +1158,61 @@ class Runner(FindingsMixin, ControlsMixin):
         if self._last_error is not None and self._log.get(self._last_error.key) is not self._last_error:
             self._last_error = None
         self._after_control(ControlChange("rewind", self.global_step, {"id": ck.id, "label": ck.label}))
+        self._ck_mark = self._state_mark()  # the state is the checkpoint's: no copy of it needed now
         return ck
+
+    # ------------------------------------------------------------------ automatic checkpoints
+    def _state_mark(self) -> tuple[int, int, int]:
+        """Changes when the training state may have: a step, an epoch end, a control change."""
+        return (self.global_step, self.epoch, self._changes)
+
+    def _auto_checkpoint(self, why: str) -> Checkpoint | None:
+        """Take an automatic checkpoint (see the ``auto_checkpoints`` option), when one is useful.
+
+        Not for a one-shot source (no rewind), mid-step (``checkpoint()`` works at a boundary
+        only), when disabled, or when a checkpoint of this very state exists. Unlike
+        :meth:`checkpoint` it records no control change (the loss plot and ``history.controls``
+        show what the user did) and a failure to copy (out of memory) turns them off instead of
+        breaking the step.
+        """
+        if (
+            self.auto_checkpoints.keep == 0
+            or self._one_shot
+            or self._closed
+            or self._in_stage
+            or self.stage is not Stage.FETCH
+            or self._have_batch
+            or self._ck_mark == self._state_mark()
+        ):
+            return None
+        try:
+            ck = Checkpoint.capture(self, f"auto: {why}")
+        except (RuntimeError, MemoryError):  # e.g. CUDA out of memory: training matters more
+            self.auto_checkpoints.keep = 0
+            self.auto_checkpoints.items.clear()
+            return None
+        ck.auto = True
+        self.auto_checkpoints.add(ck)
+        self._ck_mark = self._state_mark()
+        return ck
+
+    def _control(self, apply: Callable[[], Any], result: Any) -> Any:
+        def checkpointed() -> None:
+            # The state before the change, labelled with its kind once the change says it.
+            self._auto_pending = self._auto_checkpoint("before a control change")
+            try:
+                apply()
+            finally:
+                self._auto_pending = None
+
+        return super()._control(checkpointed, result)
+
+    def _after_control(self, change: ControlChange) -> None:
+        self._changes += 1
+        if self._auto_pending is not None:
+            self._auto_pending.label = f"auto: before {change.kind}"
+            self._auto_pending = None
+        super()._after_control(change)
 
     def _check_replayable(self, what: str) -> None:
         if self._one_shot:

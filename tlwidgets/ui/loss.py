@@ -1,4 +1,5 @@
-"""Loss plot: training loss per step (raw and smoothed), validation per epoch, control markers."""
+"""Loss plot: training loss per step (raw and smoothed), validation per epoch, control markers,
+and the timelines abandoned by rewinds (dashed) so a fix is seen against what it replaced."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ MARKER_COLORS = {
     "checkpoint": "#757575",
 }
 MAX_POINTS = 1500
+#: Abandoned timelines drawn (the newest ones): more would bury the run they are compared with.
+MAX_BRANCHES_SHOWN = 3
+BRANCH_COLOR = "#bdbdbd"
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -46,6 +50,11 @@ class LossPanel(Panel, widgets.VBox):
     """Training loss (raw and smoothed) against the global step, validation loss at each epoch
     end, and a vertical marker with a label at every control change (freeze, unfreeze, LR,
     checkpoint, rewind) so cause and effect line up. CSS class ``tlw-loss``.
+
+    After a rewind, the abandoned timelines (``history.branches``, the newest
+    ``MAX_BRANCHES_SHOWN``) are drawn dashed and lighter under the run that
+    replaced them, smoothed like the current one, with a legend entry naming
+    what rewound each (e.g. the action applied): the effect of a fix is seen.
     """
 
     name = "loss"
@@ -103,11 +112,25 @@ class LossPanel(Panel, widgets.VBox):
             colors=["#424242"],
             align="start",
         )
+        # One line per abandoned timeline (rows of a 2-D x/y, NaN-padded); the legend shows only
+        # while there is one, so a run never rewound keeps its plain plot.
+        self.branches = bq.Lines(
+            x=np.zeros(0),
+            y=np.zeros(0),
+            scales=scales,
+            colors=[BRANCH_COLOR],
+            line_style="dashed",
+            stroke_width=2,
+            opacities=[0.8],
+            labels=[],
+            display_legend=False,
+        )
         self.cursor = bq.Lines(
             x=np.zeros(0), y=np.zeros(0), scales=scales, colors=["black"], line_style="dash_dotted"
         )
         self.figure = bq.Figure(
             marks=[
+                self.branches,
                 self.raw,
                 self.smooth,
                 self.val_line,
@@ -124,6 +147,8 @@ class LossPanel(Panel, widgets.VBox):
             layout=widgets.Layout(width="100%", height="300px", min_width="320px"),
             animation_duration=0,
             display_toolbar=False,
+            legend_location="top-right",
+            legend_text={"font-size": "10px"},
         )
         self.figure.add_class("tlw-loss-figure")
         self.log_y = widgets.Checkbox(
@@ -176,8 +201,11 @@ class LossPanel(Panel, widgets.VBox):
             self.val_line.x, self.val_line.y = (
                 (val[:, 0], val[:, 1]) if len(val) > 1 else (np.zeros(0), np.zeros(0))
             )
+        branch_y = self._draw_branches(hist, window)
         finite = loss[np.isfinite(loss)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if branch_y.size and finite.size:  # (the markers span the branches too)
+            lo, hi = min(lo, float(branch_y.min())), max(hi, float(branch_y.max()))
         if len(val):
             lo, hi = min(lo, float(np.nanmin(val[:, 1]))), max(hi, float(np.nanmax(val[:, 1])))
         controls = list(hist.controls)[-30:]  # the latest markers stay readable
@@ -214,6 +242,40 @@ class LossPanel(Panel, widgets.VBox):
             text = "<b>loss</b>: no steps yet"
         if text != self.summary.value:
             self.summary.value = text
+
+    def _draw_branches(self, hist: Any, window: int) -> np.ndarray:
+        """Draw the newest abandoned timelines; return their finite values shown (for the markers' span)."""
+        branches = list(getattr(hist, "branches", ()))[-MAX_BRANCHES_SHOWN:]
+        xs, ys, labels = [], [], []
+        for b in branches:
+            y = np.where(np.isfinite(b.loss), b.loss, np.nan)
+            if self.log_y.value:
+                y = np.where(y > 0, y, np.nan)
+            y = moving_average(y, window)  # smoothed like the current run, so the two compare
+            stride = max(1, len(y) // MAX_POINTS)
+            xs.append(b.step[::stride].astype(np.float64))
+            ys.append(y[::stride])
+            labels.append(_short(f"before: {b.label}", 40))
+        n = max((len(x) for x in xs), default=0)
+        x2 = np.full((len(xs), n), np.nan)
+        y2 = np.full((len(xs), n), np.nan)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            x2[i, : len(x)], y2[i, : len(y)] = x, y
+            if len(x) < n:  # bqplot draws NaN x as a gap at 0: repeat the last point instead
+                x2[i, len(x) :], y2[i, len(y) :] = (x[-1], y[-1]) if len(x) else (0.0, np.nan)
+        shades = ["#9e9e9e", "#bdbdbd", "#d6d6d6"][: len(xs)][::-1] or [BRANCH_COLOR]
+        with self.branches.hold_sync():
+            if xs:
+                self.branches.x, self.branches.y = x2, y2
+            else:
+                self.branches.x, self.branches.y = np.zeros(0), np.zeros(0)
+            self.branches.labels = labels
+            self.branches.colors = shades
+            self.branches.display_legend = bool(xs)
+            # The current run gets a legend entry only when there is something to tell it apart from.
+            self.smooth.display_legend = bool(xs)
+        values = y2[np.isfinite(y2)] if xs else np.zeros(0)
+        return values
 
 
 def _spread(xs: np.ndarray, steps: np.ndarray) -> np.ndarray:
