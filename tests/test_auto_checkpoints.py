@@ -130,6 +130,20 @@ def test_memory_bound_relative_to_the_model_state():
     assert len(tiny.auto_checkpoints) == 0
 
 
+def test_on_an_accelerator_none_that_would_take_much_of_its_free_memory(monkeypatch):
+    import tlwidgets.core.runner as runner_module
+
+    assert runner_module._accelerator_room(torch.device("cpu")) is None  # off a GPU: no such check
+    runner = make_runner(momentum=0.9, auto_checkpoint_every=1)
+    state = runner._state_bytes
+    monkeypatch.setattr(runner_module, "_accelerator_room", lambda device: 40 * state)  # 3x: 7.5%
+    runner.run(steps=2)
+    assert len(runner.auto_checkpoints) == 3
+    monkeypatch.setattr(runner_module, "_accelerator_room", lambda device: 10 * state)  # 2x: 20%
+    runner.run(steps=2)
+    assert len(runner.auto_checkpoints) == 3
+
+
 def test_never_for_a_one_shot_source():
     runner = make_runner(train_data=iter(make_batches()))
     runner.run(steps=3)

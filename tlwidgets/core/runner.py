@@ -146,7 +146,8 @@ class Runner(FindingsMixin, ControlsMixin):
         at most ``auto_checkpoint_memory`` times the model's state size in
         bytes; the oldest and newest stay and the others are thinned so they
         stay spread over the run (see :class:`AutoCheckpoints`). Never taken
-        for a one-shot ``train_data``, which cannot rewind. They are what a
+        for a one-shot ``train_data``, which cannot rewind, nor on a GPU when
+        one would take over 10% of its free memory. They are what a
         finding's "rewind to before the damage" action finds when the user
         took no checkpoint.
     diagnoser
@@ -284,6 +285,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)
         state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self._state_bytes = state_bytes
         #: Checkpoints the runner took itself (see the ``auto_checkpoints`` option); never the user's.
         self.auto_checkpoints = AutoCheckpoints(auto_checkpoints, float(auto_checkpoint_memory) * state_bytes)
         self.auto_checkpoint_every = auto_checkpoint_every
@@ -1185,6 +1187,14 @@ class Runner(FindingsMixin, ControlsMixin):
             or self._ck_mark == self._state_mark()
         ):
             return None
+        room = _accelerator_room(self.device)
+        if room is not None:
+            # Copies live on the model's device: on a GPU, one that would take a large share of the
+            # memory left could make the next training step run out. Estimate: the last one's size,
+            # else weights plus two moments (Adam), the largest state of the usual optimizers.
+            last = self.auto_checkpoints[-1].nbytes if len(self.auto_checkpoints) else 3 * self._state_bytes
+            if last > AUTO_CHECKPOINT_ROOM * room:
+                return None
         try:
             ck = Checkpoint.capture(self, f"auto: {why}")
         except (RuntimeError, MemoryError):  # e.g. CUDA out of memory: training matters more
@@ -1328,6 +1338,21 @@ def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, schedu
         )
     if scheduler is not None and getattr(scheduler, "optimizer", optimizer) is not optimizer:
         raise ValueError("the scheduler was built for a different optimizer than the one given")
+
+
+#: An automatic checkpoint on an accelerator takes at most this share of its free memory.
+AUTO_CHECKPOINT_ROOM = 0.1
+
+
+def _accelerator_room(device: torch.device | None) -> int | None:
+    """Bytes a new tensor can still take on ``device`` (free plus cached); ``None`` off CUDA or unknown."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    except (RuntimeError, AssertionError, ValueError):
+        return None
 
 
 def _custom_optimizer(optimizer: torch.optim.Optimizer) -> bool:
