@@ -100,6 +100,18 @@ def test_one_before_each_control_change_labelled_with_its_kind():
     assert runner.model[0].weight.requires_grad
 
 
+def test_controls_in_a_row_share_the_checkpoint_from_before_the_first():
+    runner = make_runner(auto_checkpoint_every=0)
+    runner.run(steps=2)
+    for lr in (0.05, 0.02, 0.01, 0.005):  # an LR slider dragged at a step boundary
+        runner.set_lr(lr)
+    assert _labels(runner) == ["auto: before run", "auto: before set_lr"]
+    runner.rewind(runner.auto_checkpoints[-1])
+    assert runner.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    runner.set_lr(0.05)  # right after the rewind: the state is the checkpoint's own
+    assert len(runner.auto_checkpoints) == 2
+
+
 def test_a_control_called_mid_step_takes_none():
     runner = make_runner(auto_checkpoint_every=0)
     runner.step_stage()  # FETCH: mid-step now

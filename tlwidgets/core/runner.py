@@ -1168,14 +1168,16 @@ class Runner(FindingsMixin, ControlsMixin):
         """Changes when the training state may have: a step, an epoch end, a control change."""
         return (self.global_step, self.epoch, self._changes)
 
-    def _auto_checkpoint(self, why: str) -> Checkpoint | None:
+    def _auto_checkpoint(self, why: str, *, once_per_step: bool = False) -> Checkpoint | None:
         """Take an automatic checkpoint (see the ``auto_checkpoints`` option), when one is useful.
 
         Not for a one-shot source (no rewind), mid-step (``checkpoint()`` works at a boundary
         only), when disabled, or when a checkpoint of this very state exists. Unlike
         :meth:`checkpoint` it records no control change (the loss plot and ``history.controls``
         show what the user did) and a failure to copy (out of memory) turns them off instead of
-        breaking the step.
+        breaking the step. ``once_per_step``: none either when one was taken at this step already,
+        whatever changed since (controls in a row, like an LR slider dragged, share the state from
+        before the first: one copy per tick would lag the slider and crowd out the older ones).
         """
         if (
             self.auto_checkpoints.keep == 0
@@ -1185,6 +1187,7 @@ class Runner(FindingsMixin, ControlsMixin):
             or self.stage is not Stage.FETCH
             or self._have_batch
             or self._ck_mark == self._state_mark()
+            or (once_per_step and self._ck_mark is not None and self._ck_mark[:2] == self._state_mark()[:2])
         ):
             return None
         room = _accelerator_room(self.device)
@@ -1209,7 +1212,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _control(self, apply: Callable[[], Any], result: Any) -> Any:
         def checkpointed() -> None:
             # The state before the change, labelled with its kind once the change says it.
-            self._auto_pending = self._auto_checkpoint("before a control change")
+            self._auto_pending = self._auto_checkpoint("before a control change", once_per_step=True)
             try:
                 apply()
             finally:
