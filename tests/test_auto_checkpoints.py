@@ -60,6 +60,25 @@ def test_without_automatic_checkpoints_the_same_run_can_only_set_the_lr():
     assert len(runner.auto_checkpoints) == 0
 
 
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        ("over-regularization", "Rewind to step 0 and set weight_decay="),
+        ("scheduler-too-fast", "Rewind to step 0 and step the scheduler per epoch"),
+    ],
+)
+def test_the_other_rewinding_actions_find_the_automatic_checkpoint_too(code, label):
+    runner = zoo.get(code).runner(0)
+    runner.run(epochs=2)
+    f = next(f for f in runner.findings if f.code == code)
+    action = f.actions[0]
+    assert action.label.startswith(label), action.label
+    action.apply()
+    runner.run(epochs=3)
+    assert runner.evaluate()["accuracy"] > 0.8 and f.resolved
+    assert runner.history.branches[-1].label == action.label
+
+
 # ---------------------------------------------------------------------- when they are taken
 def test_one_before_a_run_and_none_twice_for_the_same_state():
     runner = make_runner(auto_checkpoint_every=0)
