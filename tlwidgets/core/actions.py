@@ -411,6 +411,17 @@ def suggest_lr(
     return float(f"{target / per_lr:.2g}")  # two significant digits: a number a user would type
 
 
+def _rewind_keeping(session: Any, ck: Any, finding: Finding, reason: str) -> str:
+    """Rewind to ``ck``; at a step boundary the abandoned run is kept as a checkpoint first (so the
+    fix can be undone). Returns the sentence's tail that says so (empty when it was not kept)."""
+    undo = ""
+    if session.stage.value == "fetch" and not session._have_batch:
+        here = session.checkpoint(f"before the fix of {finding.code}")
+        undo = f" (the abandoned run is kept: runner.rewind() to checkpoint {here.id} goes back to it)"
+    session.rewind(ck, reason=reason)
+    return undo
+
+
 def _checkpoint_before(session: Any, step: int) -> Any:
     """The newest of the session's checkpoints (the user's and the automatic ones) taken at or before
     ``step`` (``None`` when none, or the session cannot rewind)."""
@@ -457,13 +468,7 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
     if ck is not None:
 
         def run_rewind() -> str:
-            undo = ""
-            if session.stage.value == "fetch" and not session._have_batch:
-                here = session.checkpoint(f"before the fix of {finding.code}")
-                undo = (
-                    f" (the abandoned run is kept: runner.rewind() to checkpoint {here.id} goes back to it)"
-                )
-            session.rewind(ck, reason=f"Rewind to step {ck.step} and set lr={new:.2g}")
+            undo = _rewind_keeping(session, ck, finding, f"Rewind to step {ck.step} and set lr={new:.2g}")
             session.set_lr(new, group=group)
             return (
                 f"Rewound to step {ck.step} ({ck.label}) and set the LR of {where} to {new:.2g} "
@@ -533,10 +538,9 @@ def _per_epoch(session: Any, finding: Finding) -> list[Action]:
     def run() -> str:
         undo = ""
         if ck is not None:
-            if session.stage.value == "fetch" and not session._have_batch:
-                here = session.checkpoint(f"before the fix of {finding.code}")
-                undo = f" (the abandoned run is kept as checkpoint {here.id})"
-            session.rewind(ck, reason=f"Rewind to step {ck.step} and step the scheduler per epoch")
+            undo = _rewind_keeping(
+                session, ck, finding, f"Rewind to step {ck.step} and step the scheduler per epoch"
+            )
         session.set_scheduler_interval("epoch")
         lrs = ", ".join(f"{float(g['lr']):.3g}" for g in session.optimizer.param_groups)
         back = f"Rewound to step {ck.step}; the" if ck is not None else "The"
@@ -622,10 +626,9 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
     def run() -> str:
         undo = ""
         if ck is not None:
-            if session.stage.value == "fetch" and not session._have_batch:
-                here = session.checkpoint(f"before the fix of {finding.code}")
-                undo = f" (the abandoned run is kept as checkpoint {here.id})"
-            session.rewind(ck, reason=f"Rewind to step {ck.step} and set weight_decay={new:.2g}")
+            undo = _rewind_keeping(
+                session, ck, finding, f"Rewind to step {ck.step} and set weight_decay={new:.2g}"
+            )
         session.set_weight_decay(new, group=group)
         back = f"Rewound to step {ck.step} and set" if ck is not None else "Set"
         return f"{back} the weight_decay of {where} to {new:.2g} (was {wd:g}){undo}."
