@@ -248,10 +248,11 @@ class RuleDiagnoser:
         if data is not None and data.constructed:
             run = self._audit_runner(session)
             found.extend(data.fetched_audits(session, run, epoch_end=False))
-            # The probes run the model: a watcher's hooks sit them out.
-            suspended = getattr(session, "suspended", None)
-            with suspended() if callable(suspended) else contextlib.nullcontext():
-                found.extend(data.at_first_step(session, run))
+            if not data.first_step_done:  # once per session: nothing on later steps
+                # The probes run the model: a watcher's hooks sit them out.
+                suspended = getattr(session, "suspended", None)
+                with suspended() if callable(suspended) else contextlib.nullcontext():
+                    found.extend(data.at_first_step(session, run))
             at_val = data.val_passes > data.decoupled_at_val  # a watched loop's "epoch end"
             data.decoupled_at_val = data.val_passes
             first_late = step >= _DECOUPLED_STEPS and not data.decoupled_done and data.decoupled_checks == 0
