@@ -121,13 +121,20 @@ class StepSummary:
 
 @dataclasses.dataclass
 class EpochRecord:
-    """The end of an epoch: mean training loss, validation, scheduler."""
+    """The end of an epoch: mean training loss, validation, scheduler.
+
+    ``train_metrics`` holds what the training steps of the epoch measured besides
+    the loss: ``"accuracy"`` (correct examples / examples, counted on the
+    outputs of the training forward passes, in train mode) for 2-D logits with
+    integer class targets; empty otherwise.
+    """
 
     epoch: int
     step: int
     train_loss: float
     val_loss: float | None = None
     val_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     lr: list[float] = dataclasses.field(default_factory=list)
     batches: int = 0
     ok: bool = True

@@ -335,6 +335,11 @@ class Runner(FindingsMixin, ControlsMixin):
         self._step_t0 = 0.0
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
+        # Training accuracy of the epoch: correct examples (a 0-d tensor kept on the model's device, read
+        # once at the epoch end, so counting costs no host sync per step) and examples counted.
+        self._batch_hits: tuple[torch.Tensor, int] | None = None
+        self._epoch_hits: torch.Tensor | None = None
+        self._epoch_labelled = 0
         self._bn_eval: dict[str, nn.Module] = {}
         self._in_stage = False
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
@@ -658,6 +663,13 @@ class Runner(FindingsMixin, ControlsMixin):
                 f"loss_fn must return a scalar tensor, got {shape}; use reduction='mean' or call .mean()"
             )
         self._loss = loss
+        # Class targets (as evaluate() counts them): the batch's hits go into the epoch's accuracy when
+        # the step completes (a retried or abandoned step counts nothing).
+        out, tgt = first_tensor(self._output), self._targets
+        classes = isinstance(tgt, torch.Tensor) and tgt.dim() == 1 and not tgt.is_floating_point()
+        logits = classes and out is not None and out.dim() == 2 and out.shape[1] > 1
+        same = logits and out.shape[0] == tgt.shape[0] and out.device == tgt.device
+        self._batch_hits = ((out.detach().argmax(1) == tgt).sum(), tgt.numel()) if same else None
         value = self.recorder.loss(
             rec, loss, self._output, self._targets, loss_fn=self.loss_fn, measured=self._measured, exact=exact
         )
@@ -759,6 +771,11 @@ class Runner(FindingsMixin, ControlsMixin):
         self.global_step += 1
         self._epoch_loss_sum += self._loss_value
         self._epoch_loss_n += 1
+        if self._batch_hits is not None:
+            hits, labelled = self._batch_hits
+            self._epoch_hits = hits if self._epoch_hits is None else self._epoch_hits + hits
+            self._epoch_labelled += labelled
+            self._batch_hits = None
         self._have_batch = False
         self._raw_batch = self._inputs = self._targets = None
         self.recorder.step(rec, numbers, measured=measured, update_exact=snapshot)
@@ -951,6 +968,8 @@ class Runner(FindingsMixin, ControlsMixin):
         record = EpochRecord(
             epoch=self.epoch, step=self.global_step, train_loss=train_loss, batches=self.batch_index
         )
+        if self._epoch_labelled and self._epoch_hits is not None:  # the epoch's one host sync for it
+            record.train_metrics["accuracy"] = float(self._epoch_hits) / self._epoch_labelled
         # An interrupt (Ctrl-C in validation or in the scheduler) puts back what they changed; the
         # next FETCH runs the epoch end again.
         self._epoch_ending = True
@@ -996,6 +1015,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self.batch_index = 0
         self._iter = None
         self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
+        self._epoch_hits, self._epoch_labelled = None, 0
         self.history.add_epoch(record)
         self.last_record = record
         self._publish(self._diagnose("on_epoch", record))
@@ -1239,6 +1259,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _state_for_checkpoint(self) -> dict[str, Any]:
         return {
             "epoch_loss": (self._epoch_loss_sum, self._epoch_loss_n),
+            "epoch_hits": (self._epoch_hits, self._epoch_labelled),  # a 0-d tensor never changed in place
             "bn_eval": dict(self._bn_eval),
             "freeze_bn_stats": self.freeze_bn_stats,
             "scheduler_interval": self.scheduler_interval,
@@ -1246,6 +1267,8 @@ class Runner(FindingsMixin, ControlsMixin):
 
     def _restore_runner_state(self, state: dict[str, Any]) -> None:
         self._epoch_loss_sum, self._epoch_loss_n = state["epoch_loss"]
+        self._epoch_hits, self._epoch_labelled = state.get("epoch_hits", (None, 0))
+        self._batch_hits = None
         self._bn_eval = dict(state["bn_eval"])
         self.freeze_bn_stats = state.get("freeze_bn_stats", self.freeze_bn_stats)
         self.scheduler_interval = state.get("scheduler_interval", self.scheduler_interval)
