@@ -439,3 +439,54 @@ def test_a_finding_pickles_and_copies_without_its_actions():
 
 def test_target_ratio_is_in_the_healthy_band():
     assert 1e-3 <= TARGET_RATIO <= 5e-2 and math.isfinite(TARGET_RATIO)
+
+
+# ---------------------------------------------------------------------- dropout-too-high
+@pytest.mark.parametrize("name", ["dropout-too-high", "dropout2d-too-high"])
+def test_set_dropout_repairs_a_dropout_far_too_high(name):
+    setup = zoo.get(name)
+    runner = setup.runner(0)
+    runner.run(steps=5)
+    f = _finding(runner, "dropout-too-high")
+    action = f.actions[0]
+    assert action.label == "Set dropout p=0.2"
+    module = dict(runner.model.named_modules())[f.params[0]]
+    assert module.p > 0.5
+    action.apply()
+    assert module.p == 0.2 and _kinds(runner)[-1] == "set_dropout"
+    assert f.resolved and actions_for(runner, f) == ()  # the setup rule re-checks at once
+    runner.run(**setup.run)
+    runner.run(epochs=3)
+    twin = zoo.get(setup.twin).runner(0)
+    twin.run(**setup.run)
+    twin.run(epochs=3)
+    assert _accuracy(runner) >= 0.9 * _accuracy(twin)
+
+
+def test_rewind_gives_dropout_back_its_p():
+    runner = zoo.get("dropout-too-high").runner(0)
+    runner.run(steps=5)
+    ck = runner.checkpoint()
+    _finding(runner, "dropout-too-high").actions[0].apply()
+    runner.run(steps=3)
+    runner.rewind(ck)
+    assert [m.p for m in runner.model.modules() if isinstance(m, torch.nn.Dropout)] == [0.8]
+
+
+def test_set_dropout_checks_its_input():
+    runner = zoo.get("dropout-too-high").runner(0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        runner.set_dropout(1.0)
+    with pytest.raises(TypeError):
+        runner.set_dropout("0.1")
+    with pytest.raises(KeyError, match="no module named"):
+        runner.set_dropout(0.1, "nope")
+    with pytest.raises(ValueError, match="no dropout module"):
+        zoo.get("mlp-digits").runner(0).set_dropout(0.1)
+
+
+def test_no_dropout_action_for_dropout_called_as_a_function():
+    runner = zoo.get("dropout-functional").runner(0)
+    runner.run(steps=5)
+    f = _finding(runner, "dropout-too-high")
+    assert f.actions == ()

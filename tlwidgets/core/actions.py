@@ -754,6 +754,40 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
     ]
 
 
+#: The drop probability the dropout action sets: inside the usual 0.1-0.5, low enough not to slow
+#: training (a model that then overfits says so through the fit panel and the overfitting finding).
+DROPOUT_P = 0.2
+
+
+@register_action("dropout-too-high")
+def _lower_dropout(session: Any, finding: Finding) -> list[Action]:
+    ev = finding.evidence or {}
+    name = ev.get("module")
+    mods = dict(session.model.named_modules())
+    module = mods.get(name) if isinstance(name, str) else None
+    if module is None or not callable(getattr(session, "set_dropout", None)):
+        return []  # dropout called as a function in forward(): no module whose p a control can set
+    p = float(getattr(module, "p", 0.0))
+    if p <= DROPOUT_P or p != float(ev.get("p", -1)):
+        return []  # changed since
+
+    def run() -> str:
+        session.set_dropout(DROPOUT_P, name)
+        return f"Set the dropout of '{name}' to p={DROPOUT_P:g} (was {p:g})."
+
+    return [
+        Action(
+            f"Set dropout p={DROPOUT_P:g}",
+            f"set_dropout({DROPOUT_P:g}, {name!r}): '{name}' drops {p:.0%} of its inputs at every step; "
+            f"{DROPOUT_P:.0%} sits in the usual 0.1-0.5 range.",
+            finding.code,
+            finding.key,
+            run,
+            lambda: float(getattr(module, "p", 0.0)) == p,
+        )
+    ]
+
+
 def _resolve_regularization(session: Any, finding: Finding, since: int) -> bool:
     # The rule looks every 20 steps: twice the usual evidence, with the loss finite and not rising.
     _, n = _since(session, since)

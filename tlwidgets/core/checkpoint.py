@@ -20,9 +20,11 @@ __all__ = [
     "AutoCheckpoints",
     "Checkpoint",
     "RngState",
+    "capture_dropout",
     "capture_generators",
     "capture_rng",
     "data_generators",
+    "restore_dropout",
     "restore_generators",
     "restore_rng",
 ]
@@ -61,6 +63,21 @@ def restore_rng(state: RngState) -> None:
 
 #: The kinds of random generator a data source may own besides the global ones.
 _GENERATOR_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def capture_dropout(model: nn.Module) -> list[float]:
+    """The ``p`` of every dropout module, in ``model.modules()`` order (a control can change it)."""
+    return [float(m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def restore_dropout(model: nn.Module, saved: list[float] | None) -> None:
+    """Give the dropout modules back the ``p`` of :func:`capture_dropout` (nothing when ``saved`` is None)."""
+    if saved is None:
+        return
+    mods = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    if len(mods) == len(saved):
+        for m, p in zip(mods, saved):
+            m.p = p
 
 
 def data_generators(*sources: Any) -> list[Any]:
@@ -159,6 +176,8 @@ class Checkpoint:
     findings: list[Finding] = dataclasses.field(default_factory=list)
     #: Taken by the runner itself (:attr:`Runner.auto_checkpoints`), not by ``checkpoint()``.
     auto: bool = False
+    #: ``p`` of the dropout modules (``set_dropout`` changes it; a rewind gives it back).
+    dropout: list[float] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -191,6 +210,7 @@ class Checkpoint:
             data_rng=capture_generators(data_generators(runner.train_data, runner.val_data)),
             epoch_data_rng=runner._epoch_data_rng,
             findings=runner._log.snapshot(),
+            dropout=capture_dropout(model),
         )
 
     def __repr__(self) -> str:

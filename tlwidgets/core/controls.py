@@ -163,7 +163,7 @@ def extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, base_lr: 
 
 class ControlsMixin:
     """``freeze``, ``unfreeze``, ``set_lr``, ``set_weight_decay``, ``set_bn_eval``, ``set_train_mode``,
-    ``set_scheduler_interval``.
+    ``set_dropout``, ``set_scheduler_interval``.
 
     For a Runner or a Watcher.
 
@@ -349,6 +349,55 @@ class ControlsMixin:
             _reposition_scheduler(sched, self.optimizer, position)
         detail = {"interval": interval, "old": old, "position": position}
         self._after_control(ControlChange("scheduler_interval", self.global_step, detail))
+
+    def set_dropout(self, p: float, *names: str) -> list[str]:
+        """Set the drop probability ``p`` of dropout modules (recorded; undone by a rewind).
+
+        Parameters
+        ----------
+        p
+            A probability in ``[0, 1)``.
+        *names
+            Names of dropout modules (or of modules holding them); none: every dropout module.
+
+        Returns
+        -------
+        list[str]
+            The dropout modules changed.
+
+        Raises
+        ------
+        ValueError
+            ``p`` is not in ``[0, 1)``, or the names hold no dropout module.
+        KeyError
+            A name is not a module of the model.
+        """
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+            raise TypeError(f"p must be a number in [0, 1), got {p!r}")
+        value = float(p)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"p must be in [0, 1), got {p!r}")
+        modules = dict(self.model.named_modules())
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise KeyError(f"no module named {', '.join(map(repr, unknown))} in the model")
+        chosen = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+            and (not names or any(n == k or n.startswith(f"{k}.") or not k for k in names))
+        ]
+        if not chosen:
+            raise ValueError(f"no dropout module in {', '.join(map(repr, names)) or 'the model'}")
+        return self._control(lambda: self._apply_dropout(value, chosen), chosen)
+
+    def _apply_dropout(self, p: float, chosen: Sequence[str]) -> None:
+        modules = dict(self.model.named_modules())
+        old = {n: float(modules[n].p) for n in chosen}
+        for n in chosen:
+            modules[n].p = p
+        detail = {"p": p, "modules": list(chosen), "old": old}
+        self._after_control(ControlChange("set_dropout", self.global_step, detail))
 
     def set_train_mode(self, *names: str, on: bool = True) -> list[str]:
         """Put modules in train mode (``on=True``) or eval mode, as a recorded control.

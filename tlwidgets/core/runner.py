@@ -30,6 +30,7 @@ from tlwidgets.core.checkpoint import (
     capture_generators,
     capture_rng,
     data_generators,
+    restore_dropout,
     restore_generators,
     restore_rng,
     restore_scheduler,
@@ -1151,6 +1152,7 @@ class Runner(FindingsMixin, ControlsMixin):
             p.grad = None
         for m, mode in zip(self.model.modules(), ck.training):
             m.training = mode
+        restore_dropout(self.model, ck.dropout)
         restore_optimizer(self.optimizer, ck.optimizer)
         restore_scheduler(self.scheduler, ck.scheduler, ck.scheduler_extra)
         self._restore_runner_state(ck.runner_state)
