@@ -17,6 +17,7 @@ accumulate in a small per-session state from the FETCH records.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -37,6 +38,7 @@ from tlwidgets.diagnostics.rules.base import (
 
 __all__ = [
     "TREND_RULES",
+    "RatioBand",
     "binary_labels",
     "dead_relu",
     "exploding_at_overflow",
@@ -48,6 +50,7 @@ __all__ = [
     "over_regularization",
     "overfitting",
     "scheduler_too_fast",
+    "update_ratio_band",
     "vanishing_gradients",
 ]
 
@@ -158,6 +161,48 @@ IMBALANCE_RATIO = 10.0
 IMBALANCE_MIN_SAMPLES = 150
 IMBALANCE_PER_CLASS = 20
 #: unshuffled-data thresholds live with the label tally they test (:mod:`tlwidgets.diagnostics.derived`).
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioBand:
+    """The update/weight ratios :func:`lr_rate` judges an optimizer group's median ratio against.
+
+    Attributes
+    ----------
+    low
+        Below it, with the loss barely moving, the LR is named too low (``lr-too-low``).
+    high
+        Above it, with the loss rising, diverging or oscillating, the LR is named too high
+        (``lr-too-high``).
+    extreme
+        Above it the LR is named too high whatever the loss does.
+    """
+
+    low: float
+    high: float
+    extreme: float
+
+
+def update_ratio_band(optimizer: Any = None) -> RatioBand:
+    """The band of update/weight ratios the LR rules treat as healthy, for ``optimizer``'s family.
+
+    The rules judge every optimizer family (SGD, SGD with momentum, Adam, AdamW ...) against
+    the same thresholds: a healthy AdamW run at 1e-3 sits around 1e-2 on small models, SGD with
+    momentum at its usual LR likewise, and both are inside ``[low, high]``. Readers that show
+    the band (the dashboard's heatmap) take it from here, with the optimizer, so they follow
+    whatever the rules use (a per-family band would be returned from here too).
+
+    Parameters
+    ----------
+    optimizer
+        The optimizer whose band is asked for (unused while the band is the same for all).
+
+    Returns
+    -------
+    RatioBand
+        ``LR_LOW_RATIO``, ``LR_HIGH_RATIO`` and ``LR_EXTREME_RATIO``.
+    """
+    return RatioBand(low=LR_LOW_RATIO, high=LR_HIGH_RATIO, extreme=LR_EXTREME_RATIO)
 
 
 # ================================================================================ helpers
