@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 #: dashboard reports fails the test unless the test takes it (``callback_errors.take()``).
 callback_errors = _dashboard_tests.callback_errors
 
-BUILTIN = ("status", "controls", "errors", "pipeline", "heatmap", "loss", "findings", "freeze", "lr")
+BUILTIN = ("status", "controls", "errors", "pipeline", "heatmap", "loss", "findings", "fit", "freeze", "lr")
 
 
 class StepCounter(Panel, widgets.HTML):
@@ -207,7 +207,7 @@ def test_parts_builds_the_panels_asked_for_plus_controls_status_and_errors(runne
     d = tlw.Dashboard(runner, parts=["loss"])
     try:
         assert list(d.panels) == ["status", "controls", "errors", "loss"]
-        for name in ("pipeline", "heatmap", "findings", "freeze", "lr"):
+        for name in ("pipeline", "heatmap", "findings", "fit", "freeze", "lr"):
             assert getattr(d, name) is None
         assert d.tabs is None
         assert with_class(d, "tlw-loss") and not with_class(d, "tlw-heatmap")
@@ -227,7 +227,7 @@ def test_default_parts_are_the_registry_in_order(runner):
         assert tuple(d.panels) == BUILTIN == tuple(PANELS)
         for name in BUILTIN:
             assert getattr(d, name) is d.panels[name]
-        assert d.tabs.titles == ("Findings", "Freeze", "LR")
+        assert d.tabs.titles == ("Findings", "Fit", "Freeze", "LR")
     finally:
         d.close()
 
@@ -291,7 +291,7 @@ def test_each_event_marks_the_panels_that_declare_it(runner, callback_errors):
         assert dirty_after(Event.CONTROL, change) == set(BUILTIN) - {"errors"}
         runner.run(epochs=1)
         d.refresh()
-        assert dirty_after(Event.EPOCH, runner.history.epochs[-1]) == {"loss", "lr", "freeze", "status"}
+        assert dirty_after(Event.EPOCH, runner.history.epochs[-1]) == {"loss", "lr", "freeze", "status", "fit"}
         assert dirty_after(Event.FINDING, object()) == {"findings"}
         # A failed stage: shown in the error area at once (no redraw), marked where it shows.
         assert dirty_after(Event.ERROR, rec) == {"pipeline", "findings", "status"}

@@ -358,15 +358,14 @@ def assess_fit(epochs: Sequence[EpochRecord], baseline: Baseline | None = None) 
         )
     if not math.isfinite(bias):
         return report(Verdict.TOO_EARLY, f"the training {measure} cannot be placed against {start}")
-    last_train = _fmt(train[-1])
-    last_val = _fmt(val[-1]) if math.isfinite(float(val[-1])) else "n/a"
+    last_train, last_val = _fmt(train[-1], measure), _fmt(val[-1], measure)
     # Overfitting: a large gap, or the validation loss rising from its best while training improves.
     early_stop = rising >= RISE_EPOCHS and math.isfinite(variance) and variance >= GAP_MIN
     overfit = math.isfinite(variance) and (variance >= OVERFIT_GAP or early_stop)
     underfit = bias > threshold
     gap_text = (
-        f"validation {measure} {last_val} against training {last_train}: {_pct(variance)} of the range "
-        f"from {start} to {goal} lost"
+        f"validation {measure} {last_val} against training {last_train}: a gap of {_pct(variance)} of "
+        f"the range from {start} to {goal}"
     )
     if underfit and (not overfit or bias >= variance):
         excess = bias - threshold
@@ -417,8 +416,10 @@ def assess_fit(epochs: Sequence[EpochRecord], baseline: Baseline | None = None) 
     )
 
 
-def _fmt(x: float) -> str:
-    return f"{float(x):.3g}" if math.isfinite(float(x)) else "n/a"
+def _fmt(x: float, measure: str = "loss") -> str:
+    if not math.isfinite(float(x)):
+        return "n/a"
+    return f"{float(x):.3f}" if measure == "accuracy" else f"{float(x):.3g}"
 
 
 def _pct(x: float) -> str:

@@ -11,6 +11,7 @@ from tlwidgets.ui.controls import ControlsPanel
 from tlwidgets.ui.dashboard import Dashboard
 from tlwidgets.ui.errors import ErrorArea
 from tlwidgets.ui.findings import FindingsPanel
+from tlwidgets.ui.fit import FitPanel
 from tlwidgets.ui.freeze import FreezePanel
 from tlwidgets.ui.heatmap import HeatmapPanel
 from tlwidgets.ui.loss import LossPanel
@@ -27,6 +28,7 @@ __all__ = [
     "Dashboard",
     "ErrorArea",
     "FindingsPanel",
+    "FitPanel",
     "FreezePanel",
     "HeatmapPanel",
     "LRFollowingPanel",

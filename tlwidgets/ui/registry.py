@@ -16,6 +16,7 @@ from tlwidgets.core.events import Event
 from tlwidgets.ui.controls import ControlsPanel
 from tlwidgets.ui.errors import ErrorArea
 from tlwidgets.ui.findings import FindingsPanel
+from tlwidgets.ui.fit import FitPanel
 from tlwidgets.ui.freeze import FreezePanel
 from tlwidgets.ui.heatmap import HeatmapPanel
 from tlwidgets.ui.loss import LossPanel
@@ -42,6 +43,7 @@ BUILTIN_PANELS: tuple[type[Panel], ...] = (
     HeatmapPanel,
     LossPanel,
     FindingsPanel,
+    FitPanel,
     FreezePanel,
     LRPanel,
 )
