@@ -49,8 +49,7 @@ import tlwidgets as tlw
 from tlwidgets import zoo
 
 torch.set_num_threads(1)
-parts = zoo.get("head-not-in-optimizer").build(0)
-runner = tlw.Runner(**parts)"""
+parts = zoo.get("head-not-in-optimizer").build(0)"""
 
 SETUP_LR_HIGH = """\
 # The MLP on digits with SGD at lr 3.0, momentum 0.9: every step overshoots and kills ReLU units.
@@ -61,8 +60,13 @@ from tlwidgets import zoo
 
 torch.set_num_threads(1)
 parts = zoo.get("mlp-digits").build(0)
-parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
-runner = tlw.Runner(**parts{options})"""
+parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)"""
+
+SETUP_HEAD_EVAL = (
+    SETUP_HEAD
+    + """
+parts["model"].eval()  # and a second bug: the model is left in eval mode (batch norm frozen)"""
+)
 
 SHOW_DASHBOARD = """\
 dashboard = tlw.Dashboard(runner)
@@ -97,11 +101,21 @@ def card(page: Any, code: str) -> Any:
     return page.locator(".tlw-findings .tlw-finding-row").filter(has=heading)
 
 
-def open_dashboard(lab: Any, name: str, setup: str) -> Any:
-    """Write and run the notebook (setup, then the dashboard); show the dashboard's Findings tab."""
+def shot(lab: Any, page: Any, target: Any, name: str) -> None:
+    """A screenshot (artifacts folder) with ``target`` (a card, the findings panel) scrolled into
+    view: JupyterLab scrolls the notebook inside its own panel, so a full-page shot alone would
+    show the top of the notebook."""
+    target.first.scroll_into_view_if_needed()
+    lab.screenshot(page, name)
+
+
+def open_dashboard(lab: Any, name: str, setup: str, options: str = "") -> Any:
+    """Write and run the notebook (``setup``, the runner on its ``parts`` with ``options``, then
+    the dashboard); show the dashboard's Findings tab."""
     from playwright.sync_api import expect
 
-    page = lab.open_notebook(lab.write_notebook(name, [setup, SHOW_DASHBOARD]))
+    cells = [f"{setup}\nrunner = tlw.Runner(**parts{options})", SHOW_DASHBOARD]
+    page = lab.open_notebook(lab.write_notebook(name, cells))
     lab.run_all(page)
     expect(page.locator(".tlw-dashboard")).to_be_visible(timeout=TIMEOUT_MS)
     show_findings(page)
@@ -206,7 +220,7 @@ def test_add_to_optimizer_button_repairs_a_head_left_out_of_the_optimizer(lab):
         None,
     ]
     expect(row.locator(".tlw-fix-done")).to_have_count(0)
-    lab.screenshot(page, "before-fix")
+    shot(lab, page, row, "before-fix")
 
     fix.click()
 
@@ -214,7 +228,7 @@ def test_add_to_optimizer_button_repairs_a_head_left_out_of_the_optimizer(lab):
     expect(row.locator(".tlw-fix-done")).to_contain_text("Added 2 parameter(s)", timeout=TIMEOUT_MS)
     expect_shown_resolved(page, code, step=0)
     expect(page.locator(".tlw-findings")).to_contain_text("1 resolved")
-    lab.screenshot(page, "after-fix")
+    shot(lab, page, row, "after-fix")
     # The kernel: the head is in a new group at the backbone's LR, recorded as a control change.
     state = kernel(
         lab,
@@ -236,7 +250,7 @@ def test_add_to_optimizer_button_repairs_a_head_left_out_of_the_optimizer(lab):
     expect_repaired(lab, page, code, CHANCE_FINETUNE)
     assert kernel(lab, page, f"{finding_expr(code)}.resolved_step") == 0
     expect_shown_resolved(page, code, step=0)
-    lab.screenshot(page, "trained-on")
+    shot(lab, page, row, "trained-on")
     elapsed = time.perf_counter() - t0
     print(f"param-not-in-optimizer fix in the browser: {elapsed:.1f} s")
     assert elapsed < TEST_BUDGET_S
@@ -253,7 +267,7 @@ def test_rewind_and_set_lr_button_repairs_an_lr_far_too_high(lab):
 
     t0 = time.perf_counter()
     code = "lr-too-high"
-    page = open_dashboard(lab, "fix_lr.ipynb", SETUP_LR_HIGH.format(options=""))
+    page = open_dashboard(lab, "fix_lr.ipynb", SETUP_LR_HIGH)
     epoch = kernel(lab, page, "len(runner.train_data)")
     run_in_browser(lab, page, epoch)  # the damage
     assert kernel(lab, page, "runner.evaluate()['accuracy']") < 0.3
@@ -267,7 +281,7 @@ def test_rewind_and_set_lr_button_repairs_an_lr_far_too_high(lab):
     assert label.startswith("Rewind to step 0 and set lr="), label
     new_lr = float(label.rsplit("=", 1)[1])
     assert 0.01 <= new_lr <= 0.1  # from the measured update/weight ratio, not 3.0 / 10
-    lab.screenshot(page, "before-fix")
+    shot(lab, page, row, "before-fix")
 
     fix.click()
 
@@ -275,7 +289,7 @@ def test_rewind_and_set_lr_button_repairs_an_lr_far_too_high(lab):
     expect(row.locator(".tlw-fix-done")).to_contain_text(f"to {label.rsplit('=', 1)[1]}")
     expect(page.locator(".tlw-status")).to_contain_text(at_step(0), timeout=TIMEOUT_MS)
     expect_shown_resolved(page, code, step=0)
-    lab.screenshot(page, "after-fix")
+    shot(lab, page, row, "after-fix")
     state = kernel(
         lab,
         page,
@@ -296,7 +310,7 @@ def test_rewind_and_set_lr_button_repairs_an_lr_far_too_high(lab):
     expect_repaired(lab, page, code, CHANCE_MLP)
     assert kernel(lab, page, "runner.optimizer.param_groups[0]['lr']") == pytest.approx(new_lr)
     expect_shown_resolved(page, code, step=0)
-    lab.screenshot(page, "trained-on")
+    shot(lab, page, row, "trained-on")
     elapsed = time.perf_counter() - t0
     print(f"lr-too-high fix in the browser: {elapsed:.1f} s")
     assert elapsed < TEST_BUDGET_S
@@ -312,7 +326,7 @@ def test_actions_that_do_not_apply_are_not_offered_as_buttons(lab):
 
     t0 = time.perf_counter()
     code = "lr-too-high"
-    page = open_dashboard(lab, "fix_not_offered.ipynb", SETUP_LR_HIGH.format(options=", auto_checkpoints=0"))
+    page = open_dashboard(lab, "fix_not_offered.ipynb", SETUP_LR_HIGH, options=", auto_checkpoints=0")
     run_in_browser(lab, page, kernel(lab, page, "len(runner.train_data)"))
     assert kernel(lab, page, "[len(runner.checkpoints), len(runner.auto_checkpoints)]") == [0, 0]
     row = card(page, code)
@@ -324,7 +338,7 @@ def test_actions_that_do_not_apply_are_not_offered_as_buttons(lab):
     assert [
         a.startswith("Set lr=") for a in kernel(lab, page, f"[a.label for a in {finding_expr(code)}.actions]")
     ] == [True]
-    lab.screenshot(page, "before-hand-change")
+    shot(lab, page, row, "before-hand-change")
 
     # Change the LR by hand in the LR tab: type into the slider's text box.
     page.locator(".tlw-tabs .lm-TabBar-tab", has_text="LR").click()
@@ -350,7 +364,81 @@ def test_actions_that_do_not_apply_are_not_offered_as_buttons(lab):
         lab, page, f"[[a.label for a in {finding_expr(code)}.actions], {finding_expr(code)}.resolved]"
     ) == [[], False]
     assert kernel(lab, page, "dashboard.errors.count") == 0
-    lab.screenshot(page, "after-hand-change")
+    shot(lab, page, row, "after-hand-change")
     elapsed = time.perf_counter() - t0
     print(f"actions not offered, in the browser: {elapsed:.1f} s")
+    assert elapsed < TEST_BUDGET_S
+
+
+def test_a_resolved_card_moves_after_the_active_ones_and_a_fix_clicked_mid_run_pauses_it(lab):
+    """Two findings at once: the fine-tune's head left out of the optimizer (an error, listed
+    first) and the model left in eval mode (a warning). Clicking "Add to optimizer" resolves the
+    first, and its card moves *below* the still active eval-mode card in the page. Then, while a
+    long run started from the Run button is going on, clicking "Switch to train mode" pauses the
+    run (a control cannot change mid-step) and applies the fix once it has stopped: Run is enabled
+    again, the run stopped by the pause, the model is in train mode (a recorded ``train_mode``
+    control) and the card confirms it. A few more steps and both cards are resolved, with no
+    ``tlw-fix`` button left in the panel."""
+    from playwright.sync_api import expect
+
+    t0 = time.perf_counter()
+    head, mode = "param-not-in-optimizer", "eval-mode-training"
+    page = open_dashboard(lab, "fix_order.ipynb", SETUP_HEAD_EVAL)
+    run_in_browser(lab, page, 5)
+    head_row, mode_row = card(page, head), card(page, mode)
+    expect(mode_row).to_have_count(1, timeout=TIMEOUT_MS)
+    codes = [c for c, _ in rows_in_order(page)]
+    assert codes.index(head) < codes.index(mode), f"the error is not listed first: {codes}"
+    expect(head_row.locator("button.tlw-fix")).to_have_text("Add to optimizer")
+    expect(mode_row.locator("button.tlw-fix")).to_have_text("Switch to train mode")
+    shot(lab, page, page.locator(".tlw-findings"), "before-fix")
+
+    head_row.locator("button.tlw-fix").click()
+
+    expect_shown_resolved(page, head, step=5)
+    codes = lab.poll(lambda: [c for c, _ in rows_in_order(page)], lambda cs: cs.index(mode) < cs.index(head))
+    assert codes.index(mode) < codes.index(head), (
+        f"the resolved card did not move below the active one: {codes}"
+    )
+    expect(mode_row).not_to_have_class(re.compile(r"\btlw-finding-resolved\b"))
+    assert kernel(lab, page, "[f.code for f in runner.findings if not f.resolved]") == [mode]
+    shot(lab, page, page.locator(".tlw-findings"), "after-fix")
+
+    # A long run from the browser; the second fix is clicked while it goes on.
+    box = page.locator(".tlw-run-steps input")
+    box.fill("100000")
+    box.press("Enter")
+    lab.poll(lambda: kernel(lab, page, "dashboard.controls.steps.value"), lambda v: v == 100000, timeout=20)
+    run = page.locator("button.tlw-run")
+    run.click()
+    expect(run).to_be_disabled(timeout=TIMEOUT_MS)
+    page.wait_for_function(
+        "() => { const m = document.querySelector('.tlw-status').textContent.match(/\\bstep (\\d+)\\b/);"
+        " return m && parseInt(m[1]) >= 15; }",
+        timeout=TIMEOUT_MS,
+        polling=50,
+    )
+    mode_row.locator("button.tlw-fix").click()
+    expect(run).to_be_enabled(timeout=TIMEOUT_MS)
+    expect(mode_row.locator(".tlw-fix-done")).to_contain_text("train mode", timeout=TIMEOUT_MS)
+    state = kernel(
+        lab,
+        page,
+        "[runner.running, dashboard.last_result.stopped_by, runner.model.training,"
+        " all(m.training for m in runner.model.modules()), runner.history.controls[-1].kind, runner.global_step]",
+    )
+    assert state[:5] == [False, "pause", True, True, "train_mode"], state
+    assert 15 <= state[5] < 1000, f"the run was not paused by the click: step {state[5]}"
+
+    run_in_browser(lab, page, 5)
+    resolved = kernel(lab, page, "[[f.code, f.resolved_step] for f in runner.findings if f.resolved]")
+    assert dict(resolved).keys() >= {head, mode}, resolved
+    assert kernel(lab, page, "[f.code for f in runner.findings if not f.resolved]") == []
+    expect_shown_resolved(page, head, step=5)
+    expect_shown_resolved(page, mode, step=dict(resolved)[mode])
+    expect(page.locator(".tlw-findings button.tlw-fix")).to_have_count(0, timeout=TIMEOUT_MS)
+    assert kernel(lab, page, "dashboard.errors.count") == 0
+    shot(lab, page, page.locator(".tlw-findings"), "trained-on")
+    elapsed = time.perf_counter() - t0
+    print(f"resolved order and a fix mid-run, in the browser: {elapsed:.1f} s")
     assert elapsed < TEST_BUDGET_S
