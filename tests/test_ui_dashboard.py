@@ -483,8 +483,8 @@ def test_freeze_toggle_changes_requires_grad_and_heatmap_row(dash, runner):
     rows = [runner.param_names.index("2.weight"), runner.param_names.index("2.bias")]
     values, _ = dash.heatmap.matrix(runner)
     assert np.isnan(values[rows]).all()  # frozen rows have no value ...
-    grey = dash.heatmap.color_scale.min
-    assert dash.heatmap.color_scale.colors[0] == "#d0d0d0"
+    grey = dash.heatmap.state_values["frozen"]
+    assert (dash.heatmap.states[rows] == "frozen").all()
     color = dash.heatmap.grid.color
     assert (color[rows] == grey).all()  # ... and are painted with the grey stop
     assert color[runner.param_names.index("0.weight"), 0] > grey  # (column 1 pads: one step so far)
@@ -628,12 +628,11 @@ def test_heatmap_values_are_log10_update_ratio_then_grad_norm(dash, runner):
     hist = runner.history
     naive = np.log10(hist.update_norm / hist.weight_norm).T
     np.testing.assert_allclose(dash.heatmap.matrix(runner)[0], naive, rtol=1e-6)
-    np.testing.assert_allclose(dash.heatmap.grid.color, np.clip(naive, -6, 0), rtol=1e-6)
+    np.testing.assert_allclose(dash.heatmap.grid.color, np.clip(naive, -7, 0), rtol=1e-6)
     np.testing.assert_array_equal(dash.heatmap.grid.column, hist.step)
-    # colour stops: grey for "no value" one step below -6, then -6 ... 0 evenly (green at -3)
-    assert dash.heatmap.color_scale.min == -7 and dash.heatmap.color_scale.max == 0
-    assert len(dash.heatmap.color_scale.colors) == 8
-    assert dash.heatmap.color_scale.colors[4] == "#1f9e50"
+    # colour stops: "empty" two below -7 and "frozen" one below, then -7 ... 0 (green at -3)
+    assert dash.heatmap.color_scale.min == -9 and dash.heatmap.color_scale.max == 0
+    assert dash.heatmap.key.color_at(-3.0) == "#65b472"
     dash.heatmap.switch.value = "grad_norm"
     grads = np.log10(hist.grad_norm).T
     np.testing.assert_allclose(dash.heatmap.matrix(runner)[0], grads, rtol=1e-6)
@@ -643,9 +642,9 @@ def test_heatmap_values_are_log10_update_ratio_then_grad_norm(dash, runner):
     assert "gradient norm" in dash.heatmap.title.value
     assert "no grad" in dash.heatmap.legend.value and "healthy" not in dash.heatmap.legend.value
     dash.heatmap.switch.value = "update_ratio"
-    assert dash.heatmap.domain == (-6.0, 0.0)
+    assert dash.heatmap.domain == (-7.0, 0.0)
     legend = dash.heatmap.legend.value
-    assert "frozen" in legend and "healthy ≈ 1e-3" in legend and "1e-6" in legend
+    assert "frozen" in legend and "healthy 3e-5–5e-2" in legend and "1e-6" in legend
 
 
 def test_heatmap_keeps_only_recent_steps(runner):

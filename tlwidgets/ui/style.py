@@ -55,10 +55,14 @@ CSS = """
 .tlw-fix { font-size: 12px; }
 .tlw-fix-done { color: #2e7d32; font-size: 12px; padding: 0 8px 4px 12px; }
 .tlw-legend { display: flex; align-items: flex-start; gap: 8px; font-size: 11px; margin-left: 130px; }
-.tlw-legend-none { padding: 0 6px; border-radius: 2px; line-height: 12px; }
-.tlw-legend-scale { flex: 0 1 260px; }
+.tlw-legend-none, .tlw-legend-state { padding: 0 6px; border-radius: 2px; line-height: 12px; }
+.tlw-legend-state { border: 1px solid #bdbdbd; white-space: nowrap; }
+.tlw-legend-scale { flex: 0 0 260px; }
 .tlw-legend-bar { height: 12px; border-radius: 2px; }
-.tlw-legend-ticks { display: flex; justify-content: space-between; color: #616161; }
+.tlw-legend-ticks { position: relative; height: 14px; color: #616161; }
+.tlw-legend-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
+.tlw-heatmap-tooltip { font-size: 12px; background: white; border: 1px solid #bdbdbd; border-radius: 3px; }
+.tlw-marker-tooltip { font-size: 12px; }
 .tlw-legend-band {
   border-top: 2px solid #1f9e50;
   text-align: center;
