@@ -428,23 +428,25 @@ def _pct(x: float) -> str:
 
 # ================================================================================ from a session
 def _classes(session: Any) -> int | None:
-    """The number of classes of a classifier session (2-D logits), or ``None``.
+    """The number of classes of a classifier session, or ``None``.
 
-    Read from the LOSS stage's output shape (kept once seen: a rewind clears the stage records), else
-    from the last linear layer when the epochs measured a training accuracy (class targets).
+    Only once an epoch measured an accuracy (2-D logits against integer class targets: a regression
+    with several outputs is no classifier). Read from the LOSS stage's output shape, else from the last
+    linear layer; kept once known (a rewind clears the stage records).
     """
-    cached = session.__dict__.get("_fit_classes") if hasattr(session, "__dict__") else None
+    cached = session.__dict__.get("_fit_classes")
     if cached:
         return int(cached)
+    epochs = getattr(getattr(session, "history", None), "epochs", ())
+    if not any("accuracy" in (e.train_metrics or {}) or "accuracy" in (e.val_metrics or {}) for e in epochs):
+        return None
     rec = (getattr(session, "records", None) or {}).get(Stage.LOSS)
     shape = getattr(rec.data, "output_shape", None) if rec is not None else None
     k = int(shape[1]) if shape is not None and len(shape) == 2 and int(shape[1]) > 1 else None
     if k is None:
-        epochs = getattr(getattr(session, "history", None), "epochs", ())
-        if any("accuracy" in (e.train_metrics or {}) for e in epochs):
-            linears = [m for m in session.model.modules() if isinstance(m, nn.Linear)]
-            k = linears[-1].out_features if linears and linears[-1].out_features > 1 else None
-    if k is not None and hasattr(session, "__dict__"):
+        linears = [m for m in session.model.modules() if isinstance(m, nn.Linear)]
+        k = linears[-1].out_features if linears and linears[-1].out_features > 1 else None
+    if k is not None:
         session.__dict__["_fit_classes"] = k
     return k
 
