@@ -10,7 +10,7 @@ from tlwidgets.core.facts import StageFacts, facts_for
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
-__all__ = ["ControlChange", "EpochRecord", "ErrorInfo", "StageRecord", "StepSummary"]
+__all__ = ["ControlChange", "EpochRecord", "ErrorInfo", "RecordMissing", "StageRecord", "StageRecords", "StepSummary"]
 
 
 @dataclasses.dataclass
@@ -87,7 +87,20 @@ class StageRecord:
         return "ok"
 
     def __getitem__(self, key: str) -> Any:
-        return self.data[key]
+        try:
+            return self.data[key]
+        except KeyError:
+            pass
+        # A fact of another stage, asked of this record: say which record this is and where the fact
+        # lives (a cell that expected FETCH's record gets ZERO_GRAD's after a click on "Step stage").
+        owners = [st.value.upper() for st in Stage if key in facts_for(st)._name_set()]
+        where = f"{self.stage.value.upper()} record (step {self.step}, batch {self.batch})"
+        if owners:
+            raise RecordMissing(
+                f"{key!r} is not a fact of the {where}: the {', '.join(owners)} stage records it "
+                f"(read runner.records[tlw.Stage.{owners[0]}]). Facts here: {', '.join(self.data)}"
+            ) from None
+        raise RecordMissing(f"the {where} has no fact {key!r}; facts here: {', '.join(self.data)}") from None
 
     def summary(self) -> str:
         """A few lines of text for humans."""
@@ -104,6 +117,48 @@ class StageRecord:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+class RecordMissing(KeyError):
+    """A record or a fact that is not there, with a message that says why (a plain ``KeyError`` prints
+    only the key)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StageRecords(dict):
+    """``runner.records``: the latest record of each stage of the current step (or the last one done).
+
+    A plain ``dict`` keyed by :class:`Stage`, except that a stage with no record raises a
+    :class:`RecordMissing` (a ``KeyError``) that says where the session is, instead of ``KeyError:
+    <Stage.LOSS: 'loss'>``. ``get`` still returns None.
+
+    Parameters
+    ----------
+    where
+        ``where() -> str``: the session's position, for the message ("at FORWARD of step 3").
+    """
+
+    def __init__(self, where: Any = None) -> None:
+        super().__init__()
+        self._where = where
+
+    def __missing__(self, key: Any) -> Any:
+        try:
+            stage = Stage(key)
+        except ValueError:
+            raise RecordMissing(
+                f"{key!r} is not a stage; runner.records is keyed by tlw.Stage: "
+                f"{', '.join(s.name for s in Stage)}"
+            ) from None
+        held = ", ".join(s.value.upper() for s in self) or "none"
+        where = self._where() if callable(self._where) else ""
+        raise RecordMissing(
+            f"no {stage.value.upper()} record for this step yet: the records hold the stages run since "
+            f"the step's FETCH ({held}){f'; {where}' if where else ''}. Run runner.step() to finish the "
+            "step (or step_stage() up to that stage), then read it."
+        )
 
 
 @dataclasses.dataclass

@@ -43,7 +43,7 @@ from tlwidgets.core.controls import (
 from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.plugins import Diagnoser
-from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord
+from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StageRecords
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
 from tlwidgets.core.training import evaluate as evaluate_model
@@ -454,7 +454,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._have_batch = False
         self._raw_batch = self._inputs = self._targets = self._output = self._loss = None
         self._backward_failed = False
-        self.records = {}
+        self.records = StageRecords(self._position)
         change = ControlChange("skip_batch", self.global_step, {"batch": self.batch_index})
         self.history.add_control(change)
         self.events.emit(Event.CONTROL, change)
@@ -553,7 +553,7 @@ class Runner(FindingsMixin, ControlsMixin):
                 end = self._maybe_end_epoch()
                 if end is not None:
                     return end
-            self.records = {}
+            self.records = StageRecords(self._position)
             self._step_exact = exact
             self.tracker.note_trainable(self.global_step)
             self._measured = exact or self.tracker.measuring(self.global_step)
@@ -1161,7 +1161,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self.stage = Stage.FETCH
         self._have_batch = False
         self._raw_batch = self._inputs = self._targets = self._output = self._loss = None
-        self.records = {}
+        self.records = StageRecords(self._position)
         self._iter = None
         self._iter_broken = self._epoch_ending = self._source_failed = self._backward_failed = False
         self._step_applied = None

@@ -11,6 +11,7 @@ from tlwidgets.core.catalog import make_finding
 from tlwidgets.core.controls import params_missing_from_optimizer
 from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding, FindingLog
+from tlwidgets.core.records import StageRecords
 
 __all__ = ["FindingsMixin"]
 
@@ -40,7 +41,7 @@ class FindingsMixin:
         #: Builds every stage record's facts (the one recording path; core/recording.py).
         self.recorder = Recorder(self)
         #: Latest record of each stage (a Runner: of the current or last completed step).
-        self.records: dict[Any, Any] = {}
+        self.records: dict[Any, Any] = StageRecords(self._position)
         #: Splits whose batches the diagnoser still wants to see (its optional ``on_batch``): the data
         #: audits of data that cannot be sampled up front read the batches the session sees anyway.
         wants_batches = callable(getattr(self.diagnoser, "on_batch", None))
@@ -49,6 +50,14 @@ class FindingsMixin:
         # Every control (a fix from a finding's action, or the user's own) starts a re-check of the
         # active findings whose condition the numbers can be seen to end (core/actions.py).
         self.events.on(Event.CONTROL, self._arm_rechecks)
+
+    def _position(self) -> str:
+        """Where the session is, for a missing record's message."""
+        stage = getattr(self, "stage", None)
+        step = getattr(self, "global_step", None)
+        if getattr(self, "kind", None) != "runner" or stage is None or step is None:
+            return ""
+        return f"the runner is at {stage.value.upper()} (it runs next), {step} step(s) done"
 
     def _init_findings(self) -> None:
         # The clock lets a rewind keep the findings it goes back past, resolved at the step it went to.
