@@ -23,7 +23,9 @@ def test_a_fact_of_another_stage_names_the_record_and_the_stage_that_has_it():
     text = str(info.value)
     assert "ZERO_GRAD record (step 0, batch 1)" in text and "FETCH stage records it" in text
     assert "runner.records[tlw.Stage.FETCH]" in text
-    assert runner.records[tlw.Stage.FETCH]["tensors"]["inputs"]["shape"][0] == 64  # where it said: a batch of 64
+    assert (
+        runner.records[tlw.Stage.FETCH]["tensors"]["inputs"]["shape"][0] == 64
+    )  # where it said: a batch of 64
 
 
 def test_a_stage_not_run_yet_this_step_says_where_the_runner_is():
@@ -44,9 +46,9 @@ def test_a_stage_not_run_yet_this_step_says_where_the_runner_is():
 def test_unknown_keys_list_what_there_is():
     runner = zoo.get("mlp-digits").runner(0)
     fetch = runner.step_stage()
-    with pytest.raises(KeyError, match="is not a stage; runner.records is keyed by tlw.Stage: FETCH"):
+    with pytest.raises(KeyError, match=r"is not a stage; runner\.records is keyed by tlw\.Stage: FETCH"):
         runner.records["fetchh"]
-    with pytest.raises(KeyError, match="has no fact 'nonsense'; facts here: .*tensors"):
+    with pytest.raises(KeyError, match=r"has no fact 'nonsense'; facts here: .*tensors"):
         fetch["nonsense"]
     assert runner.records["fetch"] is fetch  # a stage's name works as the key
 

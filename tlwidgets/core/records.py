@@ -10,7 +10,15 @@ from tlwidgets.core.facts import StageFacts, facts_for
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
-__all__ = ["ControlChange", "EpochRecord", "ErrorInfo", "RecordMissing", "StageRecord", "StageRecords", "StepSummary"]
+__all__ = [
+    "ControlChange",
+    "EpochRecord",
+    "ErrorInfo",
+    "RecordMissing",
+    "StageRecord",
+    "StageRecords",
+    "StepSummary",
+]
 
 
 @dataclasses.dataclass
