@@ -103,11 +103,11 @@ def dash():
         d.close()
 
 
-def test_epoch_ticks_are_integers_and_few():
+def test_epoch_ticks_are_integers_that_fit():
     assert list(epoch_ticks(1, 1)) == [1.0]
     assert list(epoch_ticks(1, 8)) == [float(i) for i in range(1, 9)]
     ticks = epoch_ticks(1, 95)
-    assert len(ticks) <= 10 and np.all(ticks == np.round(ticks)) and ticks[0] == 1
+    assert 3 <= len(ticks) <= 12 and np.all(ticks == np.round(ticks)) and ticks[0] >= 1 and ticks[-1] <= 95
     assert epoch_ticks(3, 2).size == 0
 
 

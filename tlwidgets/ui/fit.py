@@ -23,6 +23,7 @@ from tlwidgets.core.events import Event
 from tlwidgets.diagnostics.fit import FIT_KEY, FitReport, Verdict, fit_actions, fit_report
 from tlwidgets.ui.findings import FindingsPanel
 from tlwidgets.ui.panel import Panel, PanelHost
+from tlwidgets.ui.ticks import integer_ticks
 
 __all__ = ["FitPanel", "epoch_ticks"]
 
@@ -38,8 +39,10 @@ VERDICT_COLORS = {
     Verdict.TOO_EARLY: "#616161",
     Verdict.NO_VALIDATION: "#616161",
 }
-#: Most epoch ticks on the x axis (a stride keeps them integers).
-MAX_TICKS = 10
+#: Each plot's least width and its margins: the epoch ticks are chosen to fit the plot at that width.
+FIGURE_MIN_WIDTH = 300
+MARGIN = {"top": 10, "bottom": 40, "left": 55, "right": 10}
+PLOT_MIN_WIDTH = FIGURE_MIN_WIDTH - MARGIN["left"] - MARGIN["right"]
 #: Confirmation lines of applied fixes shown (the newest).
 MAX_DONE_SHOWN = 3
 EMPTY_TEXT = (
@@ -49,12 +52,10 @@ EMPTY_TEXT = (
 )
 
 
-def epoch_ticks(first: int, last: int, most: int = MAX_TICKS) -> np.ndarray:
-    """Integer tick positions from ``first`` to ``last`` (at most ``most``, evenly strided)."""
-    if last < first:
-        return np.zeros(0)
-    stride = max(1, math.ceil((last - first + 1) / most))
-    return np.arange(first, last + 1, stride, dtype=np.float64)
+def epoch_ticks(first: int, last: int, width_px: float = PLOT_MIN_WIDTH) -> np.ndarray:
+    """Integer epoch ticks from ``first`` to ``last`` whose labels fit an axis ``width_px`` long
+    (:func:`~tlwidgets.ui.ticks.integer_ticks`: round strides, never a fractional epoch)."""
+    return np.asarray(integer_ticks(first, last, width_px), dtype=np.float64)
 
 
 class _Offer:
@@ -374,8 +375,8 @@ class _Plot:
         self.figure = bq.Figure(
             marks=[self.baseline, self.goal, self.train, self.val],
             axes=[self.x_axis, self.y_axis],
-            fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
-            layout=widgets.Layout(flex="1 1 45%", height="260px", min_width="300px"),
+            fig_margin=dict(MARGIN),
+            layout=widgets.Layout(flex="1 1 45%", height="260px", min_width=f"{FIGURE_MIN_WIDTH}px"),
             animation_duration=0,
             display_toolbar=False,
             legend_location="top-right",
