@@ -200,3 +200,30 @@ def test_a_fix_clicked_during_a_dashboard_run_pauses_the_run_then_applies():
     finally:
         d.close()
         runner.close()
+
+
+def test_a_cards_buttons_never_shrink_so_their_labels_stay_whole():
+    """Regression (found by tests/e2e/test_fix_browser.py): in JupyterLab the card's long text
+    squeezed its buttons, so "Rewind to step 0 and set lr=0.044" showed as "Rewind to ..." (the LR
+    it sets hidden) and "show step 20" as "show st...". The buttons' box and the select button
+    must not shrink (flex ``0 0 auto``, width from their labels); the text is what gives way."""
+    parts = zoo.get("lr-too-high").build(0)
+    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
+    runner = tlw.Runner(**parts)
+    d = tlw.Dashboard(runner)
+    try:
+        runner.run(epochs=1)
+        d.refresh()
+        panel = d.findings
+        i = _index(panel, "lr-too-high")
+        body, fixes, select = panel.list.children[i].children
+        assert fixes.layout.flex == "0 0 auto" and fixes.layout.width == "auto"
+        assert select is panel.select_button(i) and select.layout.flex == "0 0 auto"
+        assert select.layout.width == "auto"
+        for b in panel.fix_buttons(i):
+            assert b.layout.width == "auto" and b.layout.max_width is None
+        assert panel.fix_buttons(i)[0].description.startswith("Rewind to step 0 and set lr=")
+        assert body.layout.flex == "1 1 auto"  # the text wraps in the room left
+    finally:
+        d.close()
+        runner.close()

@@ -155,6 +155,20 @@ def run_in_browser(lab: Any, page: Any, steps: int) -> None:
     ]
 
 
+def expect_whole_labels(row: Any) -> None:
+    """Every button on the card (its ``tlw-fix`` actions, "show step N") shows its whole label: a
+    label cut off with an ellipsis would hide what the action does (the LR it sets)."""
+    from playwright.sync_api import expect
+
+    buttons = row.locator("button")
+    expect(buttons.first).to_be_visible()
+    cut = buttons.evaluate_all(
+        "(bs) => bs.filter((b) => b.scrollWidth > b.clientWidth + 1)"
+        ".map((b) => `${b.textContent.trim()}: ${b.clientWidth} of ${b.scrollWidth} px`)"
+    )
+    assert not cut, f"button labels cut off: {cut}"
+
+
 def rows_in_order(page: Any) -> list[list[Any]]:
     """``[code, resolved]`` of every card in the panel, top to bottom."""
     return page.locator(".tlw-findings").evaluate(
@@ -220,6 +234,7 @@ def test_add_to_optimizer_button_repairs_a_head_left_out_of_the_optimizer(lab):
         None,
     ]
     expect(row.locator(".tlw-fix-done")).to_have_count(0)
+    expect_whole_labels(row)
     shot(lab, page, row, "before-fix")
 
     fix.click()
@@ -281,6 +296,7 @@ def test_rewind_and_set_lr_button_repairs_an_lr_far_too_high(lab):
     assert label.startswith("Rewind to step 0 and set lr="), label
     new_lr = float(label.rsplit("=", 1)[1])
     assert 0.01 <= new_lr <= 0.1  # from the measured update/weight ratio, not 3.0 / 10
+    expect_whole_labels(row)
     shot(lab, page, row, "before-fix")
 
     fix.click()
@@ -370,7 +386,7 @@ def test_actions_that_do_not_apply_are_not_offered_as_buttons(lab):
     assert elapsed < TEST_BUDGET_S
 
 
-def test_a_resolved_card_moves_after_the_active_ones_and_a_fix_clicked_mid_run_pauses_it(lab):
+def test_resolved_card_moves_below_active_ones_and_a_fix_mid_run_pauses_it(lab):
     """Two findings at once: the fine-tune's head left out of the optimizer (an error, listed
     first) and the model left in eval mode (a warning). Clicking "Add to optimizer" resolves the
     first, and its card moves *below* the still active eval-mode card in the page. Then, while a
@@ -391,6 +407,8 @@ def test_a_resolved_card_moves_after_the_active_ones_and_a_fix_clicked_mid_run_p
     assert codes.index(head) < codes.index(mode), f"the error is not listed first: {codes}"
     expect(head_row.locator("button.tlw-fix")).to_have_text("Add to optimizer")
     expect(mode_row.locator("button.tlw-fix")).to_have_text("Switch to train mode")
+    expect_whole_labels(head_row)
+    expect_whole_labels(mode_row)
     shot(lab, page, page.locator(".tlw-findings"), "before-fix")
 
     head_row.locator("button.tlw-fix").click()

@@ -21,6 +21,8 @@ __all__ = ["FindingsPanel"]
 
 #: Most findings listed (the ranked head; the rest are counted).
 MAX_SHOWN = 30
+#: Flex of a card's buttons: as wide as their labels, never squeezed by the card's text.
+NO_SHRINK = "0 0 auto"
 
 
 class FindingsPanel(Panel, widgets.VBox):
@@ -171,12 +173,14 @@ class FindingsPanel(Panel, widgets.VBox):
         return self._rows[self._order[i]].done
 
     def _new_row(self, key: tuple, f: Any, value: str) -> _Row:
+        # The card's text takes the room left (it wraps); the buttons never shrink: a label cut off
+        # with an ellipsis would hide what the action does ("Rewind to step 0 and set lr=0.044").
         body = widgets.HTML(value, layout=widgets.Layout(flex="1 1 auto"))
-        fixes = widgets.VBox(layout=widgets.Layout(width="auto", align_items="stretch"))
+        fixes = widgets.VBox(layout=widgets.Layout(width="auto", align_items="stretch", flex=NO_SHRINK))
         fixes.add_class("tlw-fixes")
         button = widgets.Button(
             tooltip="Select this finding's step and parameters in the heatmap and loss plot",
-            layout=widgets.Layout(width="auto", min_width="90px"),
+            layout=widgets.Layout(width="auto", min_width="90px", flex=NO_SHRINK),
         )
         button.add_class("tlw-finding-select")
         button.on_click(self._guard(f"finding {f.code}")(self._clicked(key)))
