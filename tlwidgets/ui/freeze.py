@@ -22,6 +22,9 @@ _STATE_LOOK = {
     "frozen": ("info", "lock", "frozen: click to unfreeze"),
     "partly": ("warning", "adjust", "partly frozen: click to freeze all of it"),
 }
+#: Tooltip of a toggle whose parameters are trainable but in no optimizer group: freezing them would
+#: make the setup consistent and the finding go away while they still never train.
+_MISSING_TIP = "in no optimizer group: it cannot train. Use 'add to optimizer'; freezing would not train it"
 
 
 def module_rows(
@@ -125,6 +128,10 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
         self.toggles: dict[str, widgets.ToggleButton] = {}
         self.infos: dict[str, widgets.HTML] = {}
         self.states: dict[str, str] = {}
+        self._looks: dict[str, tuple[str, bool]] = {}
+        #: One "add to optimizer" button per row (CSS ``tlw-add-to-optimizer``), shown while some of the
+        #: row's parameters are trainable but in no optimizer group.
+        self.add_buttons: dict[str, widgets.Button] = {}
         lines = []
         for name, depth, _idx in self.rows:
             toggle = widgets.ToggleButton(
@@ -138,9 +145,21 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
                 layout=widgets.Layout(width="200px"),
             )
             info = widgets.HTML(layout=widgets.Layout(width="auto"))
+            add = widgets.Button(
+                description="add to optimizer",
+                icon="plus",
+                button_style="warning",
+                layout=widgets.Layout(width="auto", display="none"),
+                tooltip="Add the trainable parameters of this module that are in no optimizer group",
+            )
+            add.add_class("tlw-add-to-optimizer")
+            add.on_click(guard(f"add {name} to the optimizer")(self._adder(name)))
             self.toggles[name] = toggle
             self.infos[name] = info
-            lines.append(widgets.HBox([label, toggle, info], layout=widgets.Layout(align_items="center")))
+            self.add_buttons[name] = add
+            lines.append(
+                widgets.HBox([label, toggle, add, info], layout=widgets.Layout(align_items="center"))
+            )
         self.tree = widgets.VBox(lines, layout=widgets.Layout(max_height="360px", overflow="auto"))
         self.bn_stats = widgets.Checkbox(
             value=bool(getattr(session, "freeze_bn_stats", False)),
@@ -187,6 +206,40 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
 
         return on_change
 
+    def _adder(self, name: str) -> Callable[[Any], None]:
+        def on_click(_button: Any) -> None:
+            self.add_to_optimizer(name)
+
+        return on_click
+
+    def add_to_optimizer(self, name: str) -> list[str]:
+        """Add the trainable parameters of module ``name`` that are in no optimizer group; returns them.
+
+        Through the ``param-not-in-optimizer`` finding's own action when one names them (so the finding
+        is resolved and the card shows what was done), else ``unfreeze(*params)`` (a new group with the
+        optimizer's defaults).
+        """
+        missing = self._missing(name)
+        if not missing:
+            return []
+        for f in getattr(self.session, "active_findings", ()):
+            if f.code == "param-not-in-optimizer" and set(missing) & set(f.params) and f.actions:
+                f.actions[0].apply()
+                break
+        else:
+            self.session.unfreeze(*missing)
+        self.draw(self.session)
+        self._on_change()
+        return missing
+
+    def _missing(self, name: str) -> list[str]:
+        """Parameters of row ``name`` that are trainable and in no optimizer group."""
+        idx = next((i for n, _d, i in self.rows if n == name), [])
+        groups = _groups(self.session)
+        params = dict(self.session.named_params)
+        names = [self.session.param_names[i] for i in idx]
+        return [n for n in names if params[n].requires_grad and groups.get(n) is None]
+
     def _bn_changed(self, change: dict[str, Any]) -> None:
         if self._updating:
             return
@@ -225,8 +278,9 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
     def draw(self, session: Any) -> None:
         """Toggle states, counts, groups and LRs from the model and optimizer."""
         rg = np.array([p.requires_grad for _, p in session.named_params], dtype=bool)
-        groups = session.param_group_of() if hasattr(session, "param_group_of") else _group_of(session)
+        groups = _groups(session)
         group_list = [groups.get(n) for n in session.param_names]
+        closed = bool(getattr(session, "closed", False))
         lrs = [float(g["lr"]) for g in session.optimizer.param_groups]
         self._updating = True
         try:
@@ -234,20 +288,36 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
                 sub = rg[idx]
                 state = "trainable" if sub.all() else ("frozen" if not sub.any() else "partly")
                 toggle = self.toggles[name]
-                if self.states.get(name) != state:
+                missing = [i for i in idx if rg[i] and group_list[i] is None]
+                # A row wholly outside the optimizer cannot be "fixed" by freezing it: the toggle waits
+                # for "add to optimizer" (freezing from code stays possible, on purpose).
+                locked = closed or (bool(missing) and len(missing) == len(idx))
+                look = (state, locked)
+                if self.states.get(name) != state or self._looks.get(name) != look:
                     style, icon, tip = _STATE_LOOK[state]
                     with toggle.hold_sync():
                         toggle.value = state == "frozen"
                         toggle.description = state
                         toggle.button_style = style
                         toggle.icon = icon
-                        toggle.tooltip = tip
+                        toggle.tooltip = (
+                            "the session is closed" if closed else _MISSING_TIP if locked else tip
+                        )
+                        toggle.disabled = locked
                     self.states[name] = state
+                    self._looks[name] = look
+                add = self.add_buttons[name]
+                shown = "inline-flex" if missing and not closed else "none"
+                if add.layout.display != shown:
+                    add.layout.display = shown
                 total = int(self.sizes[idx].sum())
                 frozen = int(self.sizes[idx][~sub].sum())
                 gs = sorted({group_list[i] for i in idx}, key=lambda g: -1 if g is None else g)
                 where = ", ".join(
-                    "not in optimizer" if g is None else f"group {g} · lr {lrs[g]:.1e}" for g in gs
+                    ("not in optimizer: will not train" if missing else "not in optimizer")
+                    if g is None
+                    else f"group {g} · lr {lrs[g]:.1e}"
+                    for g in gs
                 )
                 text = (
                     f"<small>{total:,} params"
@@ -256,15 +326,19 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
                 )
                 if self.infos[name].value != text:
                     self.infos[name].value = text
-            option = bool(getattr(session, "freeze_bn_stats", False))
+            # Checked while the option is on or some frozen batch-norm layer is held in eval mode
+            # (freeze(..., bn_eval=True) holds layers without turning the option on).
+            option = bool(getattr(session, "freeze_bn_stats", False)) or bool(getattr(session, "bn_eval", ()))
             if self.bn_stats.value != option:  # set from code (set_bn_eval) or restored
                 self.bn_stats.value = option
+            self.bn_stats.disabled = closed
+            self.next_button.disabled = closed
         finally:
             self._updating = False
         n_frozen = int((~rg).sum())
         self.frozen_count = n_frozen
         nxt = self.next_block()
-        self.next_button.disabled = nxt is None
+        self.next_button.disabled = closed or nxt is None
         self.next_button.tooltip = (
             f"unfreeze {nxt or '(model root)'}" if nxt is not None else "every block is trainable"
         )
@@ -276,6 +350,10 @@ class FreezePanel(LRFollowingPanel, widgets.VBox):
         )
         if summary != self.summary.value:
             self.summary.value = summary
+
+
+def _groups(session: Any) -> dict[str, int | None]:
+    return session.param_group_of() if hasattr(session, "param_group_of") else _group_of(session)
 
 
 def _group_of(session: Any) -> dict[str, int | None]:
