@@ -3,6 +3,7 @@ and the timelines abandoned by rewinds (dashed) so a fix is seen against what it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +14,9 @@ from traitlets import Int
 
 from tlwidgets.core.events import Event
 from tlwidgets.ui.panel import Panel, PanelHost
+from tlwidgets.ui.ticks import CHAR_EM, LINE_EM, integer_ticks, log_ticks
 
-__all__ = ["MARKER_COLORS", "LossPanel", "moving_average"]
+__all__ = ["MARKER_COLORS", "LossPanel", "moving_average", "robust_range"]
 
 #: Marker colour per control kind.
 MARKER_COLORS = {
@@ -29,6 +31,20 @@ MAX_POINTS = 1500
 #: Abandoned timelines drawn (the newest ones): more would bury the run they are compared with.
 MAX_BRANCHES_SHOWN = 3
 BRANCH_COLOR = "#bdbdbd"
+#: Below this many points a line also draws its points (one step has no line to draw).
+MARKERS_UNTIL = 60
+#: The figure's least size (its layout's min_width and height) less its margins: ticks and marker
+#: labels are chosen to fit this, so a wider panel only spreads them further apart.
+FIGURE_MIN_WIDTH, FIGURE_HEIGHT = 320, 300
+MARGIN = {"top": 10, "bottom": 40, "left": 55, "right": 10}
+PLOT_MIN_WIDTH = FIGURE_MIN_WIDTH - MARGIN["left"] - MARGIN["right"]
+PLOT_HEIGHT = FIGURE_HEIGHT - MARGIN["top"] - MARGIN["bottom"]
+#: Font size of the control labels (their Label mark's default_size) and of the tick labels.
+MARKER_FONT_PX = 11
+TICK_FONT_PX = 10
+#: A validation point further above the training curve's range than this many times that range
+#: is drawn on the top edge with its value, instead of squeezing the curve into the bottom.
+OFF_SCALE = 1.0
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -46,6 +62,35 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def robust_range(core: np.ndarray, extra: np.ndarray, *, log: bool = False) -> tuple[float, float, float]:
+    """``(lo, hi, top)``: the y range to show and the value above which ``extra`` points are off scale.
+
+    ``core`` (the training curves) is always shown whole: a spike of the training loss is the
+    story, not an outlier. ``extra`` values (validation points) widen the range unless one lies
+    more than ``OFF_SCALE`` times the core's range above it (a single validation loss of 326.8
+    over a training loss near 2 would flatten the curve): those are off scale. ``log``: the same
+    in log10 space (values must be > 0).
+    """
+    f = np.log10 if log else (lambda v: v)
+    core = core[np.isfinite(core)]
+    extra = extra[np.isfinite(extra)]
+    if log:
+        core, extra = core[core > 0], extra[extra > 0]
+    if core.size == 0:
+        values = extra
+        if values.size == 0:
+            return (1.0, 10.0, math.inf) if log else (0.0, 1.0, math.inf)
+        return float(values.min()), float(values.max()), math.inf
+    lo, hi = float(core.min()), float(core.max())
+    span = f(hi) - f(lo) if hi > lo else (1.0 if log else max(abs(hi), 1.0))
+    limit = f(hi) + OFF_SCALE * span
+    top = 10.0**limit if log else limit
+    kept = extra[extra <= top]
+    if kept.size:
+        lo, hi = min(lo, float(kept.min())), max(hi, float(kept.max()))
+    return lo, hi, (top if (extra > top).any() else math.inf)
+
+
 class LossPanel(Panel, widgets.VBox):
     """Training loss (raw and smoothed) against the global step, validation loss at each epoch
     end, and a vertical marker with a label at every control change (freeze, unfreeze, LR,
@@ -55,6 +100,25 @@ class LossPanel(Panel, widgets.VBox):
     ``MAX_BRANCHES_SHOWN``) are drawn dashed and lighter under the run that
     replaced them, smoothed like the current one, with a legend entry naming
     what rewound each (e.g. the action applied): the effect of a fix is seen.
+
+    What tests (and browser tests) can read:
+
+    - The legend (``display_legend`` true, ``labels``): ``raw`` "train loss",
+      ``smooth`` "smoothed", ``val`` "validation" (once there is a point),
+      ``branches`` "before: ..." (after a rewind).
+    - ``x_axis.tick_values``: integer steps only, chosen by
+      :func:`tlwidgets.ui.ticks.integer_ticks` so labels never touch at the
+      figure's least width; ``x`` scale ``min``/``max`` span at least two
+      steps (one step shows its point, ``raw.marker`` is set while the points
+      are few).
+    - ``y`` scale ``min``/``max``: the training curves whole plus validation
+      points unless one is far above (:func:`robust_range`); those sit on the
+      top edge and ``off_scale`` labels them with their value.
+    - ``marker_labels.text``: one label per control step (controls at the same
+      or nearly the same step merged, "+N more"), truncated to the plot's
+      height; ``marker_heads`` (a Scatter at the top of each marker line) holds
+      the full texts in ``names`` and shows them on hover (``marker_heads.tooltip``).
+    - ``y_axis.tick_values`` on the log scale: powers of ten (or 1-2-5) that do not crowd.
     """
 
     name = "loss"
@@ -78,7 +142,15 @@ class LossPanel(Panel, widgets.VBox):
         self.x = bq.LinearScale()
         self.y = bq.LinearScale()
         scales = {"x": self.x, "y": self.y}
-        self.raw = bq.Lines(x=np.zeros(0), y=np.zeros(0), scales=scales, colors=["#9ecae1"], labels=["loss"])
+        self.raw = bq.Lines(
+            x=np.zeros(0),
+            y=np.zeros(0),
+            scales=scales,
+            colors=["#9ecae1"],
+            labels=["train loss"],
+            display_legend=True,
+            marker_size=16,
+        )
         self.smooth = bq.Lines(
             x=np.zeros(0),
             y=np.zeros(0),
@@ -86,6 +158,7 @@ class LossPanel(Panel, widgets.VBox):
             colors=["#08519c"],
             stroke_width=2.5,
             labels=["smoothed"],
+            display_legend=True,
         )
         self.val = bq.Scatter(
             x=np.zeros(0),
@@ -94,9 +167,23 @@ class LossPanel(Panel, widgets.VBox):
             colors=["#e6550d"],
             default_size=48,
             labels=["validation"],
+            display_legend=False,
         )
         self.val_line = bq.Lines(
             x=np.zeros(0), y=np.zeros(0), scales=scales, colors=["#e6550d"], line_style="dashed"
+        )
+        # Validation points above the plotted range: their value, written at the top edge.
+        self.off_scale = bq.Label(
+            x=np.zeros(0),
+            y=np.zeros(0),
+            text=[],
+            scales=scales,
+            colors=["#e6550d"],
+            default_size=11,
+            font_weight="bold",
+            align="start",
+            x_offset=6,
+            y_offset=10,
         )
         self.markers = bq.Lines(
             x=np.zeros((0, 2)), y=np.zeros((0, 2)), scales=scales, colors=["#757575"], opacities=[0.8]
@@ -108,9 +195,23 @@ class LossPanel(Panel, widgets.VBox):
             scales=scales,
             rotate_angle=-90,
             font_weight="normal",
-            default_size=11,
+            default_size=MARKER_FONT_PX,
             colors=["#424242"],
             align="start",
+        )
+        # The full text of each marker on hover (the label may be truncated or merged): bqplot's
+        # tooltip shows a Scatter point's ``name``, in the browser without a round trip.
+        self.marker_heads = bq.Scatter(
+            x=np.zeros(0),
+            y=np.zeros(0),
+            scales=scales,
+            marker="triangle-down",
+            default_size=40,
+            colors=["#757575"],
+            names=[],
+            display_names=False,
+            tooltip=bq.Tooltip(fields=["name"], show_labels=False),
+            interactions={"hover": "tooltip"},
         )
         # One line per abandoned timeline (rows of a 2-D x/y, NaN-padded); the legend shows only
         # while there is one, so a run never rewound keeps its plain plot.
@@ -128,6 +229,8 @@ class LossPanel(Panel, widgets.VBox):
         self.cursor = bq.Lines(
             x=np.zeros(0), y=np.zeros(0), scales=scales, colors=["black"], line_style="dash_dotted"
         )
+        self.x_axis = bq.Axis(scale=self.x, label="step", grid_lines="none", tick_format="d")
+        self.y_axis = bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed")
         self.figure = bq.Figure(
             marks=[
                 self.branches,
@@ -135,16 +238,17 @@ class LossPanel(Panel, widgets.VBox):
                 self.smooth,
                 self.val_line,
                 self.val,
+                self.off_scale,
                 self.markers,
                 self.marker_labels,
+                self.marker_heads,
                 self.cursor,
             ],
-            axes=[
-                bq.Axis(scale=self.x, label="step", grid_lines="none"),
-                bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed"),
-            ],
-            fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
-            layout=widgets.Layout(width="100%", height="300px", min_width="320px"),
+            axes=[self.x_axis, self.y_axis],
+            fig_margin=dict(MARGIN),
+            layout=widgets.Layout(
+                width="100%", height=f"{FIGURE_HEIGHT}px", min_width=f"{FIGURE_MIN_WIDTH}px"
+            ),
             animation_duration=0,
             display_toolbar=False,
             legend_location="top-right",
@@ -172,9 +276,8 @@ class LossPanel(Panel, widgets.VBox):
         self.y = new
         for mark in self.figure.marks:
             mark.scales = {**mark.scales, "y": new}
-        axes = list(self.figure.axes)
-        axes[1] = bq.Axis(scale=new, side="left", label="loss", grid_lines="dashed")
-        self.figure.axes = axes
+        self.y_axis = bq.Axis(scale=new, side="left", label="loss", grid_lines="dashed")
+        self.figure.axes = [self.x_axis, self.y_axis]
         if self._session is not None:
             self.draw(self._session)
 
@@ -182,47 +285,56 @@ class LossPanel(Panel, widgets.VBox):
         """Redraw from ``session.history`` (decimated to at most ~1500 points per line)."""
         self._session = session
         hist = session.history
+        log = self.log_y.value
         steps = hist.step.astype(np.float64)
         loss = hist.loss
         loss = np.where(np.isfinite(loss), loss, np.nan)
-        if self.log_y.value:
+        if log:
             loss = np.where(loss > 0, loss, np.nan)
         window = int(np.clip(len(loss) // 20, 1, 50))
         smooth = moving_average(loss, window)
         stride = max(1, len(steps) // MAX_POINTS)
         with self.raw.hold_sync():
             self.raw.x, self.raw.y = steps[::stride], loss[::stride]
+            marker = "circle" if len(steps[::stride]) <= MARKERS_UNTIL else None
+            if self.raw.marker != marker:
+                self.raw.marker = marker
         with self.smooth.hold_sync():
             self.smooth.x, self.smooth.y = steps[::stride], smooth[::stride]
+            label = f"smoothed (mean of {window})" if window > 1 else "smoothed"
+            if self.smooth.labels != [label]:
+                self.smooth.labels = [label]
         val = hist.val_loss
+        val_y = val[:, 1] if len(val) else np.zeros(0)
+        if log:
+            val_y = np.where(val_y > 0, val_y, np.nan)
+        branch_x, branch_y = self._draw_branches(hist, window)
+        finite = loss[np.isfinite(loss)]
+        core = np.concatenate([finite, branch_y])
+        lo, hi, top = robust_range(core, val_y, log=log)
+        if hi <= lo:  # one value: a band around it
+            lo, hi = (lo / 2, hi * 2) if log else (lo - max(abs(lo), 1.0) * 0.1, hi + max(abs(hi), 1.0) * 0.1)
+        off = np.isfinite(val_y) & (val_y > top)
         with self.val.hold_sync():
-            self.val.x, self.val.y = (val[:, 0], val[:, 1]) if len(val) else (np.zeros(0), np.zeros(0))
+            self.val.x = val[:, 0] if len(val) else np.zeros(0)
+            self.val.y = np.where(off, hi, val_y)  # off-scale points sit on the top edge
+            self.val.display_legend = bool(len(val))
         with self.val_line.hold_sync():
             self.val_line.x, self.val_line.y = (
-                (val[:, 0], val[:, 1]) if len(val) > 1 else (np.zeros(0), np.zeros(0))
+                (val[:, 0], np.where(off, hi, val_y)) if len(val) > 1 else (np.zeros(0), np.zeros(0))
             )
-        branch_y = self._draw_branches(hist, window)
-        finite = loss[np.isfinite(loss)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if branch_y.size and finite.size:  # (the markers span the branches too)
-            lo, hi = min(lo, float(branch_y.min())), max(hi, float(branch_y.max()))
-        if len(val):
-            lo, hi = min(lo, float(np.nanmin(val[:, 1]))), max(hi, float(np.nanmax(val[:, 1])))
-        controls = list(hist.controls)[-30:]  # the latest markers stay readable
-        if controls and finite.size:
-            xs = np.array([[c.step, c.step] for c in controls], dtype=np.float64)
-            ys = np.array([[lo, hi]] * len(controls), dtype=np.float64)
-            colors = [MARKER_COLORS.get(c.kind, "#757575") for c in controls]
-            texts = [_short(c.label()) for c in controls]
-        else:
-            xs, ys, colors, texts = np.zeros((0, 2)), np.zeros((0, 2)), ["#757575"], []
-        with self.markers.hold_sync():
-            self.markers.x, self.markers.y, self.markers.colors = xs, ys, colors
-        with self.marker_labels.hold_sync():
-            self.marker_labels.x = _spread(xs[:, 0], steps) if len(xs) else np.zeros(0)
-            self.marker_labels.y = np.full(len(xs), lo)
-            self.marker_labels.text = texts
-            self.marker_labels.colors = colors
+        with self.off_scale.hold_sync():
+            self.off_scale.x = val[off, 0] if len(val) else np.zeros(0)
+            self.off_scale.y = np.full(int(off.sum()), hi)
+            self.off_scale.text = [f"↑ {v:.4g}" for v in val_y[off]]
+        x_lo, x_hi = self._x_range(steps, branch_x, val, hist.controls)
+        with self.x.hold_sync():
+            self.x.min, self.x.max = x_lo, x_hi
+        ticks = np.array(integer_ticks(x_lo, x_hi, PLOT_MIN_WIDTH, font_px=TICK_FONT_PX), dtype=np.float64)
+        if not np.array_equal(np.asarray(self.x_axis.tick_values), ticks):
+            self.x_axis.tick_values = ticks
+        self._set_y(lo, hi, log, bool(finite.size or len(val)))
+        self._draw_markers(list(hist.controls)[-30:], lo, hi, x_lo, x_hi, bool(finite.size))
         step = self.selected_step
         with self.cursor.hold_sync():
             if step is not None and finite.size:
@@ -243,8 +355,99 @@ class LossPanel(Panel, widgets.VBox):
         if text != self.summary.value:
             self.summary.value = text
 
-    def _draw_branches(self, hist: Any, window: int) -> np.ndarray:
-        """Draw the newest abandoned timelines; return their finite values shown (for the markers' span)."""
+    @staticmethod
+    def _x_range(
+        steps: np.ndarray, branch_x: np.ndarray, val: np.ndarray, controls: Any
+    ) -> tuple[float, float]:
+        """The steps shown: every mark's, and at least two steps wide (one step is not an axis)."""
+        xs = [steps, branch_x, val[:, 0] if len(val) else np.zeros(0)]
+        xs.append(np.array([c.step for c in controls], dtype=np.float64))
+        allx = np.concatenate([x[np.isfinite(x)] for x in xs])
+        if allx.size == 0:
+            return 0.0, 2.0
+        lo, hi = float(allx.min()), float(allx.max())
+        if hi - lo < 2:
+            lo, hi = max(0.0, lo - 1), hi + 1
+        return lo, hi
+
+    def _set_y(self, lo: float, hi: float, log: bool, data: bool) -> None:
+        """The y scale's range (fixed, so an off-scale point cannot stretch it) and, on a log
+        axis, ticks that do not crowd (bqplot labels every 2 ... 9 between powers of ten)."""
+        if not data:
+            with self.y.hold_sync():
+                self.y.min, self.y.max = None, None
+            return
+        if log:
+            pad = (hi / lo) ** 0.03
+            ymin, ymax = lo / pad, hi * pad
+        else:
+            pad = 0.03 * (hi - lo)
+            ymin, ymax = lo - pad, hi + pad
+        with self.y.hold_sync():
+            self.y.min, self.y.max = float(ymin), float(ymax)
+        if log:
+            # Two text lines between ticks: closer, the labels read as one column of numbers.
+            ticks = np.array(log_ticks(ymin, ymax, PLOT_HEIGHT, min_spacing_px=2 * LINE_EM * TICK_FONT_PX))
+            if not np.array_equal(np.asarray(self.y_axis.tick_values), ticks):
+                self.y_axis.tick_values = ticks
+                self.y_axis.tick_format = ".3~g"
+
+    def _draw_markers(
+        self, controls: list[Any], lo: float, hi: float, x_lo: float, x_hi: float, data: bool
+    ) -> None:
+        """A line per control step, one label per group of controls too close to label apart.
+
+        Controls at the same step are one label ("freeze head · set_lr 0.01"); labels whose
+        rotated text would touch (closer than a line of text at the figure's least width) are
+        merged into the newest one with "+N more". Each label is cut to the plot's height;
+        the marker heads hold the full text for the hover.
+        """
+        if not (controls and data):
+            xs, texts, full, colors = np.zeros(0), [], [], ["#757575"]
+        else:
+            by_step: dict[int, list[Any]] = {}
+            for c in controls:
+                by_step.setdefault(int(c.step), []).append(c)
+            per_px = PLOT_MIN_WIDTH / max(x_hi - x_lo, 1e-9)
+            room = LINE_EM * MARKER_FONT_PX + 2  # a rotated label is one line of text wide
+            groups: list[list[int]] = []
+            for step in sorted(by_step):
+                if groups and (step - groups[-1][-1]) * per_px < room:
+                    groups[-1].append(step)
+                else:
+                    groups.append([step])
+            max_chars = int((PLOT_HEIGHT - 8) / (CHAR_EM * MARKER_FONT_PX))
+            xs_list, texts, full, colors = [], [], [], []
+            for group in groups:
+                last = group[-1]
+                label = " · ".join(c.label() for c in by_step[last])
+                others = sum(len(by_step[s]) for s in group[:-1])
+                if others:
+                    label += f" (+{others} more)"
+                xs_list.append(float(last))
+                texts.append(_short(label, max_chars))
+                full.append(
+                    "; ".join(f"step {s}: " + " · ".join(c.label() for c in by_step[s]) for s in group)
+                )
+                colors.append(MARKER_COLORS.get(by_step[last][-1].kind, "#757575"))
+            xs = np.array(xs_list)
+        with self.markers.hold_sync():
+            self.markers.x = np.stack([xs, xs], axis=1) if len(xs) else np.zeros((0, 2))
+            self.markers.y = np.array([[lo, hi]] * len(xs), dtype=np.float64).reshape(-1, 2)
+            self.markers.colors = colors
+        with self.marker_labels.hold_sync():
+            self.marker_labels.x = xs
+            self.marker_labels.y = np.full(len(xs), lo)
+            self.marker_labels.text = texts
+            self.marker_labels.colors = colors
+        with self.marker_heads.hold_sync():
+            self.marker_heads.x = xs
+            self.marker_heads.y = np.full(len(xs), hi)
+            self.marker_heads.names = full
+            self.marker_heads.colors = colors
+
+    def _draw_branches(self, hist: Any, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw the newest abandoned timelines; return their steps and finite values shown."""
         branches = list(getattr(hist, "branches", ()))[-MAX_BRANCHES_SHOWN:]
         xs, ys, labels = [], [], []
         for b in branches:
@@ -272,23 +475,11 @@ class LossPanel(Panel, widgets.VBox):
             self.branches.labels = labels
             self.branches.colors = shades
             self.branches.display_legend = bool(xs)
-            # The current run gets a legend entry only when there is something to tell it apart from.
-            self.smooth.display_legend = bool(xs)
-        values = y2[np.isfinite(y2)] if xs else np.zeros(0)
-        return values
-
-
-def _spread(xs: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """Label positions: controls at the same step sit side by side instead of on top of each other."""
-    width = float(steps[-1] - steps[0]) if len(steps) > 1 else 1.0
-    out = xs.astype(np.float64).copy()
-    seen: dict[float, int] = {}
-    for i, x in enumerate(xs):
-        k = seen.get(float(x), 0)
-        seen[float(x)] = k + 1
-        out[i] = x + k * 0.025 * width
-    return out
+        if not xs:
+            return np.zeros(0), np.zeros(0)
+        return x2[np.isfinite(x2)], y2[np.isfinite(y2)]
 
 
 def _short(text: str, limit: int = 28) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
