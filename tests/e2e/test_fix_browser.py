@@ -5,18 +5,20 @@ and shows ``tlw.Dashboard(runner)``. The test finds the finding's card in the da
 panel (``.tlw-findings``), clicks its ``button.tlw-fix`` *in the browser*, and checks three sides
 of the click:
 
-- the page: the confirmation line (``tlw-fix-done``) appears on the card, the card turns resolved
-  (``tlw-finding-resolved``: greyed, listed after the active findings) and loses its ``tlw-fix``
-  button;
+- the page: the button shows its whole label (not cut off with an ellipsis), the confirmation line
+  (``tlw-fix-done``) appears on the card, the card turns resolved (``tlw-finding-resolved``:
+  greyed, listed after the active findings) and loses its ``tlw-fix`` button;
 - the kernel (read with ``lab.execute``): the optimizer, the LR, the step and ``history`` changed
   as the action says, recorded as control changes, and ``finding.resolved`` / ``resolved_step``;
 - training on, started with the dashboard's own Run button: validation accuracy well above chance,
   a finite loss, and the finding still resolved in the kernel and on the page.
 
 Cases: (a) a fine-tune whose new head was left out of the optimizer ("Add to optimizer"),
-(b) the MLP with SGD at lr 3.0, momentum 0.9 ("Rewind to step 0 and set lr=..."), and (c) actions
+(b) the MLP with SGD at lr 3.0, momentum 0.9 ("Rewind to step 0 and set lr=..."), (c) actions
 that do not apply are not offered as buttons (no rewind without a checkpoint from before the
-damage; nothing once the LR was changed by hand through the LR slider).
+damage; nothing once the LR was changed by hand through the LR slider), and (d) two findings at
+once: the resolved card moves below the active one, and a fix clicked during a run pauses the run
+and is applied when it has stopped.
 
 Screenshots before and after each click go to ``tests/e2e/artifacts/`` (git-ignored).
 """
@@ -393,8 +395,8 @@ def test_resolved_card_moves_below_active_ones_and_a_fix_mid_run_pauses_it(lab):
     long run started from the Run button is going on, clicking "Switch to train mode" pauses the
     run (a control cannot change mid-step) and applies the fix once it has stopped: Run is enabled
     again, the run stopped by the pause, the model is in train mode (a recorded ``train_mode``
-    control) and the card confirms it. A few more steps and both cards are resolved, with no
-    ``tlw-fix`` button left in the panel."""
+    control) and the card confirms it. A few more steps and both cards are resolved, greyed, below
+    any active one, with no ``tlw-fix`` button left on them."""
     from playwright.sync_api import expect
 
     t0 = time.perf_counter()
@@ -451,10 +453,10 @@ def test_resolved_card_moves_below_active_ones_and_a_fix_mid_run_pauses_it(lab):
     run_in_browser(lab, page, 5)
     resolved = kernel(lab, page, "[[f.code, f.resolved_step] for f in runner.findings if f.resolved]")
     assert dict(resolved).keys() >= {head, mode}, resolved
-    assert kernel(lab, page, "[f.code for f in runner.findings if not f.resolved]") == []
+    # (How far the long run got before the pause varies; a finding it raised on the way would be
+    # listed active above these two: expect_shown_resolved checks the order, not that it is alone.)
     expect_shown_resolved(page, head, step=5)
     expect_shown_resolved(page, mode, step=dict(resolved)[mode])
-    expect(page.locator(".tlw-findings button.tlw-fix")).to_have_count(0, timeout=TIMEOUT_MS)
     assert kernel(lab, page, "dashboard.errors.count") == 0
     shot(lab, page, page.locator(".tlw-findings"), "trained-on")
     elapsed = time.perf_counter() - t0
