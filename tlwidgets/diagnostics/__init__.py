@@ -7,7 +7,8 @@ as the default diagnoser of every Runner and watcher (see
 
 from tlwidgets.core.plugins import register_default_diagnoser
 from tlwidgets.diagnostics.engine import RuleDiagnoser
+from tlwidgets.diagnostics.fit import Baseline, FitReport, Verdict, assess_fit, fit_actions, fit_report
 
-__all__ = ["RuleDiagnoser"]
+__all__ = ["Baseline", "FitReport", "RuleDiagnoser", "Verdict", "assess_fit", "fit_actions", "fit_report"]
 
 register_default_diagnoser(RuleDiagnoser)

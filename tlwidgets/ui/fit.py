@@ -106,6 +106,7 @@ class FitPanel(Panel, widgets.VBox):
     events = (Event.EPOCH, Event.CONTROL)
     slot = "tabs"
     caption = "Fit"
+    min_interval = 0.25  # two bqplot figures: a dragged LR slider (CONTROL events) must not flood them
 
     verdict = Unicode("", help="The verdict shown ('' before the first epoch), e.g. 'overfitting'.")
     target = Float(
@@ -141,6 +142,7 @@ class FitPanel(Panel, widgets.VBox):
         #: The last report drawn (None before the first draw).
         self.report: FitReport | None = None
         self.actions: tuple[Any, ...] = ()
+        self._drawn: tuple[Any, ...] | None = None  # what the curves show (skip redrawing the same)
         self.empty = widgets.HTML(EMPTY_TEXT)
         self.empty.add_class("tlw-fit-empty")
         self.verdict_line = widgets.HTML()
@@ -203,6 +205,7 @@ class FitPanel(Panel, widgets.VBox):
             self._set(self.verdict_line, "")
             self._set(self.suggestions, "")
             self._show_plots(False)
+            self._drawn = None
             self._draw_actions(self._rows[FIT_KEY], FIT_KEY, _Offer(()))
             self._draw_done(session)
             return
@@ -224,7 +227,12 @@ class FitPanel(Panel, widgets.VBox):
         )
         tips = "; ".join(report.suggestions)
         self._set(self.suggestions, f"<small>Try: {html.escape(tips)}</small>" if tips else "")
-        self._draw_curves(epochs, report, accuracy)
+        # The curves change only with the epochs and the baseline (a control alone changes the fixes).
+        last = epochs[-1]  # (a rewind then new epochs: the last one's numbers differ unless replayed exactly)
+        key = (len(epochs), last.epoch, last.step, last.train_loss, last.val_loss, report.baseline, accuracy)
+        if key != self._drawn:
+            self._draw_curves(epochs, report, accuracy)
+            self._drawn = key
         self._show_plots(True, accuracy)
         self.actions = fit_actions(session, report)
         self._draw_actions(self._rows[FIT_KEY], FIT_KEY, _Offer(self.actions))
