@@ -546,7 +546,7 @@ class HeatmapPanel(Panel, widgets.VBox):
             if gaps == {1}:
                 cols = f"steps {span}"
             elif len(gaps) == 1:
-                cols = f"last {len(taken)} measured steps ({span}, every {gaps.pop()}th)"
+                cols = f"last {len(taken)} measured steps ({span}, every {_ordinal(gaps.pop())})"
             else:
                 cols = f"last {len(taken)} measured steps ({span})"
         return f"<b>{what}</b> <small>· {cols}</small>"
@@ -697,6 +697,12 @@ class HeatmapPanel(Panel, widgets.VBox):
         if not self.history_box.children:
             self.history_box.children = [self.history_figure]
         self.history_box.layout.display = None
+
+
+def _ordinal(n: int) -> str:
+    """2 -> "2nd", 20 -> "20th", 21 -> "21st", 12 -> "12th"."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _set_step_axis(scale: bq.LinearScale, axis: bq.Axis, steps: Sequence[float], width_px: float) -> None:

@@ -13,11 +13,17 @@ import numpy as np
 from traitlets import Float
 
 from tlwidgets.ui.panel import LRFollowingPanel, PanelHost
+from tlwidgets.ui.ticks import MIN_GAP_PX, label_width, log_ticks
 
 __all__ = ["LRPanel"]
 
 #: Slider range, as powers of ten.
 LOG_MIN, LOG_MAX = -7.0, 1.0
+#: The range-test figure's least width (its layout's min_width) less its left and right margins:
+#: the LR ticks are chosen to fit it, so a wider tab only spreads them further apart.
+FIGURE_MIN_WIDTH = 360
+MARGIN = {"top": 10, "bottom": 40, "left": 55, "right": 10}
+PLOT_MIN_WIDTH = FIGURE_MIN_WIDTH - MARGIN["left"] - MARGIN["right"]
 
 
 class LRPanel(LRFollowingPanel, widgets.VBox):
@@ -28,6 +34,10 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
 
     The LR range test button runs :func:`tlwidgets.diagnostics.checks.lr_range_test` (weights
     restored afterwards), plots loss against LR and offers its suggestion.
+
+    The plot's axes are labelled ("learning rate", "loss"), its series named in a legend
+    (``curve.labels``: "loss", "smoothed"; ``pick.labels``: "suggested LR"), and the LR axis'
+    ticks (``x_axis.tick_values``) are powers of ten that do not crowd.
     """
 
     name = "lr"
@@ -81,6 +91,8 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
             y=np.zeros((1, 0)),
             scales={"x": self.x, "y": self.y},
             colors=["#9ecae1", "#08519c"],
+            labels=["loss", "smoothed"],
+            display_legend=True,
         )
         self.pick = bq.Lines(
             x=np.zeros(0),
@@ -88,17 +100,21 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
             scales={"x": self.x, "y": self.y},
             colors=["#e6550d"],
             line_style="dashed",
+            labels=["suggested LR"],
+            display_legend=True,
         )
+        self.x_axis = bq.Axis(scale=self.x, label="learning rate", tick_format=".0e", grid_lines="none")
+        self.y_axis = bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed")
         self.figure = bq.Figure(
             marks=[self.curve, self.pick],
-            axes=[
-                bq.Axis(scale=self.x, label="learning rate", tick_format=".0e", grid_lines="none"),
-                bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed"),
-            ],
-            fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 10},
-            layout=widgets.Layout(width="100%", height="220px"),
+            axes=[self.x_axis, self.y_axis],
+            fig_margin=dict(MARGIN),
+            layout=widgets.Layout(width="100%", height="220px", min_width=f"{FIGURE_MIN_WIDTH}px"),
             animation_duration=0,
             display_toolbar=False,
+            # The range test's loss is flat, then climbs at the high LRs (right): top left stays clear.
+            legend_location="top-left",
+            legend_text={"font-size": "10px"},
         )
         self.figure.add_class("tlw-lr-figure")
         self.figure_box = widgets.VBox()  # the plot joins after the first test (see HeatmapPanel)
@@ -205,6 +221,16 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
             y = losses[None, :]
         with self.curve.hold_sync():
             self.curve.x, self.curve.y = lrs, y
+            self.curve.labels = ["loss", "smoothed"][: len(y)]
+        positive = lrs[np.isfinite(lrs) & (lrs > 0)]
+        if positive.size:
+            # d3 labels every 2 ... 9 between powers of ten on a log axis: "1e-5" labels need
+            # their own width and a gap between them.
+            spacing = label_width("1e-5") + MIN_GAP_PX
+            ticks = log_ticks(
+                float(positive.min()), float(positive.max()), PLOT_MIN_WIDTH, min_spacing_px=spacing
+            )
+            self.x_axis.tick_values = np.array(ticks)
         finite = losses[np.isfinite(losses)]
         with self.pick.hold_sync():
             if self.suggestion is not None and finite.size:
