@@ -71,7 +71,8 @@ print(len(split.finetune_train), "training and", len(split.finetune_val), "valid
 A training step is seven stages: **fetch** a batch, **zero_grad**, move it **to_device**, **forward**,
 **loss**, **backward** and optimizer **step**. `runner.step_stage()` runs exactly one and returns a record of
 what it saw. In the dashboard, *Step stage* does the same; the highlighted chip is the stage that runs next,
-and clicking a chip shows its record.""",
+and clicking a chip shows its record. The cells below share the dashboard's runner, so they pick up
+wherever your clicks left it.""",
     ),
     (
         "code",
@@ -83,6 +84,8 @@ tlw.Dashboard(runner)""",
     (
         "code",
         """# NBVAL_CHECK_OUTPUT
+if runner.stage is not tlw.Stage.FETCH:  # you clicked "Step stage" above: finish that batch first
+    runner.step()
 fetch = runner.step_stage()
 print("ran:", fetch.stage.value, "| next:", runner.stage.value)
 print("inputs:", fetch["tensors"]["inputs"]["shape"], fetch["tensors"]["inputs"]["dtype"])
@@ -91,19 +94,26 @@ assert fetch.stage is tlw.Stage.FETCH and runner.stage is tlw.Stage.ZERO_GRAD, "
     ),
     (
         "code",
-        """for _ in range(6):  # zero_grad, to_device, forward, loss, backward, step
-    record = runner.step_stage()
+        """runner.step()  # the rest of this batch: zero_grad, to_device, forward, loss, backward, step
 loss = runner.records[tlw.Stage.LOSS]
-print(f"loss {loss['loss']:.3f} (a 5-class model that knows nothing starts near ln 5 = {loss['expected_initial_loss']:.3f})")
+print(f"loss {loss['loss']:.3f} (ln 5 = {loss['expected_initial_loss']:.3f} for equal odds on 5 classes)")
 step = runner.records[tlw.Stage.STEP]
 for name, ratio in zip(runner.param_names, step["update_ratio"]):
     print(f"{name:24s} update/weight = {ratio:.1e}")""",
     ),
     (
         "md",
-        """The **update/weight ratio** is the size of a step's change relative to the weights. Around 1e-3 is healthy:
-much larger and training jumps around (or explodes), much smaller and nothing moves. The heatmap in the
-dashboard colours exactly this number, parameters by recent steps.""",
+        """A model that gives every class the same probability has a loss of exactly ln 5. This one starts
+higher: the new head's random weights are already confidently wrong on some digits.
+
+The **update/weight ratio** is the size of a step's change relative to the weights. What is healthy
+depends on the optimizer and on how far training is. On its first steps **Adam** (here AdamW) moves every
+weight by about the learning rate, so small weights (biases, a fresh head) see ratios of 1e-2 and more;
+as training settles the ratios fall to between about 1e-4 and 1e-2 (this run: 3e-4 to 9e-3 after two
+epochs). **SGD with momentum** starts small and grows while momentum builds up. So tlwidgets never judges
+one step: it calls a learning rate too high when the median ratio stays above 5e-2 *and* the loss rises
+or jumps, and too low when it stays below 3e-5 while the loss barely moves. The heatmap in the dashboard
+colours exactly this number, parameters by recent steps, against that band.""",
     ),
     (
         "md",
@@ -128,20 +138,25 @@ dashboard""",
 finding = runner.findings[0]
 print(finding.code, finding.params)
 print("cause:", finding.cause)
+print("fix button:", [a.label for a in finding.actions])
 assert finding.code == "param-not-in-optimizer" and "head.weight" in finding.params, "the head is not in the optimizer"
-assert [a.label for a in finding.actions][:1] == ["Add to optimizer"], "the card's fix button\"""",
+assert finding.resolved or [a.label for a in finding.actions][:1] == ["Add to optimizer"], "the card's fix button\"""",
     ),
     (
         "md",
-        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. The finding's
-card has a fix button (**Add to optimizer**, the finding's first action); the code below does the same by
-hand: it adds the head to the optimizer as a new parameter group. The finding is then **resolved**: it stays
-listed, greyed, after the active ones, so the story of the run is kept.""",
+        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. (Its
+*freeze* toggle would not help: freezing stops a parameter from training, it does not add it to the
+optimizer.) The finding's card has a fix button, **Add to optimizer**: click it, or run the cell below,
+which applies the same action from code. It adds the head to the optimizer as a new parameter group,
+with the learning rate of the group that holds its neighbours; by hand that is
+`runner.unfreeze("head", lr=0.05)`. The finding is then **resolved**: it stays listed, greyed, after the
+active ones, so the story of the run is kept.""",
     ),
     (
         "code",
         """# NBVAL_CHECK_OUTPUT
-runner.unfreeze("head", lr=0.05)  # adds the missing parameters as a new optimizer group
+if finding.actions:  # empty once the fix is applied (if you clicked the button, say)
+    print(finding.actions[0].apply())  # what the button does; by hand: runner.unfreeze("head", lr=0.05)
 runner.run(steps=20)
 head_rows = [runner.param_names.index(n) for n in ("head.weight", "head.bias")]
 head_moved = bool((runner.history.update_norm[:, head_rows] > 0).all())
@@ -158,9 +173,10 @@ assert "param-not-in-optimizer" in [f.code for f in runner.resolved_findings], "
         """## 3. Learning rate too high
 
 With SGD at a learning rate far too large, each step overshoots: the loss jumps around or rises and the
-update/weight ratios sit far above 1e-3 (here more than ten times). We keep a **checkpoint**, run, and compare with a
-sane learning rate from the same starting point (`rewind` restores weights, optimizer, RNG and data
-position exactly).""",
+update/weight ratios sit far above the band (here a median of more than 1e-2 even on SGD's first steps).
+We keep a **checkpoint** of the start, run, and let the finding's fix compare with a learning rate the
+numbers support, from the same starting point (`rewind` restores weights, optimizer, RNG and data position
+exactly).""",
     ),
     (
         "code",
@@ -179,19 +195,31 @@ assert "lr-too-high" in codes, "30 steps of SGD at lr=1.0 should be diagnosed as
         "code",
         """median_ratio = float(torch.tensor(runner.history.update_ratio).nanmedian())
 print(f"median update/weight ratio: {median_ratio:.1e}")
-assert median_ratio > 1e-2, "at lr=1.0 the steps should be more than ten times the healthy 1e-3"
+assert median_ratio > 1e-2, "at lr=1.0 the steps should be far above the band"
 tlw.Dashboard(runner)""",
     ),
-    ("md", """Drag the **LR** slider down (or `set_lr`), rewind, and run the same 30 steps again."""),
+    (
+        "md",
+        """The finding's card offers **Rewind to step 0 and set lr=…**. The new learning rate is not a blind
+"divide by ten": it is the one whose first steps change the weights by about 1e-2 of their size, from the
+update/weight ratio per unit of learning rate measured on the first steps. Click the button, or run the
+cell below (the same action from code; by hand it is `runner.rewind(start)` then `runner.set_lr(...)`),
+and train the same 30 steps again. The dashboard above overlays the abandoned run, dashed, on the new one.""",
+    ),
     (
         "code",
-        """loss_too_high = runner.history.loss.copy()
-runner.rewind(start)
-runner.set_lr(0.01)
+        """finding = next(f for f in runner.findings if f.code == "lr-too-high")
+if finding.actions:  # empty once the fix is applied (if you clicked the button, say)
+    fix = finding.actions[0]
+    print(fix.label)
+    print(fix.apply())
 runner.run(steps=30)
+loss_too_high = runner.history.branches[-1].loss  # the abandoned run, kept by the rewind
 loss_fixed = runner.history.loss
-print(f"mean loss of the last 10 steps: lr=1.0 -> {loss_too_high[-10:].mean():.3f}, lr=0.01 -> {loss_fixed[-10:].mean():.3f}")
-assert loss_fixed[-10:].mean() < loss_too_high[-10:].mean(), "the lower learning rate should reach a lower loss\"""",
+print(f"mean loss of the last 10 steps: lr=1.0 -> {loss_too_high[-10:].mean():.3f}, "
+      f"lr={runner.lrs[0]:.2g} -> {loss_fixed[-10:].mean():.3f}")
+assert loss_fixed[-10:].mean() < loss_too_high[-10:].mean(), "the lower learning rate should reach a lower loss"
+assert finding.resolved, "rewound past its cause, the finding is resolved\"""",
     ),
     (
         "md",
