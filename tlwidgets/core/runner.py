@@ -670,7 +670,12 @@ class Runner(FindingsMixin, ControlsMixin):
         classes = isinstance(tgt, torch.Tensor) and tgt.dim() == 1 and not tgt.is_floating_point()
         logits = classes and out is not None and out.dim() == 2 and out.shape[1] > 1
         same = logits and out.shape[0] == tgt.shape[0] and out.device == tgt.device
-        self._batch_hits = ((out.detach().argmax(1) == tgt).sum(), tgt.numel()) if same else None
+        self._batch_hits = None
+        try:
+            if same:
+                self._batch_hits = ((out.detach().argmax(1) == tgt).sum(), tgt.numel())
+        except Exception:  # an output type without argmax: no training accuracy, never a failed LOSS stage
+            self._batch_hits = None
         value = self.recorder.loss(
             rec, loss, self._output, self._targets, loss_fn=self.loss_fn, measured=self._measured, exact=exact
         )

@@ -314,10 +314,10 @@ def assess_fit(epochs: Sequence[EpochRecord], baseline: Baseline | None = None) 
     else:
         first = float(np.nanmax([s["train_loss"][0], s["val_loss"][0]]))
         top = float(baseline.loss) if _finite(baseline.loss) else first
-        goal = float(baseline.target_loss) if _finite(baseline.target_loss) else 0.0
-        span = top - goal
+        floor = float(baseline.target_loss) if _finite(baseline.target_loss) else 0.0
+        span = top - floor
         train, val = s["train_loss"], s["val_loss"]
-        bias_all = (train - goal) / span if span > 0 else np.full(n, np.nan)
+        bias_all = (train - floor) / span if span > 0 else np.full(n, np.nan)
         var_all = (val - train) / span if span > 0 else np.full(n, np.nan)
         threshold = UNDERFIT_TARGET if _finite(baseline.target_loss) else UNDERFIT_LOSS
     measure = "accuracy" if use_acc else "loss"
@@ -370,8 +370,8 @@ def assess_fit(epochs: Sequence[EpochRecord], baseline: Baseline | None = None) 
     if underfit and (not overfit or bias >= variance):
         excess = bias - threshold
         reason = (
-            f"training {measure} {last_train} after {n} epochs is {_pct(bias)} of the way from {goal} "
-            f"back to {start} (underfitting above {_pct(threshold)})"
+            f"training {measure} {last_train} after {n} epochs still lacks {_pct(bias)} of the range from "
+            f"{start} to {goal} (underfitting above {_pct(threshold)})"
         )
         if math.isfinite(pace) and pace > 0 and excess / pace <= LEARNING_EPOCHS:
             return report(
