@@ -191,14 +191,16 @@ def log_ticks(lo: float, hi: float, length_px: float, *, min_spacing_px: float) 
 
     d0, d1 = math.floor(l0), math.ceil(l1)
     for mantissas in ((1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 5), (1, 3), (1,)):
-        ticks = [m * 10.0**d for d in range(d0, d1 + 1) for m in mantissas]
+        ticks = [
+            float(f"{m}e{d}") for d in range(d0, d1 + 1) for m in mantissas
+        ]  # 0.3, not 0.30000000000000004
         ticks = [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
         if fits(ticks):
             return ticks
         if len(ticks) < 2:
             break  # sparser sets hold still fewer
     for stride in nice_strides(2):
-        ticks = [10.0**d for d in range(d0, d1 + 1) if d % stride == 0 and lo <= 10.0**d <= hi]
+        ticks = [float(f"1e{d}") for d in range(d0, d1 + 1) if d % stride == 0 and lo <= 10.0**d <= hi]
         if len(ticks) < 2:
             break
         if fits(ticks):
