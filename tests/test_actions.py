@@ -490,3 +490,33 @@ def test_no_dropout_action_for_dropout_called_as_a_function():
     runner.run(steps=5)
     f = _finding(runner, "dropout-too-high")
     assert f.actions == ()
+
+
+# ---------------------------------------------------------------------- exploding-gradients
+def test_gradients_that_grew_in_training_get_the_lr_fix_and_an_explosion_from_init_does_not():
+    from tlwidgets.core.catalog import make_finding
+
+    runner = _lr_too_high_runner(3.0)
+    runner.run(steps=30)
+    grew = make_finding(
+        "exploding-gradients",
+        "the total gradient norm grew 1e3x",
+        step=runner.global_step,
+        params=("<model>",),
+        evidence={"start": 0.1, "recent": 100.0, "growth": 1e3},
+    )
+    grew.first_step = 10
+    labels = [a.label for a in actions_for(runner, grew)]
+    assert len(labels) == 1 and labels[0].startswith("Rewind to step 0 and set lr=")
+    new_lr = float(labels[0].split("=")[1])
+    assert new_lr < 3.0 / 2  # lowered, by the numbers (the lr-too-high action's own choice)
+    lr_high = _finding(runner, "lr-too-high").actions[0].label
+    assert lr_high == labels[0]
+    from_init = make_finding(
+        "exploding-gradients",
+        "from the first steps the gradients are 1e3x the weights",
+        step=runner.global_step,
+        params=("<model>",),
+        evidence={"grad_to_weight": 1e3, "update_ratio": 0.5, "steps": 2},
+    )
+    assert actions_for(runner, from_init) == ()  # the init's scale is the cause; a lower LR hides it

@@ -542,6 +542,16 @@ def _lr_too_high(session: Any, finding: Finding) -> list[Action]:
     return _lr_actions(session, finding, high=True)
 
 
+@register_action("exploding-gradients")
+def _explosion_lr(session: Any, finding: Finding) -> list[Action]:
+    """Gradients that grew by orders of magnitude during training: steps too large for the curvature
+    reached, the LR's fault (rewind to before the growth and lower it). Not for an explosion from
+    initialization (the weights' scale is the cause; a lower LR only hides it)."""
+    if "growth" not in (finding.evidence or {}):
+        return []
+    return _lr_actions(session, finding, high=True)
+
+
 @register_action("lr-too-low")
 def _lr_too_low(session: Any, finding: Finding) -> list[Action]:
     return _lr_actions(session, finding, high=False)
