@@ -175,6 +175,8 @@ def test_a_target_is_drawn_and_judged(dash, callback_errors):
     assert panel.target_box.value == "0.5" and panel.verdict == Verdict.GOOD_FIT.value
     panel.target_box.value = "abc"  # refused in the error area; the target stays
     assert panel.target == 0.5 and d.errors.count == 1 and "must be a number" in d.errors.text
+    panel.target_box.value = "95"  # a percentage is no accuracy
+    assert panel.target == 0.5 and d.errors.count == 2 and "95% is 0.95" in d.errors.text
     callback_errors.records.clear()  # that one was expected
 
 

@@ -307,6 +307,8 @@ class FitPanel(Panel, widgets.VBox):
             ) from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"the target must be a finite number >= 0, got {text!r}")
+        if self.target_box.description == "target acc" and not 0 < value <= 1:
+            raise ValueError(f"a target accuracy is a fraction in (0, 1] (95% is 0.95), got {text!r}")
         self.target = value
 
     def _target_changed(self, change: dict[str, Any]) -> None:
