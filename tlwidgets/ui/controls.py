@@ -86,7 +86,9 @@ class ControlsPanel(Panel, widgets.HBox):
             "Checkpoint", "bookmark", "Remember this point (at a step boundary)", "tlw-checkpoint"
         )
         self.checkpoints = widgets.Dropdown(
-            options=[], layout={"width": "150px"}, tooltip="Checkpoint to rewind to"
+            options=[],
+            layout={"width": "230px"},
+            tooltip="Checkpoint to rewind to (yours and the automatic ones)",
         )
         self.checkpoints.add_class("tlw-checkpoints")
         self.rewind_button = _button("Rewind", "undo", "Restore the chosen checkpoint exactly", "tlw-rewind")
@@ -135,10 +137,11 @@ class ControlsPanel(Panel, widgets.HBox):
         """Offer the session's checkpoints; Checkpoint is enabled at a step boundary only."""
         if not self.can_step:
             return
-        labels = [
-            (f"#{ck.id} step {ck.step}" + (f" {ck.label}" if ck.label else ""), ck)
-            for ck in reversed(session.checkpoints)
-        ]
+        # The user's checkpoints and the runner's automatic ones (before each run and control, every
+        # N steps: what a rewind "to before the damage" wants), newest first.
+        held = [*session.checkpoints, *getattr(session, "auto_checkpoints", ())]
+        held.sort(key=lambda ck: (ck.step, ck.id), reverse=True)
+        labels = [(f"#{ck.id} step {ck.step}" + (f" · {ck.label}" if ck.label else ""), ck) for ck in held]
         self.set_checkpoints(labels, session.stage is Stage.FETCH)
 
     def run_request(self) -> tuple[str, int]:
