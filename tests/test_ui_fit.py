@@ -216,6 +216,32 @@ def test_overfitting_shows_fix_buttons_and_a_click_changes_the_runner(dash):
     assert not any("early stop" in b.description for b in panel.fix_buttons())
 
 
+def test_an_early_stop_clicked_during_a_dashboard_run_pauses_the_run_then_rewinds(dash):
+    import asyncio
+
+    runner = _overfit()
+    d = dash(runner)
+    for _ in range(8):
+        runner.run(epochs=1)
+    d.refresh()
+    best_step = d.fit.report.best_step
+    button = next(b for b in d.fit.fix_buttons() if "early stop" in b.description)
+
+    async def main() -> None:
+        task = d.run("steps", 500)
+        for _ in range(40):  # a few stages into the run (epochs of two steps end in it)
+            await asyncio.sleep(0)
+        assert runner.running and len(runner.history.epochs) > 8  # epochs ended since it was offered
+        button.click()  # a rewind cannot happen mid-run: pause, then apply
+        await task
+        for _ in range(3):
+            await asyncio.sleep(0)  # the done callbacks
+
+    asyncio.run(main())
+    assert not runner.running and runner.global_step == best_step
+    assert "Rewound to the end of epoch" in d.fit.confirmation() and d.errors.count == 0
+
+
 def test_underfitting_offers_a_higher_lr_that_the_click_sets(dash):
     torch.manual_seed(0)
     model = mlp([64, 10])

@@ -534,10 +534,6 @@ def fit_actions(session: Any, report: FitReport) -> tuple[Action, ...]:
     return tuple(out)
 
 
-def _epochs_seen(session: Any) -> int:
-    return len(session.history.epochs)
-
-
 def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
     """Early stopping: back to a checkpoint taken at the best epoch's end (or between two epochs that
     were both as good), when the best epoch is not the last one."""
@@ -556,11 +552,14 @@ def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
     if not chosen:
         return []
     ck = min(chosen, key=lambda c: (abs(c.step - report.best_step), -c.id))
-    seen = _epochs_seen(session)
+    best = next(e for e in epochs if e.step == report.best_step)
 
     def still() -> bool:
+        # Training on (a click during a run applies once it paused) keeps it valid; a rewind past the
+        # best epoch, or the checkpoint thinned away, does not.
         held = [*getattr(session, "checkpoints", ()), *getattr(session, "auto_checkpoints", ())]
-        return _epochs_seen(session) == seen and any(c is ck for c in held)
+        kept = any(e is best for e in session.history.epochs)
+        return kept and session.global_step > ck.step and any(c is ck for c in held)
 
     at = f"the end of epoch {report.best_epoch}" if ck.step == report.best_step else f"step {ck.step}"
     label = f"Rewind to epoch {report.best_epoch} (early stop)"
@@ -570,7 +569,7 @@ def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
         undo = _rewind_keeping(session, ck, shim, label)
         return f"Rewound to {at} ({ck.label or f'checkpoint {ck.id}'}), the best validation{undo}."
 
-    best = (
+    numbers = (
         f"validation accuracy {report.best_val_accuracy:.3g}, loss {report.best_val_loss:.3g}"
         if math.isfinite(report.best_val_accuracy)
         else f"validation loss {report.best_val_loss:.3g}"
@@ -578,7 +577,7 @@ def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
     return [
         Action(
             label,
-            f"Rewind to checkpoint {ck.id} ({at}; best {best}), dropping the epochs that overfit; "
+            f"Rewind to checkpoint {ck.id} ({at}; best {numbers}), dropping the epochs that overfit; "
             "the abandoned run is kept as a checkpoint.",
             "fit",
             FIT_KEY,
