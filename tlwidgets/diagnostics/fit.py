@@ -34,6 +34,10 @@ How the verdict is reached (the thresholds are the constants below):
   recent pace would bring the bias under the threshold within :data:`LEARNING_EPOCHS` epochs is "too
   early" (a slow but healthy run is no false alarm).
 - Both at once: the larger of bias and variance is named (the one worth working on first).
+- Without validation data only underfitting can be named ("no validation" otherwise).
+
+The best epoch (what "rewind to the best epoch" goes back to) is the one with the lowest validation
+loss, what early stopping watches: on a small validation set accuracy moves by single examples.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+# The fit's actions reuse the finding actions' helpers: the same LR from the same numbers, the same
+# rewind that keeps the abandoned run as a checkpoint, the same idea of a usual weight decay.
 from tlwidgets.core.actions import (
     MAX_FACTOR,
     MIN_FACTOR,
