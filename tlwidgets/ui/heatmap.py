@@ -91,6 +91,9 @@ class ColorKey:
         The healthy band (log10) drawn on the key, or None.
     what
         What the value is, for the tooltip and the key ("update/weight").
+    extreme
+        Above the band up to here the rules name the LR only if the loss misbehaves
+        ("fast"); above it, whatever the loss does (log10), or None.
     """
 
     lo: float
@@ -98,6 +101,7 @@ class ColorKey:
     stops: tuple[tuple[float, str], ...]
     band: tuple[float, float] | None
     what: str
+    extreme: float | None = None
 
     @property
     def empty_value(self) -> float:
@@ -167,11 +171,12 @@ def ratio_key(optimizer: Any = None) -> ColorKey:
         (lo, "#9ecae1"),
         (lo, "#a1d99b"),  # the band: light to dark green as the steps grow
         (hi, "#238b45"),
-        (hi, "#fdae61"),  # above the band: too high if the loss rises or jumps ...
-        (extreme, "#d7301f"),  # ... and whatever the loss does
+        (hi, "#fee08b"),  # fast: too high only if the loss also rises or jumps (yellow to orange) ...
+        (extreme, "#fdae61"),
+        (extreme, "#d7301f"),  # ... too high whatever the loss does (red)
         (0.0, "#7f0000"),
     )
-    return ColorKey(-7.0, 0.0, stops, (lo, hi), "update/weight")
+    return ColorKey(-7.0, 0.0, stops, (lo, hi), "update/weight", extreme)
 
 
 def grad_key(lo: float, hi: float) -> ColorKey:
@@ -199,12 +204,20 @@ def legend_html(key: ColorKey, frozen: str = "frozen", empty: str = "no data yet
     band = ""
     if key.band is not None:
         a, b = key.band
-        style = f"margin-left:{100 * (a - key.lo) / span:.1f}%;width:{100 * (b - a) / span:.1f}%"
+        style = f"left:{100 * (a - key.lo) / span:.1f}%;width:{100 * (b - a) / span:.1f}%"
         band = (
             f"<div class='tlw-legend-band' style='{style}' "
             f"title='the band the LR rules treat as healthy: {_power(a)} to {_power(b)}'>"
             f"healthy {_power(a)}–{_power(b)}</div>"
         )
+        if key.extreme is not None:
+            c = key.extreme
+            style = f"left:{100 * (b - key.lo) / span:.1f}%;width:{100 * (c - b) / span:.1f}%"
+            band += (
+                f"<div class='tlw-legend-fast' style='{style}' title='fast: the LR rules name the LR "
+                f"too high if the loss also rises or jumps; above {_power(c)} whatever it does'>fast</div>"
+            )
+        band = f"<div class='tlw-legend-bands'>{band}</div>"
     return (
         "<div class='tlw-legend'>"
         f"<span class='tlw-legend-state tlw-legend-empty' style='background:{EMPTY_COLOR}'>"

@@ -62,14 +62,16 @@ CSS = """
 .tlw-legend-ticks { position: relative; height: 14px; color: #616161; }
 .tlw-legend-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .tlw-heatmap-tooltip { font-size: 12px; background: white; border: 1px solid #bdbdbd; border-radius: 3px; }
-.tlw-marker-tooltip { font-size: 12px; }
-.tlw-legend-band {
+.tlw-legend-bands { position: relative; height: 14px; }
+.tlw-legend-band, .tlw-legend-fast {
+  position: absolute;
   border-top: 2px solid #1f9e50;
   text-align: center;
   color: #1f9e50;
   font-size: 10px;
   white-space: nowrap;
 }
+.tlw-legend-fast { border-top-color: #f4a340; color: #b86e00; }
 .tlw-legend-hint { color: #9e9e9e; margin-left: auto; white-space: nowrap; }
 </style>
 """
