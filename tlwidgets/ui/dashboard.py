@@ -342,12 +342,12 @@ class Dashboard(widgets.VBox):
 
     # ------------------------------------------------------------------ actions (buttons call these)
     def step_stage(self) -> Any:
-        """Run one stage (exact statistics); show its record if a record is open."""
+        """Run one stage (exact statistics) and show its record (what just ran is what one wants to see)."""
         self._require_runner("Step stage")
         rec = self.session.step_stage()
         pipeline = self.panels.get("pipeline")
         stage = getattr(rec, "stage", None)
-        if pipeline is not None and pipeline.shown_stage is not None and stage is not None:
+        if pipeline is not None and stage is not None:
             pipeline.show(stage)
         self.refresh()
         return rec

@@ -106,7 +106,9 @@ def _per_param(names: Sequence[str], columns: dict[str, Any]) -> str:
     rows = []
     for i, n in enumerate(names):
         rows.append([n, *[a[i] if i < len(a) else None for a in arrays.values()]])
-    return table_html(["parameter", *arrays.keys()], rows)
+    more = " (scroll for all)" if len(names) > 8 else ""
+    caption = f"<div><small>{len(names)} parameter tensor(s){more}</small></div>"
+    return caption + table_html(["parameter", *arrays.keys()], rows)
 
 
 def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
@@ -117,10 +119,19 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
     stage = getattr(record, "stage", None)
     name = getattr(stage, "value", str(stage))
     status = getattr(record, "status", "ok")
+    # "step N" is the 1-based optimizer step the stage belongs to, the number the status line shows
+    # once that step is done (record.step counts the steps done before it).
+    how = (
+        "<span title='every element of every tensor was measured'>exact statistics</span>"
+        if record.exact
+        else "<span title='norms are estimated from a fixed sample of each large tensor "
+        "(step a stage alone for exact numbers)'>statistics on a sample</span>"
+    )
     head = (
-        f"<div class='tlw-record-head tlw-record-{esc(status)}'><b>{esc(name)}</b> · step {record.step} · "
+        f"<div class='tlw-record-head tlw-record-{esc(status)}'><b>{esc(name)}</b> · "
+        f"<span title='record.step = {record.step} steps done before it'>step {record.step + 1}</span> · "
         f"epoch {record.epoch} · batch {record.batch} · <b>{esc(status)}</b> · "
-        f"{'exact' if record.exact else 'sampled'} · {1000 * record.duration_s:.2f} ms</div>"
+        f"{how} · {1000 * record.duration_s:.2f} ms</div>"
     )
     parts = [head]
     if record.error is not None:
@@ -170,12 +181,17 @@ def record_html(record: Any, param_names: Sequence[str] = ()) -> str:
         if counts is not None and len(counts):
             counts = np.asarray(counts)
             top = counts.max() or 1
+            # Inline styles: the bars show even where the dashboard's stylesheet is not loaded (a record
+            # rendered on its own, or a front end that drops the <style> element).
             bars = "".join(
-                f"<div class='tlw-bar-row'><span>{i}</span>"
-                f"<span class='tlw-bar' style='width:{80 * c / top:.0f}px'></span><span>{int(c)}</span></div>"
+                f"<div class='tlw-bar-row' style='display:flex;gap:6px;align-items:center;font-size:11px'>"
+                f"<span style='min-width:2em;text-align:right'>{i}</span>"
+                f"<span class='tlw-bar' style='display:inline-block;height:8px;background:#6baed6;"
+                f"width:{max(80 * c / top, 1 if c else 0):.0f}px'></span><span>{int(c)}</span></div>"
                 for i, c in enumerate(counts[:30])
             )
-            parts.append(f"<div><b>labels in this batch</b>{bars}</div>")
+            more = f"<small>(first 30 of {len(counts)} classes)</small>" if len(counts) > 30 else ""
+            parts.append(f"<div><b>labels in this batch</b> <small>(class: count)</small>{bars}{more}</div>")
     elif isinstance(data, ZeroGradFacts):
         parts.append(_kv(take("grads_before", "grads_after")))
         used.add("not_cleared")

@@ -77,7 +77,12 @@ class PipelinePanel(Panel, widgets.VBox):
         self.graph_button.add_class("tlw-graph-toggle")
         self.graph_button.observe(guard("graph toggle")(lambda _c: self._toggle_graph()), names="value")
         self.chip_row.children = (*self.chip_row.children, self.graph_button)
-        self.record_view = widgets.HTML(layout=widgets.Layout(max_height="320px", overflow="auto"))
+        # Tall enough for a small model's parameter table; a border shows where it scrolls.
+        self.record_view = widgets.HTML(
+            layout=widgets.Layout(
+                max_height="480px", overflow="auto", border="1px solid #e0e0e0", padding="4px"
+            )
+        )
         self.record_view.add_class("tlw-record-view")
         self.graph_view = widgets.HTML(
             layout=widgets.Layout(max_height="240px", overflow="auto", display="none")
@@ -182,8 +187,8 @@ class PipelinePanel(Panel, widgets.VBox):
         frozen = [n for n, p in named if not p.requires_grad]
         if self._reach is None:
             self.graph_view.value = (
-                "<i>reachability is measured at LOSS (every stage stepped alone, the first steps, "
-                "then every 50); step to LOSS to see it</i>"
+                "<i>which parameters the loss reaches is measured at the LOSS stage (whenever a stage is "
+                "stepped alone, on the first steps, then every 50): step to LOSS to see it</i>"
             )
             return
         reached = list(self._reach["reached"])

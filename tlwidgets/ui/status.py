@@ -76,9 +76,10 @@ class StatusLine(Panel, widgets.HTML):
         else:
             state = "idle"
         live = host.running or not host.is_runner
+        ran = live or host.last_result is not None
         self.show(
             session,
-            rate=self.rate.rate() if live else host.last_run_rate,
+            rate=(self.rate.rate() if live else host.last_run_rate) if ran else None,
             rate_label="steps/s" if live else "steps/s (last run)",
             tracking_ms=self.tracking.ms_per_step() if timed else None,
             ui_ms=1000.0 * host.ui_seconds / timed if timed else None,
@@ -94,7 +95,7 @@ class StatusLine(Panel, widgets.HTML):
         self,
         session: Any,
         *,
-        rate: float,
+        rate: float | None,
         rate_label: str = "steps/s",
         tracking_ms: float | None,
         ui_ms: float | None,
@@ -109,7 +110,7 @@ class StatusLine(Panel, widgets.HTML):
         stage = getattr(session, "stage", None)
         if stage is not None:
             parts.append(f"next: {stage.value}")
-        parts.append(f"{rate:.1f} {rate_label}")
+        parts.append("– steps/s (no run yet)" if rate is None else f"{rate:.1f} {rate_label}")
         parts.append("tracking –" if tracking_ms is None else f"tracking {tracking_ms:.2f} ms/step")
         parts.append("ui –" if ui_ms is None else f"ui {ui_ms:.2f} ms/step")
         parts.append(state)
