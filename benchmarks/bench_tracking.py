@@ -70,8 +70,23 @@ Budgets (DESIGN.md section 7): default tracking (runner and watch) <= 5% at
 each missed budget. ``--quick`` is a smoke run of the ~1M model only, too short
 to judge: it prints the figures and the budgets but does not enforce them.
 
-Run: ``python benchmarks/bench_tracking.py`` (about 7 minutes on 2 cores;
-``--quick``: under a minute).
+GPU path
+--------
+When a CUDA device exists (``--device auto``, the default; ``--device cuda``
+asks for it alone, ``--device cpu`` skips it), the same four variants run on
+the GPU after the CPU figures: models and batches on the device, each chunk
+timed in wall-clock time between two ``torch.cuda.synchronize()`` calls (CPU
+time does not see the GPU's work; one sync per chunk, none inside it). The
+GPU figures are reported, not held to the CPU budgets of DESIGN.md section 7.
+What is checked there is the property that keeps tracking cheap on a device:
+**no host sync per parameter**. The host syncs of a dense (every step
+measured) Runner step are counted with ``torch.cuda.set_sync_debug_mode``
+for a 3-layer and a 12-layer MLP; a count that grows with the number of
+parameter tensors is a budget miss. Nothing of this runs without CUDA (CI
+has none; ``tests/test_bench_tracking.py`` runs its GPU test only on a GPU).
+
+Run: ``python benchmarks/bench_tracking.py`` (about 15 minutes on 2 shared
+cores; ``--quick``: under a minute; ``--rounds N`` fewer rounds per model).
 """
 
 from __future__ import annotations
@@ -244,16 +259,53 @@ def mlp(width: int, depth: int, d_in: int = 784, d_out: int = 10) -> nn.Sequenti
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def batches(n: int, seed: int = 0) -> list[Batch]:
+def batches(n: int, seed: int = 0, device: str = "cpu") -> list[Batch]:
+    """``n`` batches of 64 random inputs and labels (made on the CPU, from the same seed on every
+    device, then moved: the data do not depend on the device)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(n)]
+    out = [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(n)]
+    return out if device == "cpu" else [(x.to(device), y.to(device)) for x, y in out]
 
 
-def make(width: int, depth: int) -> tuple[nn.Sequential, torch.optim.Optimizer, nn.Module]:
+def make(
+    width: int, depth: int, device: str = "cpu"
+) -> tuple[nn.Sequential, torch.optim.Optimizer, nn.Module]:
     torch.manual_seed(0)
-    model = mlp(width, depth)
+    model = mlp(width, depth).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, opt, nn.CrossEntropyLoss()
+
+
+def devices_to_run(choice: str, cuda_available: bool) -> list[str]:
+    """The devices a run measures: ``auto`` is the CPU, then CUDA when there is one.
+
+    Raises
+    ------
+    ValueError
+        ``choice="cuda"`` without a CUDA device, or an unknown choice.
+    """
+    if choice == "auto":
+        return ["cpu", "cuda"] if cuda_available else ["cpu"]
+    if choice == "cpu":
+        return ["cpu"]
+    if choice == "cuda":
+        if not cuda_available:
+            raise ValueError("--device cuda: no CUDA device here")
+        return ["cuda"]
+    raise ValueError(f"unknown device choice {choice!r} (auto, cpu or cuda)")
+
+
+def syncs_grow_with_params(counts: dict[int, float]) -> bool:
+    """Do the host syncs per step grow with the number of parameter tensors?
+
+    ``counts`` maps a model's number of parameter tensors to its syncs per
+    dense step. A per-parameter ``.item()`` or ``.cpu()`` adds one sync per
+    tensor; fused statistics keep the count the same whatever the depth.
+    """
+    if len(counts) < 2:
+        return False
+    by_size = [counts[k] for k in sorted(counts)]
+    return any(b > a for a, b in zip(by_size, by_size[1:]))
 
 
 def bare_steps(
@@ -294,8 +346,48 @@ class Result:
         return bootstrap_interval(self.times[variant], self.times["bare"])
 
 
-def measure(cfg: Config, rounds: int, min_chunk: int = 100) -> Result:
-    parts = {k: make(cfg.width, cfg.depth) for k in VARIANTS}
+def chunk_clock(device: str) -> Callable[[], float]:
+    """The clock a chunk is timed with: CPU time of this process on the CPU; on a GPU, wall-clock
+    time after ``torch.cuda.synchronize()`` (the queued kernels are the chunk's cost too; one sync
+    at each end of a chunk, none inside it)."""
+    if device == "cpu":
+        return time.process_time
+
+    def clock() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return clock
+
+
+def count_syncs(width: int, depth: int, steps: int = 5, device: str = "cuda") -> float:
+    """Host syncs per step of a dense (every step measured) Runner, counted by CUDA's sync debug mode.
+
+    Every synchronizing call (``.item()``, ``.cpu()``, a ``nonzero``) warns in
+    mode ``"warn"``; the warnings of ``steps`` steps past the first ones
+    (which also run the one-off probes) are counted.
+    """
+    import warnings
+
+    model, opt, loss_fn = make(width, depth, device)
+    runner = tlw.Runner(model, loss_fn, opt, batches(steps + 10, device=device), measure_every=1)
+    try:
+        runner.run(steps=10)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                runner.run(steps=steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message).lower() for w in caught) / steps
+    finally:
+        runner.close()
+
+
+def measure(cfg: Config, rounds: int, min_chunk: int = 100, device: str = "cpu") -> Result:
+    parts = {k: make(cfg.width, cfg.depth, device) for k in VARIANTS}
     n_params = sum(p.numel() for p in parts["bare"][0].parameters())
     rm, ro, rl = parts["runner"]
     dm, do, dl = parts["dense"]
@@ -315,7 +407,7 @@ def measure(cfg: Config, rounds: int, min_chunk: int = 100) -> Result:
         )
     )
     chunk = chunk_steps(period, min_chunk)
-    data = batches(chunk)
+    data = batches(chunk, device=device)
     runner = tlw.Runner(rm, rl, ro, data)
     dense = tlw.Runner(dm, dl, do, data, measure_every=1)
     watcher = tlw.watch(wm, wo, loss_fn=wl)
@@ -353,6 +445,7 @@ def measure(cfg: Config, rounds: int, min_chunk: int = 100) -> Result:
             "dense": lambda: dense.run(steps=chunk),
         }
         times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+        clock = chunk_clock(device)
         gc.collect()
         gc.disable()  # a collection inside one chunk only would be noise
         try:
@@ -360,9 +453,9 @@ def measure(cfg: Config, rounds: int, min_chunk: int = 100) -> Result:
                 # Rotate the order so no variant always follows the same one (cache state, drift within a round).
                 order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
                 for variant in order:
-                    t0 = time.process_time()
+                    t0 = clock()
                     run[variant]()
-                    times[variant].append(time.process_time() - t0)
+                    times[variant].append(clock() - t0)
                 gc.collect()
         finally:
             gc.enable()
@@ -411,6 +504,29 @@ def history_memory() -> dict[str, float]:
     return {"bytes_per_1000_steps": per_1000, "growth_after_full_bytes": growth}
 
 
+def print_result(cfg: Config, r: Result, device: str, limits: dict[str, float] | None) -> None:
+    """One model's table; ``limits`` (budget per variant) None: figures only (the GPU)."""
+    print()
+    print(
+        f"{cfg.label} MLP on {device}, {r.params:,} params: {r.rounds} rounds x {r.chunk} steps per variant "
+        f"(steps {r.start}-{r.start + r.rounds * r.chunk} of each run; chunk = whole schedule periods); "
+        f"exact grad norms every {r.grad_interval} measured step(s)"
+    )
+    print(f"  {'variant':<28} {'ms/step':>8} {'overhead':>9} {'90% interval':>18} {'budget':>7}")
+    for v in VARIANTS:
+        if v == "bare":
+            print(f"  {LABELS[v]:<28} {r.ms_per_step(v):8.2f}")
+            continue
+        lo, hi = r.interval(v)
+        value = r.overhead(v)
+        limit = None if limits is None else limits.get(v)
+        verdict = "" if limit is None else ("  ok" if value <= limit else "  OVER")
+        print(
+            f"  {LABELS[v]:<28} {r.ms_per_step(v):8.2f} {value:+9.1%} "
+            f"{f'[{lo:+.1%}, {hi:+.1%}]':>18} {f'<= {limit:.0%}' if limit is not None else '-':>7}{verdict}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
@@ -419,7 +535,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds per model (default: 8 at ~1M, 4 at ~10M)"
     )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the CPU, then CUDA when there is one (GPU figures reported, sync count checked)",
+    )
     args = parser.parse_args(argv)
+    devices = devices_to_run(args.device, torch.cuda.is_available())
     torch.set_num_threads(1)
     configs = QUICK if args.quick else CONFIGS
     print(f"torch {torch.__version__}, 1 thread, batch 64, SGD momentum, CPU time (process_time)")
@@ -431,32 +554,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     overheads: dict[str, dict[str, float]] = {}
     budgets: dict[str, dict[str, float]] = {}
-    for cfg in configs:
-        r = measure(cfg, args.rounds or cfg.rounds)
-        budgets[cfg.label] = {
-            "runner": cfg.budget_default,
-            "watch": cfg.budget_default,
-            "dense": cfg.budget_dense,
-        }
-        overheads[cfg.label] = {v: r.overhead(v) for v in VARIANTS if v != "bare"}
-        print()
-        print(
-            f"{cfg.label} MLP, {r.params:,} params: {r.rounds} rounds x {r.chunk} steps per variant "
-            f"(steps {r.start}-{r.start + r.rounds * r.chunk} of each run; chunk = whole schedule periods); "
-            f"exact grad norms every {r.grad_interval} measured step(s)"
-        )
-        print(f"  {'variant':<28} {'ms/step':>8} {'overhead':>9} {'90% interval':>18} {'budget':>7}")
-        for v in VARIANTS:
-            if v == "bare":
-                print(f"  {LABELS[v]:<28} {r.ms_per_step(v):8.2f}")
+    extra_misses: list[str] = []
+    for device in devices:
+        if device != "cpu":
+            print()
+            print(f"{device}: wall-clock time, torch.cuda.synchronize() at each end of a chunk; figures only")
+        for cfg in configs:
+            r = measure(cfg, args.rounds or cfg.rounds, device=device)
+            if device != "cpu":
+                print_result(cfg, r, device, None)
                 continue
-            lo, hi = r.interval(v)
-            limit = budgets[cfg.label][v]
-            verdict = "ok" if overheads[cfg.label][v] <= limit else "OVER"
+            budgets[cfg.label] = {
+                "runner": cfg.budget_default,
+                "watch": cfg.budget_default,
+                "dense": cfg.budget_dense,
+            }
+            overheads[cfg.label] = {v: r.overhead(v) for v in VARIANTS if v != "bare"}
+            print_result(cfg, r, device, budgets[cfg.label])
+        if device != "cpu":
+            counts = {}
+            for depth in (3, 12):
+                tensors = 2 * (depth + 1)
+                counts[tensors] = count_syncs(256, depth, device=device)
             print(
-                f"  {LABELS[v]:<28} {r.ms_per_step(v):8.2f} {overheads[cfg.label][v]:+9.1%} "
-                f"{f'[{lo:+.1%}, {hi:+.1%}]':>18} {f'<= {limit:.0%}':>7}  {verdict}"
+                "  host syncs per dense step: "
+                + ", ".join(f"{n} parameter tensors: {c:.1f}" for n, c in sorted(counts.items()))
+                + " (must not grow with the tensors)"
             )
+            if syncs_grow_with_params(counts):
+                extra_misses.append(
+                    f"{device}: host syncs per step grow with the parameter tensors: {counts}"
+                )
     mem = history_memory()
     print()
     print(
@@ -466,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "interpreter noise tolerated)"
     )
     misses = budget_misses(overheads, budgets, mem["bytes_per_1000_steps"], mem["growth_after_full_bytes"])
+    misses += extra_misses
     if args.quick:
         print(
             "quick mode: too few steps to judge; budgets NOT enforced"

@@ -98,3 +98,31 @@ def test_budget_misses_names_each_miss() -> None:
     assert any(m.startswith("~1M Runner, every step measured") for m in misses)
     assert any("MiB per 1,000 steps" in m for m in misses)
     assert any("grows once full" in m for m in misses)
+
+
+def test_devices_to_run_adds_cuda_only_where_there_is_one() -> None:
+    assert bench.devices_to_run("auto", cuda_available=False) == ["cpu"]
+    assert bench.devices_to_run("auto", cuda_available=True) == ["cpu", "cuda"]
+    assert bench.devices_to_run("cpu", cuda_available=True) == ["cpu"]
+    assert bench.devices_to_run("cuda", cuda_available=True) == ["cuda"]
+    with pytest.raises(ValueError):
+        bench.devices_to_run("cuda", cuda_available=False)
+    with pytest.raises(ValueError):
+        bench.devices_to_run("tpu", cuda_available=True)
+
+
+def test_syncs_grow_with_params_flags_a_per_parameter_sync() -> None:
+    assert not bench.syncs_grow_with_params({8: 4.0, 26: 4.0})  # fused: the same count at any depth
+    assert bench.syncs_grow_with_params({8: 12.0, 26: 30.0})  # one more sync per tensor
+    assert not bench.syncs_grow_with_params({8: 4.0})  # one model: nothing to compare
+
+
+def test_the_cpu_chunk_clock_is_cpu_time() -> None:
+    assert bench.chunk_clock("cpu") is bench.time.process_time
+
+
+@pytest.mark.skipif(not bench.torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dense_steps_do_not_sync_per_parameter_on_a_gpu() -> None:  # pragma: no cover - GPU only
+    shallow = bench.count_syncs(64, 3, steps=3)
+    deep = bench.count_syncs(64, 12, steps=3)
+    assert not bench.syncs_grow_with_params({8: shallow, 26: deep}), (shallow, deep)
