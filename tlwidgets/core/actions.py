@@ -37,8 +37,10 @@ __all__ = [
     "TYPICAL_DECAY",
     "Action",
     "actions_for",
+    "is_decoupled_decay",
     "momentum_gain",
     "register_action",
+    "rewind_keeping",
     "suggest_lr",
 ]
 
@@ -439,14 +441,34 @@ def momentum_gain(group: dict[str, Any]) -> float:
     return min(amplification(0.9) / amplification(b), 3.0)
 
 
-def _rewind_keeping(session: Any, ck: Any, finding: Finding, reason: str) -> str:
-    """Rewind to ``ck``; at a step boundary the abandoned run is kept as a checkpoint first (so the
-    fix can be undone). Returns the sentence's tail that says so (empty when it was not kept)."""
+def rewind_keeping(session: Any, checkpoint: Any, reason: str, *, fixing: str) -> str:
+    """Rewind ``session`` to ``checkpoint``, keeping the run it abandons reachable.
+
+    At a step boundary (``session.at_step_boundary``) the state is first kept as a checkpoint of
+    the user's list, labelled ``"before the fix of <fixing>"``, so the fix can be undone; mid-step
+    none can be taken and the rewind alone happens.
+
+    Parameters
+    ----------
+    session
+        A Runner (anything with ``checkpoint()`` and ``rewind(handle, reason=)``).
+    checkpoint
+        The handle to go back to.
+    reason
+        Why (the label of the abandoned branch in the loss plot), e.g. the action's label.
+    fixing
+        What is being fixed (a finding's code, or ``"overfitting"`` for early stopping).
+
+    Returns
+    -------
+    str
+        The tail of the confirmation sentence that says the abandoned run was kept (``""`` when not).
+    """
     undo = ""
-    if session.stage.value == "fetch" and not session._have_batch:
-        here = session.checkpoint(f"before the fix of {finding.code}")
+    if getattr(session, "at_step_boundary", False):
+        here = session.checkpoint(f"before the fix of {fixing}")
         undo = f" (the abandoned run is kept: runner.rewind() to checkpoint {here.id} goes back to it)"
-    session.rewind(ck, reason=reason)
+    session.rewind(checkpoint, reason=reason)
     return undo
 
 
@@ -496,7 +518,9 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
     if ck is not None:
 
         def run_rewind() -> str:
-            undo = _rewind_keeping(session, ck, finding, f"Rewind to step {ck.step} and set lr={new:.2g}")
+            undo = rewind_keeping(
+                session, ck, f"Rewind to step {ck.step} and set lr={new:.2g}", fixing=finding.code
+            )
             session.set_lr(new, group=group)
             return (
                 f"Rewound to step {ck.step} ({ck.label}) and set the LR of {where} to {new:.2g} "
@@ -640,8 +664,8 @@ def _per_epoch(session: Any, finding: Finding) -> list[Action]:
     def run() -> str:
         undo = ""
         if ck is not None:
-            undo = _rewind_keeping(
-                session, ck, finding, f"Rewind to step {ck.step} and step the scheduler per epoch"
+            undo = rewind_keeping(
+                session, ck, f"Rewind to step {ck.step} and step the scheduler per epoch", fixing=finding.code
             )
         session.set_scheduler_interval("epoch")
         lrs = ", ".join(f"{float(g['lr']):.3g}" for g in session.optimizer.param_groups)
@@ -694,8 +718,9 @@ TARGET_DECAY_SHARE = 0.05
 TYPICAL_DECAY = {"coupled": 5e-4, "decoupled": 1e-2}
 
 
-def _decoupled(group: dict[str, Any], optimizer: Any) -> bool:
-    """AdamW-style decay (applied to the weights, scaled by the LR), not added to the gradient."""
+def is_decoupled_decay(group: dict[str, Any], optimizer: Any) -> bool:
+    """Is the weight decay of ``group`` (a param group of ``optimizer``) AdamW-style: applied to the
+    weights and scaled by the LR, rather than added to the gradient (SGD's, Adam's coupled decay)?"""
     return bool(group.get("decoupled_weight_decay")) or type(optimizer).__name__ in ("AdamW", "SGDW", "LAMB")
 
 
@@ -709,7 +734,7 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
     wd = float(groups[group].get("weight_decay", 0) or 0)
     if wd <= 0 or float(ev.get("weight_decay", -1)) != wd:
         return []  # a penalty in the loss (not ours to change), or the decay was changed since
-    kind = "decoupled" if _decoupled(groups[group], session.optimizer) else "coupled"
+    kind = "decoupled" if is_decoupled_decay(groups[group], session.optimizer) else "coupled"
     share = float(ev.get("share", math.nan))
     new = wd * TARGET_DECAY_SHARE / share if math.isfinite(share) and share > 0 else TYPICAL_DECAY[kind]
     new = float(f"{min(new, TYPICAL_DECAY[kind], wd / 10):.2g}")
@@ -728,8 +753,8 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
     def run() -> str:
         undo = ""
         if ck is not None:
-            undo = _rewind_keeping(
-                session, ck, finding, f"Rewind to step {ck.step} and set weight_decay={new:.2g}"
+            undo = rewind_keeping(
+                session, ck, f"Rewind to step {ck.step} and set weight_decay={new:.2g}", fixing=finding.code
             )
         session.set_weight_decay(new, group=group)
         back = f"Rewound to step {ck.step} and set" if ck is not None else "Set"

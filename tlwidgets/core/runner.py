@@ -356,6 +356,12 @@ class Runner(FindingsMixin, ControlsMixin):
         return self._running
 
     @property
+    def at_step_boundary(self) -> bool:
+        """True between steps: the next stage is FETCH and no batch is held (after a fetch that
+        failed, too). Only then can :meth:`checkpoint` capture the state."""
+        return self.stage is Stage.FETCH and not self._have_batch
+
+    @property
     def lrs(self) -> list[float]:
         """Effective learning rate of each optimizer group."""
         return effective_lrs(self.optimizer)

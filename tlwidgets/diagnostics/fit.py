@@ -58,8 +58,8 @@ from tlwidgets.core.actions import (
     MIN_FACTOR,
     TYPICAL_DECAY,
     Action,
-    _decoupled,
-    _rewind_keeping,
+    is_decoupled_decay,
+    rewind_keeping,
     suggest_lr,
 )
 from tlwidgets.core.records import EpochRecord
@@ -569,10 +569,9 @@ def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
 
     at = f"the end of epoch {report.best_epoch}" if ck.step == report.best_step else f"step {ck.step}"
     label = f"Rewind to epoch {report.best_epoch} (early stop)"
-    shim = _FitFinding()
 
     def run() -> str:
-        undo = _rewind_keeping(session, ck, shim, label)
+        undo = rewind_keeping(session, ck, label, fixing="overfitting")
         return f"Rewound to {at} ({ck.label or f'checkpoint {ck.id}'}), the best validation{undo}."
 
     numbers = (
@@ -591,12 +590,6 @@ def _rewind_to_best(session: Any, report: FitReport) -> list[Action]:
             still,
         )
     ]
-
-
-class _FitFinding:
-    """What :func:`~tlwidgets.core.actions._rewind_keeping` reads of a finding (its code)."""
-
-    code = "overfitting"
 
 
 def _good_steps(epochs: Sequence[EpochRecord], report: FitReport) -> set[int]:
@@ -630,7 +623,7 @@ def _raise_weight_decay(session: Any) -> list[Action]:
     for i, g in enumerate(groups):
         if "weight_decay" not in g or not any(p.dim() >= 2 for p in g["params"]):
             continue
-        kind = "decoupled" if _decoupled(g, session.optimizer) else "coupled"
+        kind = "decoupled" if is_decoupled_decay(g, session.optimizer) else "coupled"
         wd = float(g.get("weight_decay") or 0.0)
         usual = TYPICAL_DECAY[kind]
         new = float(f"{max(usual, 10 * wd):.2g}")

@@ -7,6 +7,7 @@ and :class:`Dashboard` wires them to the session's events and controls in one
 place. A panel of your own is one class plus :func:`register_panel`.
 """
 
+from tlwidgets.ui.action_buttons import ActionButtons
 from tlwidgets.ui.controls import ControlsPanel
 from tlwidgets.ui.dashboard import Dashboard
 from tlwidgets.ui.errors import ErrorArea
@@ -24,6 +25,7 @@ from tlwidgets.ui.status import StatusLine
 
 __all__ = [
     "PANELS",
+    "ActionButtons",
     "ControlsPanel",
     "Dashboard",
     "ErrorArea",

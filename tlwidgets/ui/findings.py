@@ -7,7 +7,6 @@ done. Resolved findings are listed after the active ones, greyed (``tlw-finding-
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from typing import Any
 
@@ -15,14 +14,13 @@ import ipywidgets as widgets
 from traitlets import Int
 
 from tlwidgets.core.events import Event
+from tlwidgets.ui.action_buttons import NO_SHRINK, ActionButtons, confirmation_html
 from tlwidgets.ui.panel import Panel, PanelHost
 
 __all__ = ["FindingsPanel"]
 
 #: Most findings listed (the ranked head; the rest are counted).
 MAX_SHOWN = 30
-#: Flex of a card's buttons: as wide as their labels, never squeezed by the card's text.
-NO_SHRINK = "0 0 auto"
 
 
 class FindingsPanel(Panel, widgets.VBox):
@@ -127,10 +125,7 @@ class FindingsPanel(Panel, widgets.VBox):
             keys.append(key)
             self._latest[key] = f
             # The confirmation of what the actions did is part of the card's text (tlw-fix-done).
-            done = "".join(
-                f'<div class="tlw-fix-done">&#10003; {html.escape(line)}</div>'
-                for line in applied.get(key, ())
-            )
+            done = confirmation_html(applied.get(key, ()))
             value = f._repr_html_() + done
             row = self._rows.get(key)
             if row is None:
@@ -141,7 +136,7 @@ class FindingsPanel(Panel, widgets.VBox):
             label = "show setup" if f.step is None else f"show step {f.step}"
             if row.button.description != label:
                 row.button.description = label
-            self._draw_actions(row, key, f)
+            row.fixes.show(getattr(f, "actions", ()) or (), session)
             if getattr(f, "resolved", False):
                 row.box.add_class("tlw-finding-resolved")
             else:
@@ -165,7 +160,7 @@ class FindingsPanel(Panel, widgets.VBox):
 
     def fix_buttons(self, i: int) -> list[widgets.Button]:
         """The action buttons (``tlw-fix``) of the i-th finding listed, first action first."""
-        return list(self._rows[self._order[i]].fixes.children)
+        return self._rows[self._order[i]].fixes.buttons
 
     def confirmation(self, i: int) -> str:
         """The confirmation line(s) of the actions applied on the i-th finding listed (HTML, ``""``
@@ -176,61 +171,21 @@ class FindingsPanel(Panel, widgets.VBox):
         # The card's text takes the room left (it wraps); the buttons never shrink: a label cut off
         # with an ellipsis would hide what the action does ("Rewind to step 0 and set lr=0.044").
         body = widgets.HTML(value, layout=widgets.Layout(flex="1 1 auto"))
-        fixes = widgets.VBox(layout=widgets.Layout(width="auto", align_items="stretch", flex=NO_SHRINK))
-        fixes.add_class("tlw-fixes")
+        fixes = ActionButtons(
+            self._guard, self._applied, where=f"fix {f.code}", host=self._host, vertical=True
+        )
         button = widgets.Button(
             tooltip="Select this finding's step and parameters in the heatmap and loss plot",
             layout=widgets.Layout(width="auto", min_width="90px", flex=NO_SHRINK),
         )
         button.add_class("tlw-finding-select")
         button.on_click(self._guard(f"finding {f.code}")(self._clicked(key)))
-        box = widgets.HBox([body, fixes, button], layout=widgets.Layout(align_items="flex-start"))
+        box = widgets.HBox([body, fixes.box, button], layout=widgets.Layout(align_items="flex-start"))
         box.add_class("tlw-finding-row")
         return _Row(box, body, button, fixes)
 
-    def _draw_actions(self, row: _Row, key: tuple, f: Any) -> None:
-        """One ``tlw-fix`` button per action, rebuilt when the actions offered change."""
-        actions = tuple(getattr(f, "actions", ()) or ())
-        labels = tuple(a.label for a in actions)
-        row.actions = {a.label: a for a in actions}
-        if labels == row.labels:
-            return
-        for b in row.fixes.children:
-            b.close()
-        buttons = []
-        for a in actions:
-            b = widgets.Button(
-                description=a.label,
-                tooltip=a.description,
-                button_style="success",
-                layout=widgets.Layout(width="auto"),
-            )
-            b.add_class("tlw-fix")
-            b.on_click(self._guard(f"fix {f.code}")(self._fix(key, a.label)))
-            buttons.append(b)
-        row.fixes.children = buttons
-        row.labels = labels
-
-    def _fix(self, key: tuple, label: str) -> Callable[[Any], None]:
-        def click(_button: Any) -> None:
-            row = self._rows.get(key)
-            action = row.actions.get(label) if row is not None else None
-            if action is None:
-                raise RuntimeError(f"{label!r} is no longer offered for this finding")
-            task = getattr(self._host, "task", None)
-            if getattr(self._session, "running", False) and task is not None and not task.done():
-                # Pause first; apply once the run task has stopped (after the dashboard's own callback).
-                self._host.pause()
-                later = self._guard(f"fix {label}")(lambda _task: self._apply(action))
-                task.add_done_callback(later)
-                return
-            self._apply(action)
-
-        return click
-
-    def _apply(self, action: Any) -> None:
-        """Apply ``action`` (its confirmation line is kept by the session and drawn) and redraw."""
-        action.apply()
+    def _applied(self) -> None:
+        """An action was applied (its confirmation line is kept by the session): redraw."""
         if self._on_change is not None:
             self._on_change()  # every panel: the session changed
         elif self._session is not None:
@@ -247,13 +202,12 @@ class _Row:
     """The widgets of one finding's card (created once, updated in place)."""
 
     def __init__(
-        self, box: widgets.HBox, body: widgets.HTML, button: widgets.Button, fixes: widgets.VBox
+        self, box: widgets.HBox, body: widgets.HTML, button: widgets.Button, fixes: ActionButtons
     ) -> None:
         self.box, self.body, self.button, self.fixes = box, body, button, fixes
-        self.labels: tuple[str, ...] = ()
-        self.actions: dict[str, Any] = {}
         self.done = ""  # the confirmation lines shown (HTML)
 
     def close(self) -> None:
-        for w in (*self.fixes.children, self.button, self.body, self.fixes, self.box):
+        self.fixes.close()
+        for w in (self.button, self.body, self.box):
             w.close()

@@ -21,7 +21,7 @@ from traitlets import Float, Unicode
 
 from tlwidgets.core.events import Event
 from tlwidgets.diagnostics.fit import FIT_KEY, FitReport, Verdict, fit_actions, fit_report
-from tlwidgets.ui.findings import FindingsPanel
+from tlwidgets.ui.action_buttons import ActionButtons, confirmation_html
 from tlwidgets.ui.panel import Panel, PanelHost
 from tlwidgets.ui.ticks import integer_ticks
 
@@ -56,24 +56,6 @@ def epoch_ticks(first: int, last: int, width_px: float = PLOT_MIN_WIDTH) -> np.n
     """Integer epoch ticks from ``first`` to ``last`` whose labels fit an axis ``width_px`` long
     (:func:`~tlwidgets.ui.ticks.integer_ticks`: round strides, never a fractional epoch)."""
     return np.asarray(integer_ticks(first, last, width_px), dtype=np.float64)
-
-
-class _Offer:
-    """What the findings panel's action-button code reads of a finding: its code and its actions."""
-
-    code = "fit"
-
-    def __init__(self, actions: Sequence[Any]) -> None:
-        self.actions = tuple(actions)
-
-
-class _Row:
-    """The action row the findings panel's button code keeps per finding (here: one, for the fit)."""
-
-    def __init__(self, fixes: widgets.Box) -> None:
-        self.fixes = fixes
-        self.labels: tuple[str, ...] = ()
-        self.actions: dict[str, Any] = {}
 
 
 class FitPanel(Panel, widgets.VBox):
@@ -114,12 +96,6 @@ class FitPanel(Panel, widgets.VBox):
         allow_none=True,
         help="The goal: an accuracy when the epochs measure one, else a loss (None: perfect).",
     )
-
-    # The fix buttons work exactly like those on a finding's card (same code: pause a run first, apply,
-    # redraw); this panel keeps one row of them, for the fit.
-    _draw_actions = FindingsPanel._draw_actions
-    _fix = FindingsPanel._fix
-    _apply = FindingsPanel._apply
 
     @classmethod
     def build(cls, host: PanelHost) -> FitPanel:
@@ -165,10 +141,10 @@ class FitPanel(Panel, widgets.VBox):
             [self.loss_plot.figure, self.acc_plot.figure],
             layout=widgets.Layout(flex_flow="row wrap", width="100%"),
         )
-        self.fixes = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.fixes.add_class("tlw-fixes")
+        # The same buttons as on a finding's card (a click during a run pauses it first), in wrapped rows.
+        self._buttons = ActionButtons(guard, self._applied, where="fix fit", host=host)
+        self.fixes = self._buttons.box
         self.done = widgets.HTML()
-        self._rows = {FIT_KEY: _Row(self.fixes)}
         super().__init__(
             children=[
                 widgets.HBox(
@@ -206,7 +182,7 @@ class FitPanel(Panel, widgets.VBox):
             self._set(self.suggestions, "")
             self._show_plots(False)
             self._drawn = None
-            self._draw_actions(self._rows[FIT_KEY], FIT_KEY, _Offer(()))
+            self._buttons.show((), session)
             self._draw_done(session)
             return
         accuracy = any("accuracy" in (e.train_metrics or {}) for e in epochs)
@@ -235,13 +211,13 @@ class FitPanel(Panel, widgets.VBox):
             self._drawn = key
         self._show_plots(True, accuracy)
         self.actions = fit_actions(session, report)
-        self._draw_actions(self._rows[FIT_KEY], FIT_KEY, _Offer(self.actions))
+        self._buttons.show(self.actions, session)
         self._draw_done(session)
 
     # ------------------------------------------------------------------ what tests and users read
     def fix_buttons(self) -> list[widgets.Button]:
         """The ``tlw-fix`` buttons shown, first action first."""
-        return list(self.fixes.children)
+        return self._buttons.buttons
 
     def confirmation(self) -> str:
         """The confirmation lines of the fixes applied from this panel (HTML; ``""`` when none)."""
@@ -275,8 +251,14 @@ class FitPanel(Panel, widgets.VBox):
 
     def _draw_done(self, session: Any) -> None:
         lines = list(getattr(session, "applied_actions", {}).get(FIT_KEY, ()))[-MAX_DONE_SHOWN:]
-        value = "".join(f'<div class="tlw-fix-done">&#10003; {html.escape(line)}</div>' for line in lines)
-        self._set(self.done, value)
+        self._set(self.done, confirmation_html(lines))
+
+    def _applied(self) -> None:
+        """A fix was applied (its confirmation line is kept by the session): redraw."""
+        if self._on_change is not None:
+            self._on_change()  # every panel: the session changed
+        elif self._session is not None:
+            self.draw(self._session)
 
     def _show_plots(self, on: bool, accuracy: bool = True) -> None:
         self.empty.layout.display = "none" if on else None
