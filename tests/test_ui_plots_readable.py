@@ -278,7 +278,7 @@ def test_the_loss_legend_names_every_series(runner):
         assert loss.figure.legend_location
         named = {m.labels[0]: m for m in (loss.raw, loss.smooth, loss.val)}
         assert named["train loss"].display_legend and loss.raw.display_legend
-        assert loss.smooth.display_legend and loss.smooth.labels[0].startswith("smoothed")
+        assert loss.smooth.display_legend and loss.smooth.labels == ["smoothed"]
         assert loss.val.display_legend and loss.val.labels == ["validation"]
         assert not loss.branches.display_legend  # (no rewind: no abandoned timeline to name)
     finally:

@@ -42,9 +42,11 @@ TIMEOUT_MS = 60_000
 #: The notebook's MLP: three Linear layers, a weight and a bias each (param i is DOM row i).
 N_PARAMS = 6
 FROZEN_ROWS = [2, 3]  # 2.weight and 2.bias, frozen through the toggle of module "2"
-#: The heatmap shows the newest 50 measured steps; a frozen row or a step not taken is this grey.
+#: The heatmap shows the newest 50 measured steps; a frozen row is this grey.
 HEATMAP_STEPS = 50
 GREY = "#d0d0d0"
+#: A cell without data (a step not taken yet) is white (tlwidgets.ui.heatmap.EMPTY_COLOR).
+EMPTY = "#ffffff"
 #: The loss line holds every step up to this many (then it is decimated).
 LOSS_MAX_POINTS = 1500
 
@@ -349,8 +351,8 @@ def test_dashboard_in_voila(lab):
     page.locator("button.tlw-step").click()
     expect(page.locator(".tlw-status")).to_contain_text(at_step(1), timeout=TIMEOUT_MS)
     # One measured step: bqplot squeezes a one-column grid away, so the heatmap pads a second
-    # column for the step not taken yet, grey like a frozen row.
-    lab.expect_heatmap(page.locator(".tlw-heatmap"), rows=N_PARAMS, columns=2, grey=GREY, grey_columns=[1])
+    # column for the step not taken yet, white (empty), not the grey of a frozen row (#16).
+    lab.expect_heatmap(page.locator(".tlw-heatmap"), rows=N_PARAMS, columns=2, grey=EMPTY, grey_columns=[1])
     # No kernel access from the test here to read the raw loss colour: after one step exactly two
     # lines hold data, the raw and the smoothed loss, one point each (the others are empty).
     curves = lab.poll(

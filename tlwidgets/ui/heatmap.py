@@ -217,6 +217,11 @@ def legend_html(key: ColorKey, frozen: str = "frozen", empty: str = "no data yet
                 f"<div class='tlw-legend-fast' style='{style}' title='fast: the LR rules name the LR "
                 f"too high if the loss also rises or jumps; above {_power(c)} whatever it does'>fast</div>"
             )
+        style = f"left:0;width:{100 * (a - key.lo) / span:.1f}%"
+        band += (
+            f"<div class='tlw-legend-slow' style='{style}' title='slow: the LR rules name the LR too low "
+            "only if the loss also barely moves (a converged run takes small steps)'>slow</div>"
+        )
         band = f"<div class='tlw-legend-bands'>{band}</div>"
     return (
         "<div class='tlw-legend'>"
@@ -386,7 +391,7 @@ class HeatmapPanel(Panel, widgets.VBox):
                 "log10 of the update/weight ratio (green: the band the LR rules call healthy)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "128px"},
+            style={"button_width": "104px"},
             layout=widgets.Layout(flex="0 0 auto", width="auto"),
         )
         self.switch.add_class("tlw-heatmap-switch")
@@ -525,6 +530,14 @@ class HeatmapPanel(Panel, widgets.VBox):
         self.values, self.states = values, states
         frozen = {n for n, p in session.named_params if not p.requires_grad}
         color = self.paint(log10_safe(values), states)
+        # The step labels go first, with a blank for the columns about to leave: the browser's
+        # axis formats the ticks of a changed column domain with the labels it holds, and any
+        # step missing from them is written out in full (labels piled up at the newest steps).
+        shown = set(ordinal_labels([int(v) for v in steps], PLOT_MIN_WIDTH, font_px=TICK_FONT_PX))
+        labels = {str(int(v)): "" for v in self._columns}
+        labels.update({str(int(v)): (str(int(v)) if int(v) in shown else "") for v in steps})
+        if labels != self.col_axis.tick_labels:
+            self.col_axis.tick_labels = labels
         with self.grid.hold_sync():
             # colour first: bqplot validates column against the current colour's shape
             self.grid.color = color
@@ -534,10 +547,6 @@ class HeatmapPanel(Panel, widgets.VBox):
         if frozen != self._frozen:
             self._frozen = frozen
             self.row_axis.tick_labels = self._row_labels(frozen)
-        shown = set(ordinal_labels([int(v) for v in steps], PLOT_MIN_WIDTH, font_px=TICK_FONT_PX))
-        labels = {str(int(v)): (str(int(v)) if int(v) in shown else "") for v in steps}
-        if labels != self.col_axis.tick_labels:
-            self.col_axis.tick_labels = labels
         title = self._title_text(steps, states)
         if title != self.title.value:
             self.title.value = title

@@ -231,6 +231,9 @@ class LossPanel(Panel, widgets.VBox):
         )
         self.x_axis = bq.Axis(scale=self.x, label="step", grid_lines="none", tick_format="d")
         self.y_axis = bq.Axis(scale=self.y, side="left", label="loss", grid_lines="dashed")
+        # bqplot sizes the legend box at 1em (16px) per character of the longest label, from the
+        # right edge: labels stay short ("smoothed", not "smoothed (mean of 13)") or the box
+        # covers the start of the curve.
         self.figure = bq.Figure(
             marks=[
                 self.branches,
@@ -301,9 +304,6 @@ class LossPanel(Panel, widgets.VBox):
                 self.raw.marker = marker
         with self.smooth.hold_sync():
             self.smooth.x, self.smooth.y = steps[::stride], smooth[::stride]
-            label = f"smoothed (mean of {window})" if window > 1 else "smoothed"
-            if self.smooth.labels != [label]:
-                self.smooth.labels = [label]
         val = hist.val_loss
         val_y = val[:, 1] if len(val) else np.zeros(0)
         if log:

@@ -55,6 +55,8 @@ CSS = """
 .tlw-fix { font-size: 12px; }
 .tlw-fix-done { color: #2e7d32; font-size: 12px; padding: 0 8px 4px 12px; }
 .tlw-legend { display: flex; align-items: flex-start; gap: 8px; font-size: 11px; margin-left: 130px; }
+/* ipywidgets' HTML content has a 28px line height: absolutely placed key labels would overflow. */
+.tlw-legend, .tlw-legend * { line-height: 14px; }
 .tlw-legend-none, .tlw-legend-state { padding: 0 6px; border-radius: 2px; line-height: 12px; }
 .tlw-legend-state { border: 1px solid #bdbdbd; white-space: nowrap; }
 .tlw-legend-scale { flex: 0 0 260px; }
@@ -62,8 +64,9 @@ CSS = """
 .tlw-legend-ticks { position: relative; height: 14px; color: #616161; }
 .tlw-legend-ticks span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .tlw-heatmap-tooltip { font-size: 12px; background: white; border: 1px solid #bdbdbd; border-radius: 3px; }
+.tlw-heatmap-tooltip, .tlw-heatmap-tooltip * { line-height: 16px; }
 .tlw-legend-bands { position: relative; height: 14px; }
-.tlw-legend-band, .tlw-legend-fast {
+.tlw-legend-band, .tlw-legend-fast, .tlw-legend-slow {
   position: absolute;
   border-top: 2px solid #1f9e50;
   text-align: center;
@@ -72,6 +75,7 @@ CSS = """
   white-space: nowrap;
 }
 .tlw-legend-fast { border-top-color: #f4a340; color: #b86e00; }
+.tlw-legend-slow { border-top-color: #6baed6; color: #2171b5; }
 .tlw-legend-hint { color: #9e9e9e; margin-left: auto; white-space: nowrap; }
 </style>
 """
