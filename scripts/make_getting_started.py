@@ -290,6 +290,10 @@ first = runner.findings[0]
 assert first.code == "non-finite-loss" and "head.0" in first.params, "the NaN is traced to LogFeatures (head.0)\"""",
     ),
     (
+        "code",
+        """tlw.Dashboard(runner)  # the LOSS chip is red; the finding's "show step" opens the record that caught it""",
+    ),
+    (
         "md",
         """## 6. Overfit one batch, and find a learning rate
 
@@ -308,7 +312,8 @@ weights_before = [p.detach().clone() for p in model.parameters()]
 overfit = overfit_one_batch(runner, steps=60)
 print(overfit)
 assert overfit.passed, "a model that works drives the loss on one batch to nearly zero"
-sweep = lr_range_test(runner, start_lr=1e-5, end_lr=1.0, num_steps=60)
+sweep_view = tlw.Dashboard(runner, parts=["lr"])  # the LR tab alone: its "LR range test" button runs this
+sweep = sweep_view.lr.range_test(start_lr=1e-5, end_lr=1.0, num_steps=60)  # = lr_range_test(runner, ...)
 print(f"suggested learning rate: {sweep.suggestion:.1e}")
 assert 1e-4 < sweep.suggestion < 1e-1, "a sensible AdamW learning rate, far from both ends of the sweep"
 restored = optimizer.param_groups[0]["lr"] == 1e-3 and all(
@@ -316,6 +321,10 @@ restored = optimizer.param_groups[0]["lr"] == 1e-3 and all(
 )
 print("weights and learning rate restored:", restored)
 assert restored, "both checks put the weights and the optimizer back\"""",
+    ),
+    (
+        "code",
+        """sweep_view  # loss against the learning rate on a log axis; the dashed line is the suggestion""",
     ),
     (
         "md",
