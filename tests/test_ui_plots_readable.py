@@ -340,6 +340,8 @@ def test_control_labels_at_one_step_are_merged_and_close_ones_do_not_pile_up(das
     # labels (rotated: one text line wide) are at least a line apart at the figure's least width
     per_px = lossmod.PLOT_MIN_WIDTH / (loss.x.max - loss.x.min)
     assert (xs[1] - xs[0]) * per_px >= LINE_EM * lossmod.MARKER_FONT_PX
+    # every control step keeps its line
+    assert sorted(np.asarray(loss.markers.x)[:, 0].tolist()) == [1.0, 2.0, 42.0]
     # the full text is in the marker heads, shown on hover
     names = list(loss.marker_heads.names)
     assert "freeze 0" in names[0] and "unfreeze 0" in names[0] and "set_lr 0.02" in names[0]

@@ -391,7 +391,7 @@ class HeatmapPanel(Panel, widgets.VBox):
                 "log10 of the update/weight ratio (green: the band the LR rules call healthy)",
                 "log10 of the gradient norm",
             ],
-            style={"button_width": "104px"},
+            style={"button_width": "128px"},
             layout=widgets.Layout(flex="0 0 auto", width="auto"),
         )
         self.switch.add_class("tlw-heatmap-switch")

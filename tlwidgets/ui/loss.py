@@ -395,13 +395,14 @@ class LossPanel(Panel, widgets.VBox):
     def _draw_markers(
         self, controls: list[Any], lo: float, hi: float, x_lo: float, x_hi: float, data: bool
     ) -> None:
-        """A line per control step, one label per group of controls too close to label apart.
+        """A line per control step (``markers``), one label per group of controls too close to label apart.
 
         Controls at the same step are one label ("freeze head · set_lr 0.01"); labels whose
         rotated text would touch (closer than a line of text at the figure's least width) are
         merged into the newest one with "+N more". Each label is cut to the plot's height;
         the marker heads hold the full text for the hover.
         """
+        line_xs, line_colors = np.zeros(0), ["#757575"]
         if not (controls and data):
             xs, texts, full, colors = np.zeros(0), [], [], ["#757575"]
         else:
@@ -431,10 +432,13 @@ class LossPanel(Panel, widgets.VBox):
                 )
                 colors.append(MARKER_COLORS.get(by_step[last][-1].kind, "#757575"))
             xs = np.array(xs_list)
+            # Every control step keeps its line; only the labels are merged.
+            line_xs = np.array(sorted(by_step), dtype=np.float64)
+            line_colors = [MARKER_COLORS.get(by_step[s][-1].kind, "#757575") for s in sorted(by_step)]
         with self.markers.hold_sync():
-            self.markers.x = np.stack([xs, xs], axis=1) if len(xs) else np.zeros((0, 2))
-            self.markers.y = np.array([[lo, hi]] * len(xs), dtype=np.float64).reshape(-1, 2)
-            self.markers.colors = colors
+            self.markers.x = np.stack([line_xs, line_xs], axis=1) if len(line_xs) else np.zeros((0, 2))
+            self.markers.y = np.array([[lo, hi]] * len(line_xs), dtype=np.float64).reshape(-1, 2)
+            self.markers.colors = line_colors
         with self.marker_labels.hold_sync():
             self.marker_labels.x = xs
             self.marker_labels.y = np.full(len(xs), lo)
