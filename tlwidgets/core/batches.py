@@ -339,6 +339,19 @@ def describe(
         if info[path]["dtype"].startswith(("float", "bfloat")):
             info[path].update(mean=row[2], std=row[3])
     batch_size = next((int(v["shape"][0]) for v in info.values() if v["shape"]), None)
+    structure = _structure(inputs) if not isinstance(inputs, torch.Tensor) else "Tensor"
+    if not stats:  # no values read: no label counts, scale or NaN count (what follows derives them)
+        return {
+            "structure": structure,
+            "batch_size": batch_size,
+            "tensors": info,
+            "label_counts": None,
+            "non_finite": None,
+            "input_std": None,
+            "input_absmax": None,
+            "exact": exact,
+            "measured": stats,
+        }
     label_counts = None
     if (
         stats
@@ -363,7 +376,7 @@ def describe(
     ]
     ranged = [v for v in float_inputs if math.isfinite(v["min"]) and math.isfinite(v["max"])]
     return {
-        "structure": _structure(inputs) if not isinstance(inputs, torch.Tensor) else "Tensor",
+        "structure": structure,
         "batch_size": batch_size,
         "tensors": info,
         "label_counts": label_counts,

@@ -387,6 +387,18 @@ class Recorder:
         """BACKWARD facts from the gradients now (``when`` ends the finding's message: where or what then)."""
         with self.guarded(rec, "the gradients"):
             grad, grad_exact = self.tracker.measure_grads(exact)
+            if np.isfinite(grad).all():
+                # The common case, every measured step: a finite norm for every parameter means every
+                # one has a gradient (a missing one reads NaN) and none is NaN/Inf, so the lists below
+                # are empty and the total is the plain norm of the norms (the same float64 dot).
+                rec.data.update(
+                    grad_norm=grad,
+                    grad_exact=grad_exact,
+                    total_grad_norm=float(np.sqrt(grad.dot(grad))),
+                    missing_grad=[],
+                    non_finite_grad=[],
+                )
+                return
             params = self.tracker.params
             names = self.session.param_names
             trainable = np.fromiter((p.requires_grad for p in params), dtype=bool, count=len(params))
@@ -477,14 +489,17 @@ class Recorder:
         with self.guarded(rec, "the update"):
             update, weight = numbers["update_norm"], numbers["weight_norm"]
             names = self.session.param_names
-            frozen = [not p.requires_grad for p in self.tracker.params]
+            # Python floats: comparing numpy scalars one by one costs several times more.
+            moved = [u > 0 for u in np.asarray(update, dtype=np.float64).tolist()]
             rec.data.update(
                 update_norm=update,
                 weight_norm=weight,
                 update_ratio=update_ratio(update, weight),
                 update_exact=update_exact,
-                changed=[n for n, u in zip(names, update) if u > 0],
-                frozen_changed=[n for n, u, f in zip(names, update, frozen) if f and u > 0],
+                changed=[n for n, m in zip(names, moved) if m],
+                frozen_changed=[
+                    n for n, m, p in zip(names, moved, self.tracker.params) if m and not p.requires_grad
+                ],
             )
 
     def announce_step(
@@ -505,8 +520,16 @@ class Recorder:
         return summary
 
 
+#: ``torch.float32`` -> ``"float32"``, built once per dtype (read on every measured step).
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
+    dtype = t.dtype
+    got = _DTYPE_NAMES.get(dtype)
+    if got is None:
+        got = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return got
 
 
 def _probability_facts(out: torch.Tensor) -> dict[str, Any]:
