@@ -251,7 +251,8 @@ class ParamStats:
         if exact is None:
             exact = self.schedule.due()
         grads = [p.grad for p in self.params]
-        if exact and None not in grads:
+        # (Not `None in grads`: that compares each tensor with None through torch's __eq__.)
+        if exact and all(g is not None for g in grads):
             # The common case (every parameter has a gradient): one fused norm pass and one transfer,
             # without the index bookkeeping below (this runs on every measured step).
             t0 = time.perf_counter()
