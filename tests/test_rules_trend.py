@@ -468,3 +468,24 @@ def test_binomial_tail_matches_a_direct_sum() -> None:
     p = np.array([0.1, 0.5, 0.9])
     direct = [sum(comb(12, k) * q**k * (1 - q) ** (12 - k) for k in range(10, 13)) for q in p]
     assert binom_tail(12, p, 10) == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lr_too_low_with_momentum_where_the_loss_stays_at_a_guess(seed):
+    """SGD with momentum 0.9 at lr 1e-4 on the digits MLP: steps of ~2e-4 of the weights (inside the
+    old band, so no finding came) while the loss stays at a uniform guess and accuracy at chance. Named
+    lr-too-low, and its action repairs the run to 0.9x the healthy twin's accuracy."""
+    from tlwidgets import zoo
+
+    parts = zoo.get("mlp-digits").build(seed, data_seed=seed)
+    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=1e-4, momentum=0.9)
+    runner = tlw.Runner(**parts)
+    runner.run(epochs=2)
+    assert runner.evaluate()["accuracy"] < 0.3  # at chance (0.1): the bug is real
+    first = runner.findings[0]
+    assert first.code == "lr-too-low"
+    first.actions[0].apply()
+    runner.run(epochs=3)
+    twin = zoo.get("mlp-digits").runner(seed, data_seed=seed)
+    twin.run(epochs=5)
+    assert runner.evaluate()["accuracy"] >= 0.9 * twin.evaluate()["accuracy"]

@@ -92,6 +92,18 @@ LR_LOW_FASTEST = 3e-4
 #: ... or (with several groups) this fraction of the other groups' median ratio.
 LR_GROUP_LAG = 1e-2
 LR_LOW_MIN_STEPS = 20
+#: A group is also too slow with steps up to 10x LR_LOW_RATIO (the fastest matrix below
+#: LR_LOW_STUCK_FASTEST) when the loss has not moved at all: after LR_STUCK_MIN_STEPS measured steps
+#: it is within LOSS_STUCK of its start or, for a class loss, no better than a uniform guess. (SGD
+#: with momentum 0.9 at lr 1e-4 on digits: ratio ~2e-4, loss 2.36 -> 2.35 over 46 steps, accuracy at
+#: chance.) A healthy run at such ratios moves its loss by more than 1% in 40 steps, or started far
+#: below a guess (a pretrained model).
+LR_LOW_STUCK_RATIO = 3e-4
+LR_LOW_STUCK_FASTEST = 1e-3
+LOSS_STUCK = 0.99
+#: ... a class loss still at least this fraction of the uniform guess's (ln C) counts as not moved.
+LOSS_GUESS = 0.97
+LR_STUCK_MIN_STEPS = 40
 #: A group whose LR is below this fraction of its peak so far was lowered on purpose (a schedule
 #: decaying, a plateau reduction): tiny steps then are the schedule's, judged by scheduler-too-fast.
 LR_DECAYED = 0.1
@@ -380,16 +392,23 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         # on their own, and vectors' steps say little about the LR (a norm gain's gradient fades
         # first as the loss nears its floor; a too-low LR there alone does not hold training back).
         vectors_only = gi not in with_matrices and bool(with_matrices - {gi})
+        fastest = _fastest(ratio[:, cols]) if r < LR_LOW_STUCK_RATIO else math.inf
+        low = r < LR_LOW_RATIO and fastest < LR_LOW_FASTEST
+        stuck_band = r < LR_LOW_STUCK_RATIO and fastest < LR_LOW_STUCK_FASTEST and n >= LR_STUCK_MIN_STEPS
         if (
             not held_back
             and not vectors_only
-            and r < LR_LOW_RATIO
-            and _fastest(ratio[:, cols]) < LR_LOW_FASTEST
+            and (low or stuck_band)
             and n >= LR_LOW_MIN_STEPS
             and math.isfinite(loss0)
             and loss0 > 0
         ):
             recent = nanmedian(tail(h, "loss", 10))
+            if not low:  # steps in the stuck band only: a loss that has not moved at all, at a guess
+                chance = _chance_loss(s)
+                guessing = recent > LOSS_GUESS * chance if chance is not None else recent > LOSS_STUCK * loss0
+                if not guessing:
+                    continue
             # A run that converged (the loss fell to a small fraction of its start) is not held back by
             # its LR, unless that LR was cut by an order of magnitude during the run.
             cut = gi < len(run_peaks) and lrs[gi] < LR_CUT * run_peaks[gi]
