@@ -109,7 +109,10 @@ def integer_ticks(
     if last < first:
         return []
     span = hi - lo
-    for stride in nice_strides():
+    # No stride below the one at which even one-character labels would touch (a lower bound, so
+    # the search skips only strides that cannot fit: a long run has thousands of steps).
+    least = (label_width("0", font_px) + gap_px) * span / max(width_px, 1e-9)
+    for stride in nice_strides(max(1, math.ceil(least))):
         start = math.ceil(first / stride) * stride
         ticks = list(range(start, last + 1, stride))
         if len(ticks) <= 1:
@@ -147,7 +150,8 @@ def ordinal_labels(
     band = width_px / n
     diffs = {b - a for a, b in zip(values, values[1:])}
     spacing = diffs.pop() if len(diffs) == 1 else None
-    for k in nice_strides():
+    least = (label_width("0", font_px) + gap_px) / band  # below this even one-character labels touch
+    for k in nice_strides(max(1, math.ceil(least))):
         picked: list[int] = []
         if spacing is not None and spacing > 0:
             offset = values[0] % spacing
