@@ -57,8 +57,7 @@ CSS = """
 .tlw-legend { display: flex; align-items: flex-start; gap: 8px; font-size: 11px; margin-left: 130px; }
 /* ipywidgets' HTML content has a 28px line height: absolutely placed key labels would overflow. */
 .tlw-legend, .tlw-legend * { line-height: 14px; }
-.tlw-legend-none, .tlw-legend-state { padding: 0 6px; border-radius: 2px; line-height: 12px; }
-.tlw-legend-state { border: 1px solid #bdbdbd; white-space: nowrap; }
+.tlw-legend-state { padding: 0 6px; border-radius: 2px; border: 1px solid #bdbdbd; white-space: nowrap; }
 .tlw-legend-scale { flex: 0 0 260px; }
 .tlw-legend-bar { height: 12px; border-radius: 2px; }
 .tlw-legend-ticks { position: relative; height: 14px; color: #616161; }
