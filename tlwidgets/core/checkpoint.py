@@ -234,6 +234,9 @@ class AutoCheckpoints:
     often wants) and the newest always stay; of the others, the one whose
     neighbours are closest in steps goes, so the kept ones stay spread over
     the run (dense recently, sparse long ago, never all bunched at the end).
+    The newest checkpoint added as the best validation one (:attr:`best`,
+    what early stopping rewinds to) is never the one thinned away: when only
+    it and the ends are left, the oldest other one goes (the newest wins).
 
     Parameters
     ----------
@@ -249,6 +252,7 @@ class AutoCheckpoints:
         self.keep = keep
         self.max_bytes = max_bytes
         self.items: list[Checkpoint] = []
+        self._best: Checkpoint | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -266,8 +270,20 @@ class AutoCheckpoints:
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.items)
 
-    def add(self, ck: Checkpoint) -> None:
-        """Keep ``ck`` (newest) and thin the others down to the bounds."""
+    @property
+    def best(self) -> Checkpoint | None:
+        """The newest checkpoint added with ``best=True`` while it is kept (``None`` otherwise): the
+        state at the end of the epoch with the best validation loss so far."""
+        return self._best if any(c is self._best for c in self.items) else None
+
+    def add(self, ck: Checkpoint, *, best: bool = False) -> None:
+        """Keep ``ck`` (newest) and thin the others down to the bounds.
+
+        ``best``: ``ck`` holds the best validation so far; it replaces :attr:`best` and is kept
+        through the thinning (the one it replaces is thinned like any other).
+        """
+        if best:
+            self._best = ck
         self.items.append(ck)
         self.items.sort(key=lambda c: (c.step, c.id))
         sizes = {c.id: c.nbytes for c in self.items}
@@ -278,12 +294,14 @@ class AutoCheckpoints:
             self.items.clear()
 
     def _victim(self) -> Checkpoint:
-        items = self.items
-        if len(items) <= 2:  # (keep=1, or a tight byte budget) the newest wins
-            return items[0]
-        # The interior checkpoint whose removal leaves the smallest gap (ties: the older).
-        gaps = [items[i + 1].step - items[i - 1].step for i in range(1, len(items) - 1)]
-        return items[1 + int(np.argmin(gaps))]
+        items, best = self.items, self.best
+        # The interior checkpoint whose removal leaves the smallest gap (ties: the older), never the best.
+        inner = [i for i in range(1, len(items) - 1) if items[i] is not best]
+        if inner:
+            gaps = [items[i + 1].step - items[i - 1].step for i in inner]
+            return items[inner[int(np.argmin(gaps))]]
+        # (keep=1 or 2, or a tight byte budget) the newest wins, unless the oldest is the best.
+        return next(c for c in items if c is not best)
 
     def drop_after(self, step: int) -> None:
         """Forget those taken after ``step`` (a rewind abandoned their timeline)."""

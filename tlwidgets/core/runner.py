@@ -142,11 +142,14 @@ class Runner(FindingsMixin, ControlsMixin):
         :attr:`auto_checkpoints` (labelled ``"auto: before run"``, ``"auto: before
         set_lr"``, ``"auto: step 300"``): at the start of :meth:`run` (unless one
         holds this very state), before each control change made at a step
-        boundary, and every ``auto_checkpoint_every`` steps (0: not
-        periodically). At most ``auto_checkpoints`` are kept (0: none taken) and
+        boundary, every ``auto_checkpoint_every`` steps (0: not
+        periodically), and at each epoch end whose validation loss is the best
+        so far (``"auto: best validation (epoch 3)"``: what the fit panel's
+        early stop rewinds to). At most ``auto_checkpoints`` are kept (0: none taken) and
         at most ``auto_checkpoint_memory`` times the model's state size in
-        bytes; the oldest and newest stay and the others are thinned so they
-        stay spread over the run (see :class:`AutoCheckpoints`). Never taken
+        bytes; the oldest, the newest and the newest best-validation one stay and
+        the others are thinned so they stay spread over the run (see
+        :class:`AutoCheckpoints`). Never taken
         for a one-shot ``train_data``, which cannot rewind, nor on a GPU when
         one would take over 10% of its free memory. They are what a
         finding's "rewind to before the damage" action finds when the user
@@ -1031,8 +1034,25 @@ class Runner(FindingsMixin, ControlsMixin):
         self.history.add_epoch(record)
         self.last_record = record
         self._publish(self._diagnose("on_epoch", record))
+        if self._best_validation(record):
+            # Before the EPOCH listeners run: a control they change is then made after this state.
+            self._auto_checkpoint(f"best validation (epoch {record.epoch + 1})", best=True)
         self.events.emit(Event.EPOCH, record)
         return record
+
+    def _best_validation(self, record: EpochRecord) -> bool:
+        """Is ``record`` (the newest epoch) the best so far by validation loss, the lowest of the
+        epochs kept (a rewind drops the abandoned ones), first on a tie, as the fit verdict counts?"""
+
+        def val_loss(e: EpochRecord) -> float:  # NaN: not comparable (no validation, or not finite)
+            usable = e.val_loss is not None and math.isfinite(float(e.train_loss))
+            return float(e.val_loss) if usable and e.val_loss is not None else math.nan
+
+        now = val_loss(record)
+        if not math.isfinite(now):
+            return False
+        earlier = [val_loss(e) for e in self.history.epochs if e is not record]
+        return all(now < v for v in earlier if not math.isnan(v))
 
     def _cut_short(self, record: EpochRecord) -> None:
         """A one-shot source ended right after it raised: the epoch lost its remaining batches."""
@@ -1201,7 +1221,9 @@ class Runner(FindingsMixin, ControlsMixin):
         """Changes when the training state may have: a step, an epoch end, a control change."""
         return (self.global_step, self.epoch, self._changes)
 
-    def _auto_checkpoint(self, why: str, *, once_per_step: bool = False) -> Checkpoint | None:
+    def _auto_checkpoint(
+        self, why: str, *, once_per_step: bool = False, best: bool = False
+    ) -> Checkpoint | None:
         """Take an automatic checkpoint (see the ``auto_checkpoints`` option), when one is useful.
 
         Not for a one-shot source (no rewind), mid-step (``checkpoint()`` works at a boundary
@@ -1211,6 +1233,8 @@ class Runner(FindingsMixin, ControlsMixin):
         breaking the step. ``once_per_step``: none either when one was taken at this step already,
         whatever changed since (controls in a row, like an LR slider dragged, share the state from
         before the first: one copy per tick would lag the slider and crowd out the older ones).
+        ``best``: the best validation so far, kept through the thinning
+        (:meth:`AutoCheckpoints.add`).
         """
         if (
             self.auto_checkpoints.keep == 0
@@ -1238,7 +1262,7 @@ class Runner(FindingsMixin, ControlsMixin):
             self.auto_checkpoints.items.clear()
             return None
         ck.auto = True
-        self.auto_checkpoints.add(ck)
+        self.auto_checkpoints.add(ck, best=best)
         self._ck_mark = self._state_mark()
         return ck
 
