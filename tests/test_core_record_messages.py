@@ -60,3 +60,21 @@ def test_records_start_over_after_a_rewind_with_the_same_message():
     runner.rewind(ck)
     with pytest.raises(RecordMissing, match=r"records hold the stages run since the step's FETCH \(none\)"):
         runner.records[tlw.Stage.STEP]
+
+
+def test_a_nan_traced_to_a_module_without_parameters_names_its_class():
+    """#16 point 10: the NaN finding said "head.0" for a parameterless LogFeatures module."""
+    import torch
+    from torch import nn
+
+    class LogFeatures(nn.Module):
+        def forward(self, x):
+            return torch.log(x)  # ReLU outputs are often exactly 0 -> -inf
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Sequential(LogFeatures(), nn.Linear(8, 3)))
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    runner = tlw.Runner(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), data)
+    runner.run(steps=2)
+    f = next(f for f in runner.findings if f.code == "non-finite-loss")
+    assert f.params == ("2.0",)
+    assert "first appears in 2.0 (LogFeatures)" in f.message

@@ -373,9 +373,15 @@ class Recorder:
                 origin = "the model's input"
             if origin is None and where and not where.get("output_non_finite") and "error" not in where:
                 origin = "the loss function"
+        # Name the module's class too: the module may hold no parameters (a LogFeatures in a
+        # Sequential reads "head.0"), and its class is what the user wrote.
+        kind = ""
+        if origin and model is not None:
+            module = dict(model.named_modules()).get(origin)
+            kind = f" ({type(module).__name__})" if module is not None else ""
         return make_finding(
             "non-finite-loss",
-            f"the loss is {value}" + (f"; it first appears in {origin}" if origin else ""),
+            f"the loss is {value}" + (f"; it first appears in {origin}{kind}" if origin else ""),
             step=rec.step,
             stage=Stage.LOSS,
             params=(origin,) if origin else (),
