@@ -281,6 +281,7 @@ def test_the_loss_legend_names_every_series(runner):
         assert loss.smooth.display_legend and loss.smooth.labels == ["smoothed"]
         assert loss.val.display_legend and loss.val.labels == ["validation"]
         assert not loss.branches.display_legend  # (no rewind: no abandoned timeline to name)
+        assert loss.figure.legend_location == "top-right"
     finally:
         d.close()
         r.close()
@@ -416,3 +417,28 @@ def test_lr_plot_has_axis_labels_and_named_series(dash, runner, monkeypatch):
     assert lr.curve.labels == ["loss", "smoothed"]
     ticks = list(lr.x_axis.tick_values)
     assert len(ticks) >= 3 and all(math.log10(t).is_integer() for t in ticks)
+
+
+def test_a_legend_too_wide_for_the_right_edge_starts_from_the_left():
+    # bqplot's box is 16 px per character from the right edge: a branch label of 40 characters
+    # would start it left of the plot
+    assert lossmod.legend_location(["train loss", "smoothed", "validation"]) == "top-right"
+    assert lossmod.legend_location(["before: Rewind to step 0 and set lr=0.044"]) == "bottom-left"
+    r = _runner(lr=0.5)
+    d = tlw.Dashboard(r)
+    try:
+        start = r.checkpoint("start")
+        r.set_lr(100.0)  # the abandoned run: far too high an LR, the loss explodes
+        r.run(steps=6)
+        r.rewind(start, reason="Rewind to step 0 and set lr=0.05")
+        r.set_lr(0.05)
+        r.run(steps=3)
+        d.refresh()
+        assert d.loss.branches.display_legend
+        assert d.loss.figure.legend_location == "bottom-left"
+        # the abandoned run blew up: it leaves the plot at the top instead of flattening this run
+        branch = np.asarray(d.loss.branches.y, dtype=float)
+        assert np.nanmax(branch) > 10 * d.loss.y.max >= np.nanmax(d.loss.raw.y)
+    finally:
+        d.close()
+        r.close()

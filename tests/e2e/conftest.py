@@ -26,6 +26,7 @@ Environment overrides: ``TLW_CHROMIUM`` (browser path), ``TLW_E2E_ARTIFACTS`` (s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,8 @@ KERNEL_READY_TIMEOUT_S = 90.0
 RUN_ALL_TIMEOUT_S = 180.0
 VOILA_TIMEOUT_S = 90.0
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+#: Notebook 7 (the ``notebook`` package) adds ``/notebooks/<path>`` to the same server.
+HAS_NOTEBOOK7 = importlib.util.find_spec("notebook") is not None
 
 # Notebooks under tests/e2e/ are browser-test fixtures, not nbval tests.
 collect_ignore_glob = ["notebooks/*", "artifacts/*"]
@@ -234,7 +237,11 @@ class JupyterServer:
             "--LabApp.expose_app_in_browser=True",
             f"--LabApp.user_settings_dir={self.base / 'user-settings'}",
             f"--LabApp.workspaces_dir={self.base / 'workspaces'}",
-        ]
+        ] + (
+            # Notebook 7 exposes window.jupyterapp only when asked (its own flag), so that
+            # ``Lab.execute`` reads kernel state there as in Lab.
+            ["--JupyterNotebookApp.expose_app_in_browser=True"] if HAS_NOTEBOOK7 else []
+        )
 
     def start(self, timeout: float = SERVER_START_TIMEOUT_S, attempts: int = 3) -> None:
         ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -463,6 +470,35 @@ class Lab:
         page = self.new_page()
         self._paths[id(page)] = rel
         url = f"{self.server.url}/lab/tree/{urllib.parse.quote(rel)}?token={self.server.token}"
+        page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
+        page.wait_for_function(
+            "() => window.jupyterapp !== undefined && window.jupyterapp.shell !== undefined",
+            timeout=timeout * 1000,
+        )
+        page.evaluate("async () => { await window.jupyterapp.restored; }")
+        page.evaluate(_JS_FIND_PANEL)
+        page.wait_for_function(_JS_KERNEL_READY, arg=rel, timeout=timeout * 1000, polling=100)
+        return page
+
+    def open_notebook7(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        extra_files: Sequence[Path] = (),
+        timeout: float = KERNEL_READY_TIMEOUT_S,
+    ) -> Any:
+        """Like ``open_notebook``, in Notebook 7 (``/notebooks/<path>``) instead of JupyterLab.
+
+        Skips (fails in CI) when the ``notebook`` package is not installed. ``execute`` works on
+        the page; drive the notebook itself through its menu, as a person does.
+        """
+        if not HAS_NOTEBOOK7:
+            require_or_skip("Notebook 7 is not installed (pip install 'notebook>=7')")
+        rel = self.add_notebook(path, name, extra_files)
+        page = self.new_page()
+        self._paths[id(page)] = rel
+        url = f"{self.server.url}/notebooks/{urllib.parse.quote(rel)}?token={self.server.token}"
         page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
         page.wait_for_function(
             "() => window.jupyterapp !== undefined && window.jupyterapp.shell !== undefined",

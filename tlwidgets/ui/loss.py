@@ -16,7 +16,7 @@ from tlwidgets.core.events import Event
 from tlwidgets.ui.panel import Panel, PanelHost
 from tlwidgets.ui.ticks import CHAR_EM, LINE_EM, integer_ticks, log_ticks
 
-__all__ = ["MARKER_COLORS", "LossPanel", "moving_average", "robust_range"]
+__all__ = ["MARKER_COLORS", "LossPanel", "legend_location", "moving_average", "robust_range"]
 
 #: Marker colour per control kind.
 MARKER_COLORS = {
@@ -65,11 +65,11 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def robust_range(core: np.ndarray, extra: np.ndarray, *, log: bool = False) -> tuple[float, float, float]:
     """``(lo, hi, top)``: the y range to show and the value above which ``extra`` points are off scale.
 
-    ``core`` (the training curves) is always shown whole: a spike of the training loss is the
-    story, not an outlier. ``extra`` values (validation points) widen the range unless one lies
-    more than ``OFF_SCALE`` times the core's range above it (a single validation loss of 326.8
-    over a training loss near 2 would flatten the curve): those are off scale. ``log``: the same
-    in log10 space (values must be > 0).
+    ``core`` (the training curve) is always shown whole: a spike of the training loss is the
+    story, not an outlier. ``extra`` values (validation points, abandoned timelines) widen the
+    range unless one lies more than ``OFF_SCALE`` times the core's range above it (a single
+    validation loss of 326.8 over a training loss near 2 would flatten the curve): those are off
+    scale. ``log``: the same in log10 space (values must be > 0).
     """
     f = np.log10 if log else (lambda v: v)
     core = core[np.isfinite(core)]
@@ -310,8 +310,10 @@ class LossPanel(Panel, widgets.VBox):
             val_y = np.where(val_y > 0, val_y, np.nan)
         branch_x, branch_y = self._draw_branches(hist, window)
         finite = loss[np.isfinite(loss)]
-        core = np.concatenate([finite, branch_y])
-        lo, hi, top = robust_range(core, val_y, log=log)
+        # The current run sets the range; validation points and abandoned timelines widen it unless
+        # far above (a branch that blew up to 1e16 would flatten the run that replaced it: its line
+        # leaves the plot at the top, which tells the story).
+        lo, hi, top = robust_range(finite, np.concatenate([val_y, branch_y]), log=log)
         if hi <= lo:  # one value: a band around it
             lo, hi = (lo / 2, hi * 2) if log else (lo - max(abs(lo), 1.0) * 0.1, hi + max(abs(hi), 1.0) * 0.1)
         off = np.isfinite(val_y) & (val_y > top)
@@ -479,9 +481,24 @@ class LossPanel(Panel, widgets.VBox):
             self.branches.labels = labels
             self.branches.colors = shades
             self.branches.display_legend = bool(xs)
+        location = legend_location([*labels, *self.raw.labels, *self.smooth.labels, *self.val.labels])
+        if self.figure.legend_location != location:
+            self.figure.legend_location = location
         if not xs:
             return np.zeros(0), np.zeros(0)
         return x2[np.isfinite(x2)], y2[np.isfinite(y2)]
+
+
+def legend_location(labels: list[str]) -> str:
+    """Where the legend goes: top right (clear of a falling loss) while it fits there, else bottom left.
+
+    bqplot draws the legend box (1 em = 16 px per character of the longest label, plus 2) leftward
+    from the right edge: a label too long for the plot's least width (a branch's "before: Rewind
+    to step 0 and set lr=0.044") would push the legend past the left edge, out of sight. From the
+    left it starts inside the plot, and bottom left is the corner a falling loss leaves empty.
+    """
+    longest = max((len(t) for t in labels), default=0)
+    return "top-right" if (longest + 2) * 16 <= PLOT_MIN_WIDTH else "bottom-left"
 
 
 def _short(text: str, limit: int = 28) -> str:
