@@ -105,15 +105,18 @@ class LossPanel(Panel, widgets.VBox):
 
     - The legend (``display_legend`` true, ``labels``): ``raw`` "train loss",
       ``smooth`` "smoothed", ``val`` "validation" (once there is a point),
-      ``branches`` "before: ..." (after a rewind).
+      ``branches`` "before: ..." (after a rewind); ``figure.legend_location``
+      "top-right", or "bottom-left" while a label is too long to fit from the
+      right (:func:`legend_location`).
     - ``x_axis.tick_values``: integer steps only, chosen by
       :func:`tlwidgets.ui.ticks.integer_ticks` so labels never touch at the
       figure's least width; ``x`` scale ``min``/``max`` span at least two
       steps (one step shows its point, ``raw.marker`` is set while the points
       are few).
-    - ``y`` scale ``min``/``max``: the training curves whole plus validation
-      points unless one is far above (:func:`robust_range`); those sit on the
-      top edge and ``off_scale`` labels them with their value.
+    - ``y`` scale ``min``/``max``: the training curve whole plus validation
+      points and abandoned timelines unless far above (:func:`robust_range`);
+      such validation points sit on the top edge and ``off_scale`` labels them
+      with their value (a branch line leaves the plot at the top).
     - ``marker_labels.text``: one label per control step (controls at the same
       or nearly the same step merged, "+N more"), truncated to the plot's
       height; ``marker_heads`` (a Scatter at the top of each marker line) holds
