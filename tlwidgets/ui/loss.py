@@ -259,6 +259,9 @@ class LossPanel(Panel, widgets.VBox):
             display_toolbar=False,
             legend_location="top-right",
             legend_text={"font-size": "10px"},
+            # No border: bqplot's box is far wider than its text (16 px per character), and its
+            # edge reads as one more line across the plot.
+            legend_style={"stroke": "none"},
         )
         self.figure.add_class("tlw-loss-figure")
         self.log_y = widgets.Checkbox(
