@@ -153,7 +153,8 @@ def click_step_stage(page, lab, board, clicks: int, session: str) -> list[str]:
         expect(button).to_be_enabled(timeout=TIMEOUT_MS)
         button.click()
         stage = lab.execute(page, f"print(({session}).stage.value)").strip().splitlines()[-1]
-        expect(current).to_contain_text(stage, timeout=TIMEOUT_MS)
+        if board.locator(".tlw-stage").count():  # a dashboard of some parts may have no chips
+            expect(current).to_contain_text(stage, timeout=TIMEOUT_MS)
         seen.append(stage)
     return seen
 
