@@ -103,11 +103,24 @@ def take_dashboard(harness, server, browser, out: Path) -> Path:
         row = json.loads(kernel_print(page, rel, f"print(runner.param_names.index({SELECTED!r}))", harness))
         cells = dash.locator(".tlw-heatmap g.heatmaprow").nth(row).locator("rect.heatmapcell")
         cells.nth(cells.count() - 1).click()
-        dash.locator(".tlw-param-history svg path.line").first.wait_for(state="attached")
+        history = dash.locator(".tlw-param-history")
+        history.locator("svg text", has_text=SELECTED).first.wait_for(state="visible")
+        # Drawn, not only attached: a curve with its points, in a figure laid out on the page.
+        history.evaluate(
+            """async (root) => {
+              const drawn = () => Array.from(root.querySelectorAll('.curve path.line')).some((p) =>
+                (p.getAttribute('d') || '').split(/[ML]/).length > 10
+                && p.getBoundingClientRect().width > 50);
+              for (let i = 0; i < 600 && !drawn(); i++) await new Promise((r) => setTimeout(r, 50));
+              if (!drawn()) throw new Error('the parameter history was not drawn');
+            }"""
+        )
         dash.locator(".tlw-tabs .lm-TabBar-tab", has_text="Freeze").click()
         dash.locator("[class*='tlw-freeze']").first.wait_for(state="visible")
         page.mouse.move(1, 1)  # no hover tooltip in the picture
         page.evaluate("() => document.fonts.ready")
+        # Let bqplot's transitions end (two animation frames after the last redraw).
+        page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
         # The dashboard whole, below Lab's toolbar (an element screenshot shows what covers it).
         page.evaluate(
             """() => { const s = document.querySelector('.jp-WindowedPanel-outer, .jp-Notebook');
