@@ -662,3 +662,20 @@ def test_clipping_too_strong_at_a_healthy_lr_is_still_first() -> None:
     w = _clipped_digits(1e-3, 1e-4)
     got = [f.code for f in problems(w)]
     assert got and got[0] == "grad-clipping-too-strong" and "lr-too-high" not in got, got
+
+
+def test_an_lr_cut_on_a_converged_run_is_not_too_low():
+    """A run at 0.1% of its starting loss whose LR is then cut 50x is done, not held back: lr-too-low
+    said "the loss barely moved (1.237 -> 1.8e-05)" (seen in a browser check; fails on the old rule)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 10)
+    y = x[:, :3].argmax(1)  # learnable labels: the run converges
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    runner = tlw.Runner(model, torch.nn.CrossEntropyLoss(), opt, data)
+    runner.run(steps=800)
+    assert runner.history.loss[-10:].mean() < 1e-2 * runner.history.loss[0]  # converged
+    runner.set_lr(0.001)
+    runner.run(steps=600)
+    assert "lr-too-low" not in [f.code for f in runner.findings]

@@ -721,7 +721,9 @@ TYPICAL_DECAY = {"coupled": 5e-4, "decoupled": 1e-2}
 def is_decoupled_decay(group: dict[str, Any], optimizer: Any) -> bool:
     """Is the weight decay of ``group`` (a param group of ``optimizer``) AdamW-style: applied to the
     weights and scaled by the LR, rather than added to the gradient (SGD's, Adam's coupled decay)?"""
-    return bool(group.get("decoupled_weight_decay")) or type(optimizer).__name__ in ("AdamW", "SGDW", "LAMB")
+    name = type(optimizer).__name__
+    # A substring for AdamW: fused and third-party variants (FusedAdamW, AdamWScheduleFree) decouple too.
+    return bool(group.get("decoupled_weight_decay")) or "AdamW" in name or name in ("SGDW", "LAMB")
 
 
 @register_action("over-regularization")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from tlwidgets.core.actions import is_decoupled_decay
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 from tlwidgets.diagnostics.derived import PURE_P_VALUE, PURE_SHARE  # noqa: F401 (PURE_P_VALUE: public threshold)
@@ -118,6 +119,9 @@ LOSS_BARELY_MOVED = 0.95
 #: highest it had (a set_lr typo late in a run that had learned): then the LR makes the steps tiny.
 LOSS_CONVERGED = 0.05
 LR_CUT = 0.1
+#: ... but a loss below this fraction of its start is converged even after such a cut: little is
+#: left for a higher LR to gain (an LR cut 50x on a run at 1e-5 of its starting loss was called too low).
+LOSS_DONE = 1e-2
 #: scheduler-too-fast: LR at or below this fraction of its peak counts as collapsed, ...
 SCHED_COLLAPSE = 1e-2
 #: ... for at least this share of the steps so far (schedules that end at zero spend the last
@@ -412,7 +416,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             # A run that converged (the loss fell to a small fraction of its start) is not held back by
             # its LR, unless that LR was cut by an order of magnitude during the run.
             cut = gi < len(run_peaks) and lrs[gi] < LR_CUT * run_peaks[gi]
-            converged = _converged(loss0, recent) and not cut
+            converged = _converged(loss0, recent) and (not cut or recent < LOSS_DONE * loss0)
             # Barely moved since the start, or (an LR lowered late in a run) no improvement over the
             # window that stands out of the batch-to-batch noise while the weights hardly change.
             barely = recent > LOSS_BARELY_MOVED * loss0 or (
@@ -423,8 +427,10 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
             lagging = bool(others) and r < LR_GROUP_LAG * float(np.median(others)) and not converged
             if barely or lagging:
                 params = ctx.stable_params("lr-too-low", names, f"g{gi}")
-                if barely:
+                if barely and recent > LOSS_BARELY_MOVED * loss0:
                     how = f"the loss barely moved ({loss0:.4g} -> {recent:.4g})"
+                elif barely:  # fell earlier, stalled at this LR: say that, not "barely moved"
+                    how = f"the loss stopped improving at {recent:.4g} (from {loss0:.4g} at the start)"
                 else:
                     how = f"the other groups move {float(np.median(others)) / r:.3g}x faster"
                 found.append(
@@ -972,10 +978,6 @@ def dead_relu(ctx: RuleContext) -> list[Finding]:
 
 
 # ================================================================================ regularization
-def _decoupled(optimizer: Any, group: dict) -> bool:
-    return bool(group.get("decoupled_weight_decay")) or "AdamW" in type(optimizer).__name__
-
-
 @rule("over-regularization", ["over-regularization"], "trend", every=20)
 def over_regularization(ctx: RuleContext) -> list[Finding]:
     """Weight decay outpulls the data gradient: the weights shrink and the loss stays near its start."""
@@ -1045,7 +1047,7 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
                 )
             continue
         with np.errstate(divide="ignore", invalid="ignore"):
-            if _decoupled(s.optimizer, group):
+            if is_decoupled_decay(group, s.optimizer):
                 lr = lrs[:, gi : gi + 1] if gi < lrs.shape[1] else np.full((w, 1), np.nan)
                 share = nanmedian(np.where(up_all[:, cols] > 0, lr * wd * wn / up_all[:, cols], np.nan))
                 what = "the decay term makes up"
@@ -1059,7 +1061,7 @@ def over_regularization(ctx: RuleContext) -> list[Finding]:
             names = [s.param_names[i] for i in cols]
             amount = (
                 f"{share:.0%} of each update"
-                if _decoupled(s.optimizer, group)
+                if is_decoupled_decay(group, s.optimizer)
                 else f"{share:.2g}x the data gradient"
             )
             params = ctx.stable_params("over-regularization", names, f"g{gi}")
