@@ -92,3 +92,27 @@ def test_a_closed_watchers_controls_are_not_clickable():
     assert d.freeze.bn_stats.disabled and d.freeze.next_button.disabled
     assert all(b.layout.display == "none" for b in d.freeze.add_buttons.values())
     d.close()
+
+
+def test_lr_groups_name_their_modules_and_the_tensors_the_model_no_longer_holds():
+    """#16 point 10: a group listing 7,290 params for a 6,645-param model, with no word why (the old
+    head replaced after the optimizer was built is still in it), and groups without names."""
+    from tlwidgets.ui.lr import group_owners
+
+    runner = zoo.get("head-not-in-optimizer").runner(0)
+    old_head = sum(
+        p.numel()
+        for p in runner.optimizer.param_groups[0]["params"]
+        if all(p is not q for _, q in runner.named_params)
+    )
+    assert old_head > 0  # the setup: the optimizer still holds the replaced head
+    d = tlw.Dashboard(runner)
+    assert group_owners(runner) == [("backbone", old_head)]
+    text = d.lr.infos[0].value
+    assert "backbone" in text and f"{old_head:,} of them not in the model" in text
+    _finding(runner, "param-not-in-optimizer").actions[0].apply()
+    d.refresh()
+    assert group_owners(runner)[1] == ("head", 0)
+    assert "head" in d.lr.infos[1].value and "not in the model" not in d.lr.infos[1].value
+    d.close()
+    runner.close()

@@ -15,7 +15,7 @@ from traitlets import Float
 from tlwidgets.ui.panel import LRFollowingPanel, PanelHost
 from tlwidgets.ui.ticks import MIN_GAP_PX, label_width, log_ticks
 
-__all__ = ["LRPanel"]
+__all__ = ["LRPanel", "group_owners"]
 
 #: Slider range, as powers of ten.
 LOG_MIN, LOG_MAX = -7.0, 1.0
@@ -176,6 +176,7 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
         sched = getattr(session, "scheduler", None)
         bases = getattr(sched, "base_lrs", None) if sched is not None else None
         counts = [sum(p.numel() for p in g["params"]) for g in groups]
+        owners = group_owners(session)
         self._updating = True
         try:
             for i, (g, slider, info) in enumerate(zip(groups, self.sliders, self.infos)):
@@ -185,7 +186,16 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
                 text = f"<small>effective <b>{lr:.3e}</b>"
                 if isinstance(bases, list) and i < len(bases):
                     text += f" · schedule base {float(bases[i]):.2e} ({type(sched).__name__})"
-                text += f" · {counts[i]:,} params</small>"
+                text += f" · {counts[i]:,} params"
+                names, stale = owners[i]
+                if names:
+                    text += f" · {html.escape(names)}"
+                if stale:
+                    # A layer replaced after the optimizer was built: its old tensors are still updated.
+                    why = "tensors the model no longer holds (a layer replaced after the optimizer was built)"
+                    stale_text = f"{stale:,} of them not in the model"
+                    text += f" · <span class='tlw-lr-stale' title='{why}'>{stale_text}</span>"
+                text += "</small>"
                 if info.value != text:
                     info.value = text
         finally:
@@ -266,3 +276,23 @@ class LRPanel(LRFollowingPanel, widgets.VBox):
 
 def _clamp(lr: float) -> float:
     return float(min(max(lr, 10**LOG_MIN), 10**LOG_MAX))
+
+
+def group_owners(session: Any) -> list[tuple[str, int]]:
+    """Per optimizer group: the model's top-level modules whose parameters it holds (``"backbone,
+    head"``; ``"-"`` for none) and how many of its elements belong to no parameter of the model."""
+    name_of = {id(p): n for n, p in session.named_params}
+    out = []
+    for g in session.optimizer.param_groups:
+        tops: dict[str, int] = {}
+        stale = 0
+        for p in g["params"]:
+            n = name_of.get(id(p))
+            if n is None:
+                stale += p.numel()
+            else:
+                top = n.split(".")[0] if "." in n else "<model>"
+                tops[top] = tops.get(top, 0) + 1
+        names = ", ".join(tops) if len(tops) <= 4 else ", ".join(list(tops)[:4]) + f" +{len(tops) - 4}"
+        out.append((names, stale))
+    return out
