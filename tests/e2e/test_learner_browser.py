@@ -166,10 +166,12 @@ def test_cell_by_cell_with_step_clicks(lab, record_property):
     """Issue #16, point 1: every cell of GettingStarted succeeds however the learner clicked.
 
     The notebook is run one code cell at a time (each finishes before the next starts). After
-    each cell that displays a dashboard whose runner can step, that dashboard's *Step stage* is
-    clicked once or twice (alternately), and the test waits until the highlighted stage chip
-    moves on, so the following cells meet a runner left mid-step. No cell may produce an error
-    output (read from the cell models), and no output area may show a Python traceback on stderr.
+    every cell, the newest dashboard displayed so far whose runner can step gets one or two
+    *Step stage* clicks (alternately): the one the cell just displayed, or the one the following
+    cells share a runner with. Each click is confirmed by reading the runner's stage in the
+    kernel and waiting until the highlighted chip names it, so the next cell meets a runner left
+    mid-step. No cell may produce an error output (read from the cell models), and no output
+    area may show a Python traceback on stderr.
     """
     import time
 
@@ -177,8 +179,9 @@ def test_cell_by_cell_with_step_clicks(lab, record_property):
     page = lab.open_notebook(GETTING_STARTED)
     path = lab.notebook_path(page)
     cells = page.evaluate(_JS_CODE_CELLS, path)
-    clicked: dict[int, list[str]] = {}
+    clicked: dict[int, list[str]] = {}  # cell index -> stages after the clicks that followed it
     failures: list[str] = []
+    latest = None  # (cell index, dashboard locator, kernel expression of its runner)
     n_clicks = 1
     for index, source in cells:
         result = page.evaluate(_JS_RUN_CELL, [path, index, int(CELL_TIMEOUT_S * 1000)])
@@ -189,18 +192,18 @@ def test_cell_by_cell_with_step_clicks(lab, record_property):
         if result["errors"]:
             failures.append(f"cell {index} ({source.splitlines()[0][:60]!r}): " + "; ".join(result["errors"]))
             break  # later cells depend on this one
-        if not shows_dashboard(lab, page, result["count"]):
+        if shows_dashboard(lab, page, result["count"]):
+            board = page.locator(f'[data-tlw-cell="{index}"] .tlw-dashboard')
+            board.wait_for(state="visible", timeout=TIMEOUT_MS)
+            button = board.locator("button.tlw-step-stage")
+            # A watcher's dashboard cannot step (its button is hidden or disabled).
+            if button.count() and button.is_visible() and button.is_enabled():
+                latest = (index, board, f"Out[{result['count']}].session")
+        if latest is None:
             continue
-        board = page.locator(f'[data-tlw-cell="{index}"] .tlw-dashboard')
-        board.wait_for(state="visible", timeout=TIMEOUT_MS)
-        button = board.locator("button.tlw-step-stage")
-        # A watcher's dashboard cannot step (its button is hidden), a dashboard of some parts
-        # only (the LR tab) has none.
-        if not button.count() or not button.is_visible() or button.is_disabled():
-            clicked[index] = []
-            continue
-        session = f"Out[{result['count']}].session"
-        clicked[index] = click_step_stage(page, lab, board, n_clicks, session)
+        board_index, board, session = latest
+        stages = click_step_stage(page, lab, board, n_clicks, session)
+        clicked[index] = [f"dashboard of cell {board_index}: " + " -> ".join(stages)]
         n_clicks = 3 - n_clicks  # 1, 2, 1, 2 ...
     stderr = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
     tracebacks = [t for t in stderr.all_inner_texts() if "Traceback" in t or "Error" in t.split("\n")[-1]]
@@ -209,7 +212,8 @@ def test_cell_by_cell_with_step_clicks(lab, record_property):
     record_property("clicks", json.dumps(clicked))
     assert not failures, "cells failed after Step-stage clicks:\n" + "\n".join(failures)
     assert not tracebacks, "tracebacks on stderr:\n" + "\n---\n".join(tracebacks)
-    assert sum(bool(v) for v in clicked.values()) >= 4, f"too few dashboards were clicked: {clicked}"
+    boards_clicked = {v[0].split(":")[0] for v in clicked.values()}
+    assert len(boards_clicked) >= 4, f"too few dashboards were clicked: {clicked}"
 
 
 # The tutorial's dashboards, read in the kernel: they are the cells' results (``Out``), in
