@@ -256,7 +256,8 @@ def test_run_all_plots_are_readable(lab, record_property):
     """Issue #16, points 4, 6 and 7, checked in every dashboard of GettingStarted after Run All.
 
     (a) No two tick labels of any drawn bqplot axis (heatmap, loss, LR range test, whatever the
-    dashboard shows) overlap or touch: their rendered text boxes have a gap between them.
+    dashboard shows, and the figures of each tab, opened one by one: the fit panel's) overlap or
+    touch: their rendered text boxes have a gap between them.
     (b) Each loss plot (``.tlw-loss``) that draws a curve shows a legend naming its series
     ("train loss" at least).
     (c) Hovering a measured heatmap cell shows the bqplot tooltip holding the heatmap's tooltip
@@ -287,6 +288,7 @@ def test_run_all_plots_are_readable(lab, record_property):
 
     problems: list[str] = []
     states_seen: set[str] = set()
+    tab_axes: list = []
     checked = {"axes": 0, "labels": 0, "legends": 0, "tooltips": 0, "heatmaps": 0}
     for i, info in enumerate(kernel["boards"]):
         board = boards.nth(i)
@@ -298,14 +300,36 @@ def test_run_all_plots_are_readable(lab, record_property):
         if loss.count():
             loss.locator("svg g.axis").first.wait_for(state="attached", timeout=TIMEOUT_MS)
 
-        # (a) tick labels, every axis drawn in this dashboard.
-        for axis in board.evaluate(_JS_AXIS_LABELS):
-            checked["axes"] += bool(axis["labels"])
-            checked["labels"] += len(axis["labels"])
-            for a, b in touching(axis["labels"]):
-                problems.append(
-                    f"{where}: {axis['owner']} axis {axis['label']!r}: labels {a!r} and {b!r} touch"
-                )
+        # (a) tick labels, every axis drawn in this dashboard, then in each of its tabs (a figure
+        # in a hidden tab is laid out when its tab is shown).
+        def check_axes(tab: str = "", board=board, where=where, seen_axes=set()) -> None:  # noqa: B006
+            axes = lab.poll(
+                lambda: (board.evaluate(_JS_AXIS_LABELS), time.sleep(0.2), board.evaluate(_JS_AXIS_LABELS)),
+                lambda pair: pair[0] == pair[2],  # laid out: two reads 0.2 s apart agree
+                timeout=5,
+                interval=0,
+            )[2]
+            tab_axes.append((where, tab, [(a["owner"], a["label"], len(a["labels"])) for a in axes]))
+            for axis in axes:
+                key = (axis["owner"], axis["label"], tuple(label["text"] for label in axis["labels"]))
+                if not axis["labels"] or key in seen_axes:
+                    continue
+                seen_axes.add(key)
+                checked["axes"] += 1
+                checked["labels"] += len(axis["labels"])
+                for a, b in touching(axis["labels"]):
+                    problems.append(
+                        f"{where}{tab}: {axis['owner']} axis {axis['label']!r}: labels {a!r} and {b!r} touch"
+                    )
+
+        check_axes()
+        tabs = board.locator(".tlw-tabs .lm-TabBar-tab")
+        first_tab = tabs.first.inner_text().strip() if tabs.count() else ""
+        for t in range(tabs.count()):
+            tabs.nth(t).click()
+            check_axes(f", tab {tabs.nth(t).inner_text().strip()!r}")
+        if first_tab:
+            tabs.filter(has_text=first_tab).first.click()
 
         # (b) the loss legend names its series (when there is one: a runner stopped before its
         # first step, as in the NaN section, has no loss to draw).
@@ -359,6 +383,7 @@ def test_run_all_plots_are_readable(lab, record_property):
     record_property("run_all_seconds", round(t_run, 1))
     record_property("seconds", round(time.perf_counter() - t0, 1))
     record_property("checked", json.dumps(checked))
+    record_property("tab_axes", json.dumps(tab_axes))
     assert states_seen >= {"empty", "frozen", "measured"}, (
         f"states seen in the tutorial: {sorted(states_seen)}"
     )
