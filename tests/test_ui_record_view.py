@@ -72,3 +72,32 @@ def test_the_status_line_shows_no_speed_before_a_run(dashboard):
     assert "– steps/s (no run yet)" in dashboard.status.text
     dashboard.run(steps=3)
     assert "no run yet" not in dashboard.status.text
+
+
+def test_step_stage_asks_twice_before_writing_nan_gradients_into_the_weights():
+    """A learner clicking Step stage after run() stopped on NaN gradients damaged the weights with one
+    click (found in a browser run of GettingStarted section 5)."""
+    import torch
+    from torch import nn
+
+    class LogFeatures(nn.Module):
+        def forward(self, x):
+            return torch.log(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), LogFeatures(), nn.Linear(8, 3))
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    runner = tlw.Runner(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), data)
+    d = tlw.Dashboard(runner)
+    result = runner.run(steps=2)
+    assert result.steps == 0
+    while runner.stage is not tlw.Stage.STEP:  # a loss of NaN stops at LOSS; step on to BACKWARD
+        runner.step_stage()
+    assert runner.holding_non_finite_grads
+    before = [p.detach().clone() for p in model.parameters()]
+    assert d.step_stage() is None  # refused once, with a message
+    assert "NaN/Inf" in d.controls.message.value and runner.stage is tlw.Stage.STEP
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    rec = d.step_stage()  # asked twice: applied, as step_stage() documents
+    assert rec.stage is tlw.Stage.STEP and not runner.holding_non_finite_grads
+    d.close()
+    runner.close()

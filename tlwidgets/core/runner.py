@@ -473,6 +473,12 @@ class Runner(FindingsMixin, ControlsMixin):
         back = self.records.get(Stage.BACKWARD)
         return self.stage is Stage.STEP and back is not None and bool(back.data.get("non_finite_grad"))
 
+    @property
+    def holding_non_finite_grads(self) -> bool:
+        """True at STEP with NaN/Inf gradients from BACKWARD: ``run()`` and ``step()`` stopped there,
+        and ``step_stage()`` would write them into the weights (``skip_batch()`` drops them)."""
+        return self._holding_non_finite()
+
     def pause(self) -> None:
         """Ask a running :meth:`run` to stop at the next stage boundary."""
         self._pause.set()

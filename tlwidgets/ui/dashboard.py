@@ -124,6 +124,8 @@ class Dashboard(widgets.VBox):
         for name in PANELS:  # a registered panel left out reads as None
             setattr(self, name, None)
         self.tabs: widgets.Tab | None = None
+        #: A Step stage click that would apply NaN/Inf gradients was refused once (the next one applies).
+        self._nan_confirmed = False
         self.refresher: Refresher | None = None
 
         if session is None:  # a callback before its fit: a waiting line until the watcher exists
@@ -344,6 +346,15 @@ class Dashboard(widgets.VBox):
     def step_stage(self) -> Any:
         """Run one stage (exact statistics) and show its record (what just ran is what one wants to see)."""
         self._require_runner("Step stage")
+        if getattr(self.session, "holding_non_finite_grads", False) and not self._nan_confirmed:
+            # A click is not a decision to write NaN/Inf into the weights: ask for a second one.
+            self._nan_confirmed = True
+            self.controls.say(
+                "the gradients hold NaN/Inf: Step stage would write them into the weights. Press it again "
+                "to apply them anyway, or Rewind (or runner.skip_batch() to drop this batch)"
+            )
+            return None
+        self._nan_confirmed = False
         rec = self.session.step_stage()
         pipeline = self.panels.get("pipeline")
         stage = getattr(rec, "stage", None)
