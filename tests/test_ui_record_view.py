@@ -69,9 +69,9 @@ def test_the_parameter_table_says_how_many_rows_it_has(dashboard):
 
 def test_the_status_line_shows_no_speed_before_a_run(dashboard):
     dashboard.step_stage()
-    assert "– steps/s (no run yet)" in dashboard.status.text
+    assert "· – steps/s ·" in dashboard.status.text  # was "0.0 steps/s (last run)" before any run
     dashboard.run(steps=3)
-    assert "no run yet" not in dashboard.status.text
+    assert "– steps/s" not in dashboard.status.text and "steps/s (last run)" in dashboard.status.text
 
 
 def test_step_stage_asks_twice_before_writing_nan_gradients_into_the_weights():

@@ -110,7 +110,7 @@ class StatusLine(Panel, widgets.HTML):
         stage = getattr(session, "stage", None)
         if stage is not None:
             parts.append(f"next: {stage.value}")
-        parts.append("– steps/s (no run yet)" if rate is None else f"{rate:.1f} {rate_label}")
+        parts.append("– steps/s" if rate is None else f"{rate:.1f} {rate_label}")
         parts.append("tracking –" if tracking_ms is None else f"tracking {tracking_ms:.2f} ms/step")
         parts.append("ui –" if ui_ms is None else f"ui {ui_ms:.2f} ms/step")
         parts.append(state)
