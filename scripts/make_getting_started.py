@@ -144,9 +144,10 @@ assert finding.resolved or [a.label for a in finding.actions][:1] == ["Add to op
     ),
     (
         "md",
-        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group. (Its
-*freeze* toggle would not help: freezing stops a parameter from training, it does not add it to the
-optimizer.) The finding's card has a fix button, **Add to optimizer**: click it, or run the cell below,
+        """In the dashboard's **Freeze** panel the head shows as trainable but in no optimizer group, with an
+**add to optimizer** button; its *freeze* toggle is locked, because freezing stops a parameter from
+training and would not add it to the optimizer. The finding's card has the same fix as a button,
+**Add to optimizer**: click either, or run the cell below,
 which applies the same action from code. It adds the head to the optimizer as a new parameter group,
 with the learning rate of the group that holds its neighbours; by hand that is
 `runner.unfreeze("head", lr=0.05)`. The finding is then **resolved**: it stays listed, greyed, after the
