@@ -160,7 +160,7 @@ class FitPanel(Panel, widgets.VBox):
             **kwargs,
         )
         self.add_class("tlw-fit")
-        self.observe(self._target_changed, names="target")
+        self.observe(self._on_target, names="target")
         if target is not None:
             self.target = target
         self._show_plots(False)
@@ -293,7 +293,7 @@ class FitPanel(Panel, widgets.VBox):
             raise ValueError(f"a target accuracy is a fraction in (0, 1] (95% is 0.95), got {text!r}")
         self.target = value
 
-    def _target_changed(self, change: dict[str, Any]) -> None:
+    def _on_target(self, change: dict[str, Any]) -> None:
         new = change["new"]
         if _number(self.target_box.value) != new:  # set in code: show it in the box
             self.target_box.value = "" if new is None else f"{new:g}"
