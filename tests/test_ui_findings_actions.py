@@ -8,9 +8,8 @@ test on either kind of record.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
+import test_ui_dashboard as _dashboard_tests
 import torch
 
 import tlwidgets as tlw
@@ -18,38 +17,9 @@ from tlwidgets import zoo
 from tlwidgets.core.events import Event
 
 torch.set_num_threads(1)
-
-
-class _Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture(autouse=True)
-def no_callback_errors():
-    collector = _Collector()
-    loggers = [logging.getLogger(), logging.getLogger("traitlets"), logging.getLogger("tlwidgets")]
-    for lg in loggers:
-        lg.addHandler(collector)
-    try:
-        yield collector
-    finally:
-        for lg in loggers:
-            lg.removeHandler(collector)
-    bad = [
-        r
-        for r in collector.records
-        if "Exception in callback" in r.getMessage()
-        or (r.name.startswith("tlwidgets") and r.levelno >= logging.ERROR)
-    ]
-    if bad:
-        pytest.fail(
-            "exception(s) in widget callbacks:\n" + "\n".join(r.getMessage() for r in bad), pytrace=False
-        )
+#: Fails a test on an exception swallowed in a widget callback (test_ui_dashboard.py).
+callback_errors = _dashboard_tests.callback_errors
+pytestmark = pytest.mark.usefixtures("callback_errors")
 
 
 def _index(panel, code: str) -> int:

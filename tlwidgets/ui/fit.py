@@ -313,6 +313,17 @@ def _baseline_label(label: str, value: float | None) -> str:
     return f"{label}: {value:.3g}" if value is not None and math.isfinite(float(value)) else label
 
 
+def _line(scales: dict[str, Any], color: str, label: str, *, dashed: bool = False) -> bq.Lines:
+    """An empty series: a solid line with point markers, named in the legend; or a dashed level
+    (baseline, target) whose legend entry shows only once it has a value."""
+    style: dict[str, Any] = (
+        {"line_style": "dashed", "display_legend": False}
+        if dashed
+        else {"stroke_width": 2, "marker": "circle", "marker_size": 24, "display_legend": True}
+    )
+    return bq.Lines(x=np.zeros(0), y=np.zeros(0), scales=scales, colors=[color], labels=[label], **style)
+
+
 class _Plot:
     """One bqplot figure: training and validation per epoch, the baseline and the target dashed."""
 
@@ -321,47 +332,10 @@ class _Plot:
         self.x = bq.LinearScale()
         self.y = bq.LinearScale()
         scales = {"x": self.x, "y": self.y}
-        empty = np.zeros(0)
-        self.train = bq.Lines(
-            x=empty,
-            y=empty,
-            scales=scales,
-            colors=[TRAIN_COLOR],
-            stroke_width=2,
-            marker="circle",
-            marker_size=24,
-            labels=[f"train {what}"],
-            display_legend=True,
-        )
-        self.val = bq.Lines(
-            x=empty,
-            y=empty,
-            scales=scales,
-            colors=[VAL_COLOR],
-            stroke_width=2,
-            marker="circle",
-            marker_size=24,
-            labels=[f"validation {what}"],
-            display_legend=True,
-        )
-        self.baseline = bq.Lines(
-            x=empty,
-            y=empty,
-            scales=scales,
-            colors=[BASELINE_COLOR],
-            line_style="dashed",
-            labels=["baseline"],
-            display_legend=False,
-        )
-        self.goal = bq.Lines(
-            x=empty,
-            y=empty,
-            scales=scales,
-            colors=[TARGET_COLOR],
-            line_style="dashed",
-            labels=["target"],
-            display_legend=False,
-        )
+        self.train = _line(scales, TRAIN_COLOR, f"train {what}")
+        self.val = _line(scales, VAL_COLOR, f"validation {what}")
+        self.baseline = _line(scales, BASELINE_COLOR, "baseline", dashed=True)
+        self.goal = _line(scales, TARGET_COLOR, "target", dashed=True)
         self.x_axis = bq.Axis(scale=self.x, label="epoch", tick_format="d", grid_lines="none")
         self.y_axis = bq.Axis(scale=self.y, side="left", label=what, grid_lines="dashed")
         self.figure = bq.Figure(
