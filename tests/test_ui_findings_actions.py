@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import test_ui_dashboard as _dashboard_tests
 import torch
+from test_actions import _lr_too_high_runner
 
 import tlwidgets as tlw
 from tlwidgets import zoo
@@ -71,9 +72,7 @@ def test_a_fix_button_adds_the_head_to_the_optimizer_and_the_card_shows_resolved
 
 
 def test_rewind_and_set_lr_from_the_dashboard_then_the_finding_resolves():
-    parts = zoo.get("lr-too-high").build(0)
-    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
-    runner = tlw.Runner(**parts)
+    runner = _lr_too_high_runner(3.0)
     d = tlw.Dashboard(runner)
     try:
         runner.checkpoint("start")
@@ -104,9 +103,9 @@ def test_rewind_and_set_lr_from_the_dashboard_then_the_finding_resolves():
 
 
 def test_a_resolution_between_steps_marks_the_panel_dirty_only_then():
-    parts = zoo.get("lr-too-high").build(0)
-    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=0.5, momentum=0.9)
-    runner = tlw.Runner(**parts, auto_checkpoints=0)  # no checkpoint from before: the fix sets the LR only
+    runner = _lr_too_high_runner(
+        0.5, auto_checkpoints=0
+    )  # no checkpoint from before: the fix sets the LR only
     d = tlw.Dashboard(runner)
     try:
         runner.run(epochs=2)
@@ -140,9 +139,7 @@ def test_a_resolution_between_steps_marks_the_panel_dirty_only_then():
 def test_a_fix_clicked_during_a_dashboard_run_pauses_the_run_then_applies():
     import asyncio
 
-    parts = zoo.get("lr-too-high").build(0)
-    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
-    runner = tlw.Runner(**parts)
+    runner = _lr_too_high_runner(3.0)
     d = tlw.Dashboard(runner)
     try:
         runner.checkpoint("start")
@@ -177,9 +174,7 @@ def test_a_cards_buttons_never_shrink_so_their_labels_stay_whole():
     squeezed its buttons, so "Rewind to step 0 and set lr=0.044" showed as "Rewind to ..." (the LR
     it sets hidden) and "show step 20" as "show st...". The buttons' box and the select button
     must not shrink (flex ``0 0 auto``, width from their labels); the text is what gives way."""
-    parts = zoo.get("lr-too-high").build(0)
-    parts["optimizer"] = torch.optim.SGD(parts["model"].parameters(), lr=3.0, momentum=0.9)
-    runner = tlw.Runner(**parts)
+    runner = _lr_too_high_runner(3.0)
     d = tlw.Dashboard(runner)
     try:
         runner.run(epochs=1)

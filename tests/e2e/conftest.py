@@ -466,19 +466,7 @@ class Lab:
         timeout: float = KERNEL_READY_TIMEOUT_S,
     ) -> Any:
         """Copy ``path`` to the server, open it in JupyterLab and wait until its kernel is idle."""
-        rel = self.add_notebook(path, name, extra_files)
-        page = self.new_page()
-        self._paths[id(page)] = rel
-        url = f"{self.server.url}/lab/tree/{urllib.parse.quote(rel)}?token={self.server.token}"
-        page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
-        page.wait_for_function(
-            "() => window.jupyterapp !== undefined && window.jupyterapp.shell !== undefined",
-            timeout=timeout * 1000,
-        )
-        page.evaluate("async () => { await window.jupyterapp.restored; }")
-        page.evaluate(_JS_FIND_PANEL)
-        page.wait_for_function(_JS_KERNEL_READY, arg=rel, timeout=timeout * 1000, polling=100)
-        return page
+        return self._open(path, "lab/tree", name, extra_files, timeout)
 
     def open_notebook7(
         self,
@@ -495,10 +483,17 @@ class Lab:
         """
         if not HAS_NOTEBOOK7:
             require_or_skip("Notebook 7 is not installed (pip install 'notebook>=7')")
+        return self._open(path, "notebooks", name, extra_files, timeout)
+
+    def _open(
+        self, path: Path, route: str, name: str | None, extra_files: Sequence[Path], timeout: float
+    ) -> Any:
+        """Copy ``path`` to the server, open it at ``/<route>/<path>`` (JupyterLab's or Notebook 7's
+        application, both exposed as ``window.jupyterapp``) and wait until its kernel is idle."""
         rel = self.add_notebook(path, name, extra_files)
         page = self.new_page()
         self._paths[id(page)] = rel
-        url = f"{self.server.url}/notebooks/{urllib.parse.quote(rel)}?token={self.server.token}"
+        url = f"{self.server.url}/{route}/{urllib.parse.quote(rel)}?token={self.server.token}"
         page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
         page.wait_for_function(
             "() => window.jupyterapp !== undefined && window.jupyterapp.shell !== undefined",

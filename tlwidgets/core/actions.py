@@ -172,6 +172,13 @@ def actions_for(session: Any, finding: Finding) -> tuple[Action, ...]:
     return tuple(out)
 
 
+def _offer(
+    finding: Finding, label: str, description: str, run: Callable[[], str], applies: Callable[[], bool]
+) -> list[Action]:
+    """The one action a builder offers for ``finding``."""
+    return [Action(label, description, finding.code, finding.key, run, applies)]
+
+
 def _short(names: Sequence[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
@@ -227,9 +234,7 @@ def _add_to_optimizer(session: Any, finding: Finding) -> list[Action]:
             f"{made} new group(s), lr {', '.join(f'{lrs[g]:.3g}' for g in plan)}."
         )
 
-    return [
-        Action("Add to optimizer", description, finding.code, finding.key, run, lambda: missing() == names)
-    ]
+    return _offer(finding, "Add to optimizer", description, run, lambda: missing() == names)
 
 
 # ============================================================================ nothing trainable
@@ -527,17 +532,14 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
                 f"(was {now:.3g}){undo}."
             )
 
-        return [
-            Action(
-                f"Rewind to step {ck.step} and set lr={new:.2g}",
-                f"Rewind to checkpoint {ck.id} (step {ck.step}, before the LR of {now:.3g} did damage), then "
-                f"{setter}: the LR whose update/weight ratio is ~{TARGET_RATIO:.0e} by the numbers measured.",
-                finding.code,
-                finding.key,
-                run_rewind,
-                still,
-            )
-        ]
+        return _offer(
+            finding,
+            f"Rewind to step {ck.step} and set lr={new:.2g}",
+            f"Rewind to checkpoint {ck.id} (step {ck.step}, before the LR of {now:.3g} did damage), then "
+            f"{setter}: the LR whose update/weight ratio is ~{TARGET_RATIO:.0e} by the numbers measured.",
+            run_rewind,
+            still,
+        )
 
     def run_set() -> str:
         session.set_lr(new, group=group)
@@ -549,16 +551,13 @@ def _lr_actions(session: Any, finding: Finding, *, high: bool) -> list[Action]:
         if not high
         else " No checkpoint from before the damage to rewind to: the weights stay as they are."
     )
-    return [
-        Action(
-            f"Set lr={new:.2g}",
-            f"{setter} on {where} (now {now:.3g}): {why}.{extra}",
-            finding.code,
-            finding.key,
-            run_set,
-            still,
-        )
-    ]
+    return _offer(
+        finding,
+        f"Set lr={new:.2g}",
+        f"{setter} on {where} (now {now:.3g}): {why}.{extra}",
+        run_set,
+        still,
+    )
 
 
 @register_action("lr-too-high")
@@ -632,17 +631,14 @@ def _give_group_lr(session: Any, finding: Finding) -> list[Action]:
         session.set_lr(new, group=group)
         return f"Set the LR of group {group} ({_short(finding.params)}) to {new:.2g} (was 0)."
 
-    return [
-        Action(
-            f"Set lr={new:.2g} for group {group}",
-            f"{setter}: the group's LR is 0, so its parameters never move; {new:.2g} makes their first "
-            f"update ~{aim:.0e} of their weights by the gradient and weight norms measured.",
-            finding.code,
-            finding.key,
-            run,
-            lambda: float(session.optimizer.param_groups[group]["lr"]) == 0.0,
-        )
-    ]
+    return _offer(
+        finding,
+        f"Set lr={new:.2g} for group {group}",
+        f"{setter}: the group's LR is 0, so its parameters never move; {new:.2g} makes their first "
+        f"update ~{aim:.0e} of their weights by the gradient and weight norms measured.",
+        run,
+        lambda: float(session.optimizer.param_groups[group]["lr"]) == 0.0,
+    )
 
 
 # ============================================================================ schedule
@@ -678,26 +674,20 @@ def _per_epoch(session: Any, finding: Finding) -> list[Action]:
         "(the LR set from the schedule there)"
     )
     if ck is not None:
-        return [
-            Action(
-                f"Rewind to step {ck.step} and step the scheduler per epoch",
-                f"Rewind to checkpoint {ck.id} (step {ck.step}, before the LR collapsed), then {what}.",
-                finding.code,
-                finding.key,
-                run,
-                still,
-            )
-        ]
-    return [
-        Action(
-            "Step the scheduler per epoch",
-            f"{what[0].upper()}{what[1:]}.",
-            finding.code,
-            finding.key,
+        return _offer(
+            finding,
+            f"Rewind to step {ck.step} and step the scheduler per epoch",
+            f"Rewind to checkpoint {ck.id} (step {ck.step}, before the LR collapsed), then {what}.",
             run,
             still,
         )
-    ]
+    return _offer(
+        finding,
+        "Step the scheduler per epoch",
+        f"{what[0].upper()}{what[1:]}.",
+        run,
+        still,
+    )
 
 
 def _resolve_schedule(session: Any, finding: Finding, since: int) -> bool:
@@ -768,27 +758,21 @@ def _lower_weight_decay(session: Any, finding: Finding) -> list[Action]:
         f"{TYPICAL_DECAY[kind]:g}"
     )
     if ck is not None:
-        return [
-            Action(
-                f"Rewind to step {ck.step} and set weight_decay={new:.2g}",
-                f"Rewind to checkpoint {ck.id} (step {ck.step}, before the decay shrank the weights), then "
-                f"{what}: {why}.",
-                finding.code,
-                finding.key,
-                run,
-                still,
-            )
-        ]
-    return [
-        Action(
-            f"Set weight_decay={new:.2g}",
-            f"{what} on {where} (now {wd:g}): {why}.",
-            finding.code,
-            finding.key,
+        return _offer(
+            finding,
+            f"Rewind to step {ck.step} and set weight_decay={new:.2g}",
+            f"Rewind to checkpoint {ck.id} (step {ck.step}, before the decay shrank the weights), then "
+            f"{what}: {why}.",
             run,
             still,
         )
-    ]
+    return _offer(
+        finding,
+        f"Set weight_decay={new:.2g}",
+        f"{what} on {where} (now {wd:g}): {why}.",
+        run,
+        still,
+    )
 
 
 #: The drop probability the dropout action sets: inside the usual 0.1-0.5, low enough not to slow
@@ -812,17 +796,14 @@ def _lower_dropout(session: Any, finding: Finding) -> list[Action]:
         session.set_dropout(DROPOUT_P, name)
         return f"Set the dropout of '{name}' to p={DROPOUT_P:g} (was {p:g})."
 
-    return [
-        Action(
-            f"Set dropout p={DROPOUT_P:g}",
-            f"set_dropout({DROPOUT_P:g}, {name!r}): '{name}' drops {p:.0%} of its inputs at every step; "
-            f"{DROPOUT_P:.0%} sits in the usual 0.1-0.5 range.",
-            finding.code,
-            finding.key,
-            run,
-            lambda: float(getattr(module, "p", 0.0)) == p,
-        )
-    ]
+    return _offer(
+        finding,
+        f"Set dropout p={DROPOUT_P:g}",
+        f"set_dropout({DROPOUT_P:g}, {name!r}): '{name}' drops {p:.0%} of its inputs at every step; "
+        f"{DROPOUT_P:.0%} sits in the usual 0.1-0.5 range.",
+        run,
+        lambda: float(getattr(module, "p", 0.0)) == p,
+    )
 
 
 def _resolve_regularization(session: Any, finding: Finding, since: int) -> bool:
@@ -851,17 +832,14 @@ def _freeze_properly(session: Any, finding: Finding) -> list[Action]:
             "so no optimizer moves them."
         )
 
-    return [
-        Action(
-            "Freeze properly",
-            f"freeze({_short(names)}, reset_state=True): requires_grad=False, their gradients set to None "
-            "and their momentum dropped, so neither momentum nor weight decay moves them.",
-            finding.code,
-            finding.key,
-            run,
-            lambda: bool(loose()),
-        )
-    ]
+    return _offer(
+        finding,
+        "Freeze properly",
+        f"freeze({_short(names)}, reset_state=True): requires_grad=False, their gradients set to None "
+        "and their momentum dropped, so neither momentum nor weight decay moves them.",
+        run,
+        lambda: bool(loose()),
+    )
 
 
 @register_action("eval-mode-training")
@@ -885,16 +863,13 @@ def _train_mode(session: Any, finding: Finding) -> list[Action]:
         return f"Put {_short(switched)} in train mode."
 
     what = "the model (model.train())" if whole else f"{_short(names)} and the model itself"
-    return [
-        Action(
-            "Switch to train mode",
-            f"Put {what} in train mode for the training steps; frozen parts held in eval mode stay so.",
-            finding.code,
-            finding.key,
-            run,
-            in_eval,
-        )
-    ]
+    return _offer(
+        finding,
+        "Switch to train mode",
+        f"Put {what} in train mode for the training steps; frozen parts held in eval mode stay so.",
+        run,
+        in_eval,
+    )
 
 
 @register_action("frozen-bn-stats-drift")
@@ -917,17 +892,14 @@ def _hold_bn(session: Any, finding: Finding) -> list[Action]:
             f"Holding {_short(held)} in eval mode: their running statistics stay put while training goes on."
         )
 
-    return [
-        Action(
-            "Hold frozen batch norm in eval mode",
-            f"set_bn_eval(True, {_short(todo)}): these frozen batch-norm layers stay in eval mode (the "
-            "runner puts them back before every forward), so their running mean and variance stop drifting.",
-            finding.code,
-            finding.key,
-            run,
-            lambda: drifting() == todo,
-        )
-    ]
+    return _offer(
+        finding,
+        "Hold frozen batch norm in eval mode",
+        f"set_bn_eval(True, {_short(todo)}): these frozen batch-norm layers stay in eval mode (the "
+        "runner puts them back before every forward), so their running mean and variance stop drifting.",
+        run,
+        lambda: drifting() == todo,
+    )
 
 
 # ============================================================================ resolution
