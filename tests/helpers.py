@@ -151,3 +151,34 @@ def naive_norms(tensors: Iterable[torch.Tensor | None]) -> list[float]:
     return [
         float("nan") if t is None else float(torch.linalg.vector_norm(t.detach().double())) for t in tensors
     ]
+
+
+def digits_runner(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n: int | None = None,
+    batch: int = 64,
+    **kwargs: Any,
+):
+    """A ``tlw.Runner`` on scikit-learn's digits (the zoo's split, seed 0) with cross-entropy and
+    validation data; ``n``: keep only the first ``n`` training examples. Extra keyword arguments go to
+    ``Runner``."""
+    import tlwidgets as tlw
+    from tlwidgets.zoo.datasets import digits_datasets, loaders
+
+    train, val = digits_datasets(0)
+    if n is not None:
+        x, y = train.tensors
+        train = TensorDataset(x[:n], y[:n])
+    train_loader, val_loader = loaders(train, val, batch_size=batch)
+    return tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader, **kwargs)
+
+
+def overfitting_digits_runner(widths: Sequence[int] = (64, 512, 512, 10), **kwargs: Any):
+    """The fit tests' overfitting setup: 50 digits for a big MLP (~300k parameters), Adam at 3e-3."""
+    from tlwidgets.zoo.models import mlp
+
+    torch.manual_seed(0)
+    model = mlp(list(widths))
+    return digits_runner(model, torch.optim.Adam(model.parameters(), lr=3e-3), n=50, batch=25, **kwargs)

@@ -15,30 +15,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_batches, make_runner
-from torch import nn
-from torch.utils.data import TensorDataset
+from helpers import make_batches, make_runner, overfitting_digits_runner
 
 import tlwidgets as tlw
 from tlwidgets.core.checkpoint import AutoCheckpoints
 from tlwidgets.core.events import Event
 from tlwidgets.diagnostics.fit import Verdict, fit_actions, fit_report
 from tlwidgets.ui.fit import FitPanel
-from tlwidgets.zoo.datasets import digits_datasets, loaders
-from tlwidgets.zoo.models import mlp
 
 torch.set_num_threads(1)
 
 
 def _overfit(widths=(64, 512, 512, 10), **options) -> tlw.Runner:
     """tests/test_fit.py's overfitting setup: 50 digits for a big MLP, Adam at 3e-3."""
-    torch.manual_seed(0)
-    model = mlp(list(widths))
-    train, val = digits_datasets(0)
-    x, y = train.tensors
-    train_loader, val_loader = loaders(TensorDataset(x[:50], y[:50]), val, batch_size=25)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    return tlw.Runner(model, nn.CrossEntropyLoss(), opt, train_loader, val_data=val_loader, **options)
+    return overfitting_digits_runner(widths, **options)
 
 
 def _best_labels(runner: tlw.Runner) -> list[str]:

@@ -13,9 +13,8 @@ import math
 
 import pytest
 import torch
-from helpers import make_batches, make_runner, one_thread  # noqa: F401
+from helpers import digits_runner, make_batches, make_runner, one_thread, overfitting_digits_runner  # noqa: F401
 from torch import nn
-from torch.utils.data import TensorDataset
 
 import tlwidgets as tlw
 from tlwidgets import zoo
@@ -238,22 +237,11 @@ def test_train_accuracy_survives_a_mid_epoch_rewind_and_is_absent_for_regression
 
 
 # ================================================================================ real runs on digits
-def _runner(model, optimizer, *, n=None, batch=64, **kwargs):
-    train, val = digits_datasets(0)
-    if n is not None:
-        x, y = train.tensors
-        train = TensorDataset(x[:n], y[:n])
-    train_loader, val_loader = loaders(train, val, batch_size=batch)
-    return tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader, **kwargs)
-
-
 @pytest.fixture
 def overfit():
     """50 training examples for a 300k-parameter MLP, Adam, one run() per epoch (each leaves an
     automatic checkpoint at the epoch boundary)."""
-    torch.manual_seed(0)
-    model = mlp([64, 512, 512, 10])
-    runner = _runner(model, torch.optim.Adam(model.parameters(), lr=3e-3), n=50, batch=25)
+    runner = overfitting_digits_runner()
     for _ in range(8):
         runner.run(epochs=1)
     return runner
@@ -303,7 +291,7 @@ def test_no_early_stop_without_a_checkpoint_and_no_decay_beyond_the_cap():
     torch.manual_seed(0)
     model = mlp([64, 256, 10])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)  # 10x AdamW's usual: the cap
-    runner = _runner(model, opt, n=50, batch=25, auto_checkpoints=0)
+    runner = digits_runner(model, opt, n=50, batch=25, auto_checkpoints=0)
     runner.run(epochs=8)
     r = fit_report(runner)
     assert r.verdict is Verdict.OVERFITTING, r.reason
@@ -313,7 +301,7 @@ def test_no_early_stop_without_a_checkpoint_and_no_decay_beyond_the_cap():
 def test_tiny_lr_is_underfitting_and_raising_the_lr_repairs_it():
     torch.manual_seed(0)
     model = mlp([64, 10])  # a linear model
-    runner = _runner(model, torch.optim.SGD(model.parameters(), lr=1e-4))
+    runner = digits_runner(model, torch.optim.SGD(model.parameters(), lr=1e-4))
     runner.run(epochs=3)
     r = fit_report(runner)
     assert r.verdict is Verdict.UNDERFITTING, r.reason
@@ -353,7 +341,7 @@ def test_healthy_setups_are_never_called_under_or_overfitting(name):
 def test_a_longer_healthy_digits_run_stays_a_good_fit():
     torch.manual_seed(0)
     model = mlp([64, 64, 10])
-    runner = _runner(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    runner = digits_runner(model, torch.optim.Adam(model.parameters(), lr=1e-3))
     for epochs in (3, 3, 4):
         runner.run(epochs=epochs)
         r = fit_report(runner)

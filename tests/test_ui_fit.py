@@ -15,15 +15,12 @@ import numpy as np
 import pytest
 import test_ui_dashboard as _dashboard_tests
 import torch
-from helpers import one_thread  # noqa: F401
-from torch import nn
-from torch.utils.data import TensorDataset
+from helpers import digits_runner, one_thread, overfitting_digits_runner  # noqa: F401
 
 import tlwidgets as tlw
 from tlwidgets.diagnostics.fit import Verdict, fit_actions, fit_report
 from tlwidgets.ui import FitPanel
 from tlwidgets.ui.fit import EMPTY_TEXT, epoch_ticks
-from tlwidgets.zoo.datasets import digits_datasets, loaders
 from tlwidgets.zoo.models import mlp
 
 #: Fails a test on an exception swallowed in a widget callback (test_ui_dashboard.py).
@@ -31,25 +28,14 @@ callback_errors = _dashboard_tests.callback_errors
 pytestmark = pytest.mark.usefixtures("one_thread", "callback_errors")
 
 
-def _runner(model, optimizer, *, n=None, batch=64, **kwargs):
-    train, val = digits_datasets(0)
-    if n is not None:
-        x, y = train.tensors
-        train = TensorDataset(x[:n], y[:n])
-    train_loader, val_loader = loaders(train, val, batch_size=batch)
-    return tlw.Runner(model, nn.CrossEntropyLoss(), optimizer, train_loader, val_data=val_loader, **kwargs)
-
-
 def _healthy():
     torch.manual_seed(0)
     model = mlp([64, 64, 10])
-    return _runner(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return digits_runner(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
 
 
 def _overfit():
-    torch.manual_seed(0)
-    model = mlp([64, 512, 512, 10])
-    return _runner(model, torch.optim.Adam(model.parameters(), lr=3e-3), n=50, batch=25)
+    return overfitting_digits_runner()
 
 
 def _classes(widget) -> set[str]:
@@ -212,7 +198,7 @@ def test_an_early_stop_clicked_during_a_dashboard_run_pauses_the_run_then_rewind
 def test_underfitting_offers_a_higher_lr_that_the_click_sets(dash):
     torch.manual_seed(0)
     model = mlp([64, 10])
-    runner = _runner(model, torch.optim.SGD(model.parameters(), lr=1e-4))
+    runner = digits_runner(model, torch.optim.SGD(model.parameters(), lr=1e-4))
     d = dash(runner)
     runner.run(epochs=3)
     d.refresh()
