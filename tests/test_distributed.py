@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import json
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -193,24 +194,47 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res = _scenarios(rank)
     except BaseException:
         res = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    with contextlib.suppress(Exception):  # the results are written; teardown is not under test
-        dist.destroy_process_group()
+    _finish(rank, out_dir, res)
+
+
+def _finish(rank: int, out_dir: str, res: dict[str, Any]) -> None:
+    """Write this rank's results, wait for every rank's, then leave without any teardown.
+
+    A rank that finished first must not exit on its own: a gloo or Lightning teardown racing a
+    peer that is still running has ended in SIGABRT on some machines (seen in CI), and a spawn
+    whose process dies takes its siblings down before they wrote their results. The results are
+    what the tests judge; the teardown is torch's, not under test.
+    """
+    out = Path(out_dir)
+    tmp = out / f"rank{rank}.json.part"
+    tmp.write_text(json.dumps(res))
+    tmp.rename(out / f"rank{rank}.json")  # atomic: the parent never reads half a file
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while time.monotonic() < deadline and not all((out / f"rank{r}.json").exists() for r in range(WORLD)):
+        time.sleep(0.1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(fn: Any, args: tuple[Any, ...], tmp: Path, what: str) -> list[dict[str, Any]]:
-    """Run ``fn(rank, *args)`` on 2 processes; each writes ``tmp/rank<r>.json``; fail on a deadlock."""
+    """Run ``fn(rank, *args)`` on 2 processes; each writes ``tmp/rank<r>.json``; fail on a deadlock.
+
+    The processes are watched one by one rather than through ``ProcessContext.join``, which
+    terminates every other process as soon as one exits badly, results written or not.
+    """
     ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    exit_error = None
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{what} did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    except mp.ProcessExitedException as exc:  # died after writing its results? judged below
-        exit_error = exc
+    while any(p.is_alive() for p in ctx.processes):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
+        time.sleep(0.2)
+    for p in ctx.processes:
+        p.join()
+    bad = [f"rank {r}: exit code {p.exitcode}" for r, p in enumerate(ctx.processes) if p.exitcode != 0]
+    exit_error = "; ".join(bad) or None
     files = [tmp / f"rank{r}.json" for r in range(WORLD)]
     missing = [f.name for f in files if not f.exists()]
     assert not missing, f"{what}: no results from {missing} ({exit_error})"
@@ -446,7 +470,7 @@ def _lightning_worker(rank: int, port: int, out_dir: str) -> None:
         res = {"healthy": _lightning_fit(rank, L, None), "tampered": _lightning_fit(rank, L, 12)}
     except BaseException:
         res = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    _finish(rank, out_dir, res)
 
 
 def _free_port() -> int:
@@ -495,3 +519,19 @@ def test_non_finite_fingerprints_differ_only_when_one_side_is_not_finite() -> No
     one = np.array([[1.0, 0.5]])
     assert not distributed._differs(nan, nan, 1e-5)[0][0]  # both diverged to NaN: the same
     assert distributed._differs(one, nan, 1e-5)[0][0] and distributed._differs(nan, one, 1e-5)[0][0]
+
+
+def _aborting_worker(rank: int, out_dir: str) -> None:
+    """Rank 1 writes at once and dies with SIGABRT (a teardown crash); rank 0 writes a second later."""
+    if rank == 0:
+        time.sleep(1.0)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank}))
+    if rank == 1:
+        os.abort()
+
+
+def test_a_rank_that_dies_after_writing_does_not_take_the_other_down(tmp_path: Path) -> None:
+    # What failed CI once: rank 1 aborted in teardown, and the spawn killed rank 0 before it wrote.
+    with pytest.warns(UserWarning, match="rank 1: exit code -6"):
+        out = _spawn(_aborting_worker, (str(tmp_path),), tmp_path, "the aborting pair")
+    assert out == [{"rank": 0}, {"rank": 1}]
