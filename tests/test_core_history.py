@@ -213,3 +213,67 @@ def test_window_of_measured_rows_matches_a_naive_reference() -> None:
             assert h.span(n) == (len(h) - int(np.flatnonzero(h.step == steps[0])[0]) if steps.size else 0)
     with pytest.raises(KeyError, match="no per-step series"):
         h.window("update_ratio", 3)
+
+
+def test_recent_losses_are_the_loss_window_across_the_ring_wrap() -> None:
+    h = History(["a"], capacity=7)
+    for i in range(12):
+        h.append(
+            step=i,
+            epoch=0,
+            loss=float(i) if i != 4 else float("nan"),
+            lr=[0.1],
+            grad_norm=np.ones(1),
+            weight_norm=np.ones(1),
+            update_norm=np.ones(1),
+            exact=False,
+        )
+        for n in (0, 1, 3, 5, 9):
+            got = h.recent_losses(n)
+            assert np.array_equal(np.array(got, dtype=np.float64), h.window("loss", n), equal_nan=True)
+            assert all(type(v) is float for v in got)
+
+
+def _fill(h: History, rows: list[tuple[int, bool]]) -> None:
+    for step, measured in rows:
+        stats = np.full(2, float(step)) if measured else np.full(2, np.nan)
+        h.append(
+            step=step,
+            epoch=step // 10,
+            loss=1.0 / step,
+            lr=[0.1 * step, 0.2] if step % 3 else [0.1 * step],
+            grad_norm=stats,
+            weight_norm=stats * 2,
+            update_norm=stats * 3,
+            exact=measured and step % 2 == 0,
+            measured=measured,
+        )
+
+
+@pytest.mark.parametrize("pending_max", [1, 5, 64])
+def test_unmeasured_rows_written_later_read_exactly_as_rows_written_at_once(pending_max: int) -> None:
+    # Unmeasured rows wait in a list and are written together (#15): every read must see them,
+    # across the ring's wrap, a measured row in between, a rewind and a branch.
+    rows = [(s, s % 7 == 0) for s in range(1, 40)]
+    ref, got = History(["a", "b"], capacity=25), History(["a", "b"], capacity=25)
+    ref.PENDING_MAX = 1  # written at once: what every row did before the deferral
+    got.PENDING_MAX = pending_max
+    for i in range(0, len(rows), 6):
+        _fill(ref, rows[i : i + 6])
+        _fill(got, rows[i : i + 6])
+        assert len(got) == len(ref)
+        for key in ("loss", "step", "epoch", "exact", "measured", "lr", "grad_norm", "update_norm"):
+            assert np.array_equal(getattr(got, key), getattr(ref, key), equal_nan=True), key
+        assert got.measured_count == ref.measured_count and got.span(2) == ref.span(2)
+        for key, n in (("loss", 9), ("update_norm", 3), ("lr", 30)):
+            assert np.array_equal(got.window(key, n), ref.window(key, n), equal_nan=True)
+        assert got.recent_losses(4) == ref.recent_losses(4)
+        assert got.last()["step"] == ref.last()["step"]
+    _fill(ref, [(40, False), (41, False)])
+    _fill(got, [(40, False), (41, False)])
+    assert got.branch_off(38, "x").step.tolist() == ref.branch_off(38, "x").step.tolist() == [39, 40, 41]
+    _fill(ref, [(42, False)])
+    _fill(got, [(42, False)])
+    ref.truncate_to_step(39)
+    got.truncate_to_step(39)
+    assert np.array_equal(got.step, ref.step) and got.step[-1] == 39

@@ -489,3 +489,19 @@ def test_lr_too_low_with_momentum_where_the_loss_stays_at_a_guess(seed):
     twin = zoo.get("mlp-digits").runner(seed, data_seed=seed)
     twin.run(epochs=5)
     assert runner.evaluate()["accuracy"] >= 0.9 * twin.evaluate()["accuracy"]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 65, 200, 1001])
+@pytest.mark.parametrize("nan_share", [0.0, 0.3, 1.0])
+def test_rules_median_matches_numpys_nanmedian_on_short_and_long_windows(n: int, nan_share: float) -> None:
+    # Short windows sort in Python, long ones (a sparse phase's loss window) partition in numpy.
+    from tlwidgets.diagnostics.rules.base import nanmedian
+
+    rng = np.random.default_rng(n)
+    values = rng.lognormal(size=n)
+    values[rng.random(n) < nan_share] = np.nan
+    got = nanmedian(values)
+    if np.isnan(values).all():
+        assert np.isnan(got)
+    else:
+        assert got == pytest.approx(float(np.nanmedian(values)), rel=0, abs=0)

@@ -291,7 +291,13 @@ def test_each_event_marks_the_panels_that_declare_it(runner, callback_errors):
         assert dirty_after(Event.CONTROL, change) == set(BUILTIN) - {"errors"}
         runner.run(epochs=1)
         d.refresh()
-        assert dirty_after(Event.EPOCH, runner.history.epochs[-1]) == {"loss", "lr", "freeze", "status", "fit"}
+        assert dirty_after(Event.EPOCH, runner.history.epochs[-1]) == {
+            "loss",
+            "lr",
+            "freeze",
+            "status",
+            "fit",
+        }
         assert dirty_after(Event.FINDING, object()) == {"findings"}
         # A failed stage: shown in the error area at once (no redraw), marked where it shows.
         assert dirty_after(Event.ERROR, rec) == {"pipeline", "findings", "status"}

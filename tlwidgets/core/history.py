@@ -128,6 +128,8 @@ class History:
     """
 
     _PER_PARAM = ("grad_norm", "weight_norm", "update_norm")
+    #: Unmeasured rows kept back before they are written into the rings together.
+    PENDING_MAX = 64
 
     def __init__(self, param_names: Sequence[str], capacity: int = 10_000) -> None:
         self.param_names: list[str] = list(param_names)
@@ -164,6 +166,10 @@ class History:
         #: Bumped by every write, so derived indexes (the measured rows) are rebuilt only when stale.
         self._version = 0
         self._measured_cache: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
+        #: Unmeasured rows not yet written into the rings: ``(step, epoch, loss, lr, exact)``. Written
+        #: together by :meth:`_flush` before anything reads the rings, a measured row is appended, or
+        #: ``PENDING_MAX`` rows wait (see :meth:`append`).
+        self._pending: list[tuple[int, int, float, tuple[float, ...], bool]] = []
 
     # -- writing -----------------------------------------------------------
     def append(
@@ -180,6 +186,38 @@ class History:
         measured: bool = True,
     ) -> None:
         """Add one optimizer step (``measured=False``: a row without statistics)."""
+        if not measured:
+            # Most steps of a sparse phase: a tuple now, the ring writes later and together. Between
+            # two training steps' kernels each numpy write runs cold (several us each, about a dozen
+            # per row); a batch of rows written at once costs a fraction of that per row.
+            pending = self._pending
+            pending.append((step, epoch, loss, tuple(lr), exact))
+            if len(pending) >= self.PENDING_MAX:
+                self._flush()
+            return
+        if self._pending:
+            self._flush()
+        self._write(step, epoch, loss, lr, grad_norm, weight_norm, update_norm, exact, measured)
+
+    def _flush(self) -> None:
+        """Write the deferred unmeasured rows into the rings (oldest first)."""
+        pending, self._pending = self._pending, []
+        nan = np.zeros(0)
+        for step, epoch, loss, lr, exact in pending:
+            self._write(step, epoch, loss, lr, nan, nan, nan, exact, False)
+
+    def _write(
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        lr: Sequence[float],
+        grad_norm: np.ndarray,
+        weight_norm: np.ndarray,
+        update_norm: np.ndarray,
+        exact: bool,
+        measured: bool,
+    ) -> None:
         # Every per-step ring holds the same rows: find the slot once and write into it (this
         # runs every training step, and eight ring appends cost more than the writes).
         ring = self._loss
@@ -236,6 +274,8 @@ class History:
         ``MAX_BRANCHES`` are kept, so the memory stays bounded (each holds at most
         ``capacity`` losses).
         """
+        if self._pending:
+            self._flush()
         steps = self._step.values()
         after = steps > step
         if not after.any():
@@ -263,6 +303,8 @@ class History:
         (an epoch can end after its last step, so its step number alone cannot
         tell whether it happened before a checkpoint).
         """
+        if self._pending:
+            self._flush()
         steps = self._step.values()
         keep = int(np.searchsorted(steps, step, side="right")) if len(steps) else 0
         for ring in self._rows:
@@ -277,31 +319,43 @@ class History:
 
     # -- reading -----------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._loss)
+        return min(self.capacity, len(self._loss) + len(self._pending))
 
     @property
     def loss(self) -> np.ndarray:
+        if self._pending:
+            self._flush()
         return self._loss.values().astype(np.float64)
 
     @property
     def step(self) -> np.ndarray:
+        if self._pending:
+            self._flush()
         return self._step.values()
 
     @property
     def epoch(self) -> np.ndarray:
+        if self._pending:
+            self._flush()
         return self._epoch.values()
 
     @property
     def exact(self) -> np.ndarray:
+        if self._pending:
+            self._flush()
         return self._exact.values()
 
     @property
     def measured(self) -> np.ndarray:
         """Per row: True where the per-parameter statistics were measured (else NaN)."""
+        if self._pending:
+            self._flush()
         return self._measured.values()
 
     @property
     def lr(self) -> np.ndarray:
+        if self._pending:
+            self._flush()
         return self._lr.values().astype(np.float64)
 
     @property
@@ -336,6 +390,8 @@ class History:
     # -- windows (what the rules read) -----------------------------------------
     def _measured_positions(self) -> np.ndarray:
         """Row positions (0 = oldest kept row) of the measured rows, oldest first; cached per write."""
+        if self._pending:
+            self._flush()
         version, positions = self._measured_cache
         if version != self._version:
             positions = np.flatnonzero(self._measured.values())
@@ -382,6 +438,8 @@ class History:
             float64 for the float series (per-parameter ones cut to
             ``param_names``), int for ``step``/``epoch``, bool for the flags.
         """
+        if self._pending:
+            self._flush()
         ring = self._stats[key] if key in self._stats else getattr(self, f"_{key}", None)
         if not any(ring is r for r in self._rows):
             raise KeyError(f"no per-step series {key!r}")
@@ -406,7 +464,22 @@ class History:
             return out.astype(np.float64)  # always a copy
         return out.copy()
 
+    def recent_losses(self, n: int) -> list[float]:
+        """The newest ``n`` training losses, oldest first, as Python floats.
+
+        ``window("loss", n)`` for the few values a rule reads on every step (no
+        array copies: the rows are read straight out of the ring).
+        """
+        if self._pending:
+            self._flush()
+        ring = self._loss
+        length, cap, start, data = ring._len, ring._cap, ring._start, ring._data
+        n = max(0, min(n, length))
+        return [float(data[(start + i) % cap]) for i in range(length - n, length)]
+
     def _per_param(self, key: str) -> np.ndarray:
+        if self._pending:
+            self._flush()
         values = self._stats[key].values().astype(np.float64)
         return values[:, : len(self.param_names)]
 
@@ -416,6 +489,8 @@ class History:
 
     def last(self) -> dict[str, Any] | None:
         """The newest row as a dict, or None when empty."""
+        if self._pending:
+            self._flush()
         if not len(self):
             return None
         return {

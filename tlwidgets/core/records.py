@@ -6,7 +6,7 @@ import dataclasses
 import traceback
 from typing import Any
 
-from tlwidgets.core.facts import StageFacts, facts_for
+from tlwidgets.core.facts import StageFacts, facts_for, new_facts
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
@@ -78,10 +78,15 @@ class StageRecord:
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.stage = Stage(self.stage)
+        # Seven records per training step: the common case (a Stage, no facts given) is one lookup.
+        stage = self.stage
+        if type(stage) is not Stage:
+            stage = self.stage = Stage(stage)
         given = self.data
-        if not isinstance(given, StageFacts) or given.stage is not self.stage:
-            self.data = facts_for(self.stage)
+        if given is None:
+            self.data = new_facts(stage)
+        elif not isinstance(given, StageFacts) or given.stage is not stage:
+            self.data = new_facts(stage)
             if given:
                 self.data.update(given)
 

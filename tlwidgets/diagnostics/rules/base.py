@@ -402,6 +402,11 @@ def tail(history: Any, key: str, n: int, *, measured: bool | None = None) -> np.
     return history.window(key, n, measured=measured)
 
 
+#: Above this many values a 1-D median partitions in numpy (about 6 us plus 5 ns per value) instead
+#: of sorting in Python (about 90 ns per value): they cost the same near 60 values.
+_PY_MEDIAN_MAX = 64
+
+
 def nanmedian(values: Any, axis: int | None = None) -> Any:
     """Median ignoring NaN (NaN where nothing was measured), without warnings.
 
@@ -413,6 +418,14 @@ def nanmedian(values: Any, axis: int | None = None) -> Any:
     """
     values = np.asarray(values, dtype=np.float64)
     if axis is None:
+        if values.size > _PY_MEDIAN_MAX:
+            # Long windows (a sparse phase's loss window spans every step): numpy's partition.
+            finite_arr = values[~np.isnan(values)].ravel()
+            n = finite_arr.size
+            if not n:
+                return math.nan
+            mid = np.partition(finite_arr, [(n - 1) // 2, n // 2])
+            return 0.5 * (float(mid[(n - 1) // 2]) + float(mid[n // 2]))
         flat = values.ravel().tolist()
         finite = sorted(v for v in flat if v == v)  # v == v is False only for NaN
         n = len(finite)

@@ -536,7 +536,7 @@ def lr_at_nan(ctx: RuleContext) -> list[Finding]:
             loss = d.loss
             if loss is None or not len(h):
                 return []
-            before = nanmedian(tail(h, "loss", 5))
+            before = nanmedian(h.recent_losses(5))  # (every step: not a window copy)
             if not (before > 0 and loss > LOSS_SPIKE * before):
                 return []
             what = f"the loss jumped to {loss:.3g} from about {before:.3g} in one step"
