@@ -319,3 +319,25 @@ def test_watcher_freeze_and_set_lr_act_on_the_users_loop():
     assert opt.param_groups[0]["lr"] == 0.02
     np.testing.assert_allclose(w.history.lr[-3:, 0], 0.02)
     assert [c.kind for c in w.history.controls] == ["freeze", "set_lr"]
+
+
+def test_a_sparse_phase_snapshots_the_weights_on_measured_steps_only() -> None:
+    # The update statistics need a snapshot before optimizer.step(); an unmeasured step's row has
+    # none, so it takes none (#15: it was taken on every step).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with tlw.watch(model, opt, loss_fn=nn.CrossEntropyLoss(), dense_steps=5, measure_every=4) as w:
+        calls = []
+        original = w.tracker.stats.before_step
+        w.tracker.stats.before_step = lambda exact=False: (calls.append(w.global_step), original(exact))
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    measured = [i for i, m in enumerate(w.history.measured) if m]
+    assert calls == measured == [0, 1, 2, 3, 4, 8, 12, 16, 20, 24, 28]
+    ratio = w.history.update_ratio[measured]
+    assert np.isfinite(ratio).all() and (ratio > 0).all()
+    assert np.isnan(w.history.update_norm[[5, 6, 7, 29]]).all()

@@ -192,3 +192,19 @@ def test_fetched_batches_stop_being_read_once_the_sample_is_complete():
     train = audit.fetched["train"].sample
     assert 0 < train.examples <= audits.FETCHED_TRAIN + 256
     assert audit.train is train and audit.val is audit.fetched["val"].sample
+
+
+def test_streamed_label_counts_match_a_bincount_of_every_label() -> None:
+    # Counted per batch (in numpy, #15), with classes that first appear late and batches of other
+    # integer dtypes; an empty or negative-label batch counts nothing.
+    rng = np.random.default_rng(0)
+    sample = audits.Sample()
+    seen = []
+    for i, dtype in enumerate([torch.int64, torch.int32, torch.uint8, torch.int64] * 5):
+        y = torch.from_numpy(rng.integers(0, 3 + i, size=16)).to(dtype)
+        audits._count_labels(sample, y, 16, probe=False)
+        seen.append(y.numpy().astype(np.int64))
+    audits._count_labels(sample, torch.tensor([-1, 2]), 2, probe=False)
+    audits._count_labels(sample, torch.zeros(0, dtype=torch.long), 0, probe=False)
+    assert np.array_equal(sample.labels, np.bincount(np.concatenate(seen)))
+    assert sample.labels.dtype == np.int64

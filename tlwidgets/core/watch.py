@@ -374,6 +374,8 @@ class Watcher(FindingsMixin, ControlsMixin):
         #: Nesting of optimizer.step() calls under way: a subclass whose step() calls
         #: super().step() fires the step hooks at both levels (torch wraps each class's step).
         self._step_depth = 0
+        #: The pre-step hook snapshotted the weights for this step's update statistics.
+        self._snapshot_taken = False
         self._step_closure = False
         self._window_values: list[float] = []  # losses of the passes since the last reset or step
         self._step_values: list[float] = []  # ... as they were when the step began
@@ -791,6 +793,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             return  # the inner call of a nested step(): one optimizer step
         # torch passes the step's own args (self first): step(closure) or step(closure=...)
         self._step_closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
+        measuring = self._snapshot_taken = self.tracker.measuring(self.global_step)
         try:
             self._finish_pass()
             self._in_step = True
@@ -804,13 +807,15 @@ class Watcher(FindingsMixin, ControlsMixin):
                 self._contaminated = False
                 if loop.stale_steps or stale_before:
                     self._diagnose_loop()
-            if not self.tracker.measuring(self.global_step):
+            if not measuring:
                 self.tracker.skip_grads()
                 return
             self._record_backward()
         finally:
-            # Always snapshot (even after a failure above), so the post-step hook can measure the update.
-            self.tracker.stats.before_step(exact=False)
+            # On a measured step, snapshot even after a failure above, so the post-step hook can
+            # measure the update; an unmeasured step needs none (its row holds no statistics).
+            if measuring:
+                self.tracker.stats.before_step(exact=False)
 
     def _record_backward(self) -> None:
         """The BACKWARD record at ``optimizer.step()``: the gradients the step is about to apply."""
@@ -834,7 +839,10 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._end_step()
         if self.distributed is not None:
             self._sync_ranks()
-        measured = self.tracker.measuring(self.global_step)
+        # Only where the pre-step hook took the snapshot: a phase made dense in between (a rank
+        # sync) starts at the next step, not with an update measured against an old snapshot.
+        measured = self._snapshot_taken and self.tracker.measuring(self.global_step)
+        self._snapshot_taken = False
         try:
             numbers = self.tracker.record_step(
                 step=self.global_step + 1,
