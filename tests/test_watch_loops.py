@@ -485,3 +485,58 @@ def test_a_step_that_raised_once_does_not_stop_the_counting() -> None:
             with contextlib.suppress(RuntimeError):
                 opt.step()
     assert w.global_step == 7 and len(w.history) == 7
+
+
+def _amp_loop(
+    model: nn.Module, steps: int, *, seed: int
+) -> tuple[tlw.Watcher, torch.amp.GradScaler, list[float]]:
+    """Mixed precision the documented way: autocast float16 and a GradScaler whose first scales
+    overflow (as a large model's often do on a GPU), so its first steps are skipped."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    crit = nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    x = torch.randn(512, 64)
+    y = x[:, :10].argmax(1)
+    losses = []
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for step in range(steps):
+            i = (step * 32) % 512
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = crit(model(x[i : i + 32]), y[i : i + 32])
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+    return w, scaler, losses
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradscaler_skipping_its_first_steps_is_healthy(seed: int) -> None:
+    # GradScaler skips a step whose scaled gradients overflow and halves the scale: several skipped
+    # steps in a row at the start are how mixed precision finds its scale, not a loop bug.
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    w, scaler, losses = _amp_loop(model, 300, seed=seed)
+    assert problems(w) == []
+    assert scaler.get_scale() < 2.0**24  # it did back off: steps were skipped
+    assert w.loop.steps < 300 and np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    scales = w.loss_scales(64)
+    assert scales and all(v == scaler.get_scale() for v in scales[-5:])  # what the scaler used
+
+
+def test_gradscaler_that_skips_every_step_is_named_with_the_scales() -> None:
+    # A backward that yields NaN in one layer whatever the scale (a finite loss, as from a bad custom op).
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model[0].weight.register_hook(lambda g: g * float("nan"))
+    w, _scaler, losses = _amp_loop(model, 45, seed=0)
+    assert np.isfinite(losses).all() and w.loop.steps == 0  # a finite loss, and not one step taken
+    found = find(w, "optimizer-not-stepping")
+    assert len(found) == 1 and "GradScaler skipped the last" in found[0].message, [
+        g.message for g in w.findings
+    ]
+    f = found[0]
+    assert f.evidence["backwards_without_step"] >= 30
+    scales = f.evidence["loss_scales"]
+    assert scales[0] > scales[-1] and all(b == a / 2 for a, b in zip(scales, scales[1:]))

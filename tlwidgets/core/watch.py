@@ -63,6 +63,8 @@ __all__ = ["LoopFacts", "Watcher", "watch"]
 
 log = logging.getLogger(__name__)
 
+#: Recent passes whose loss gradient (the loss scale under GradScaler) the watcher keeps.
+LOSS_GRADS_KEPT = 64
 #: How many parameters carry the gradient-bookkeeping hooks (two Python calls per
 #: hooked parameter and backward pass, every step: a few, spread over the model).
 _HOOKED_PARAMS = 4
@@ -376,6 +378,9 @@ class Watcher(FindingsMixin, ControlsMixin):
         self._step_depth = 0
         #: The pre-step hook snapshotted the weights for this step's update statistics.
         self._snapshot_taken = False
+        #: The gradient that reached the loss in each recent pass (0-d tensors, read only when a rule
+        #: asks: 1 without loss scaling, GradScaler's scale with it).
+        self._loss_grads: collections.deque[torch.Tensor] = collections.deque(maxlen=LOSS_GRADS_KEPT)
         self._step_closure = False
         self._window_values: list[float] = []  # losses of the passes since the last reset or step
         self._step_values: list[float] = []  # ... as they were when the step began
@@ -585,6 +590,10 @@ class Watcher(FindingsMixin, ControlsMixin):
         if value is not None:
             (self._instep_values if p.in_step else self._window_values).append(value)
             self._loss_value = value
+        if main is not None and not p.in_step:
+            grad = next((g for t, g in p.terms if t is main), None)
+            if isinstance(grad, torch.Tensor) and grad.numel() == 1:
+                self._loss_grads.append(grad)
         if p.in_step:  # optimizer.step(closure): record the closure's first evaluation only
             if self._instep_recorded:
                 return
@@ -688,6 +697,19 @@ class Watcher(FindingsMixin, ControlsMixin):
         if self._pass is not None and self._pass.confirmed:
             self._finish_pass()  # a new criterion call: the backward before it is over
         self._note_term(output, args, explicit=False)
+
+    def loss_scales(self, n: int) -> list[float]:
+        """The gradient that reached the training loss in each of the last ``n`` backward passes,
+        oldest first (at most ``LOSS_GRADS_KEPT``).
+
+        1.0 in a plain loop; under ``torch.amp.GradScaler`` it is the loss scale
+        (``scaler.scale(loss).backward()``), which the scaler halves after every
+        step it skips because the gradients overflowed.
+        """
+        kept = list(self._loss_grads)[-n:] if n > 0 else []
+        if not kept:
+            return []
+        return [float(v) for v in torch.stack([g.detach().reshape(()).float() for g in kept]).cpu().tolist()]
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Tell the watcher the loss of this iteration (when ``loss_fn`` is a plain function).

@@ -30,6 +30,9 @@ __all__ = [
 STALE_STEPS = 2
 #: Consecutive backward passes after a gradient reset with no optimizer step in between.
 BACKWARDS_WITHOUT_STEP = 2
+#: Steps in a row GradScaler may skip, halving its scale each time, before the overflow is called a
+#: NaN/Inf problem (2**30 below any sensible initial scale).
+SCALER_SKIPS = 30
 #: Median (post-clip / pre-clip) gradient norm below this, over at least CLIP_MEASUREMENTS measurements.
 CLIP_RATIO = 1e-2
 CLIP_MEASUREMENTS = 3
@@ -70,6 +73,28 @@ def optimizer_not_stepping(ctx: RuleContext) -> list[Finding]:
     ended_without_step = never and loop.get("backwards", 0) >= 1 and n >= loop.get("backwards", 0)
     if n < BACKWARDS_WITHOUT_STEP and not ended_without_step:
         return []
+    scales_of = getattr(ctx.session, "loss_scales", None)
+    scales = scales_of(n + 1) if callable(scales_of) else []
+    if _scaler_backing_off(scales):
+        # torch.amp.GradScaler skips optimizer.step() when the scaled gradients overflow and halves
+        # the scale: healthy at the start of mixed-precision training. Only a scale that keeps
+        # falling says the gradients are NaN/Inf whatever the scale (the model or the data).
+        if n < SCALER_SKIPS:
+            return []
+        return [
+            ctx.finding(
+                "optimizer-not-stepping",
+                f"GradScaler skipped the last {n} optimizer steps: the gradients were NaN/Inf at every "
+                f"loss scale from {scales[0]:.3g} down to {scales[-1]:.3g}",
+                stage=Stage.STEP,
+                evidence={"backwards_without_step": n, "loss_scales": scales, "steps": loop.get("steps")},
+                cause="GradScaler skips a step whose gradients overflow and halves the scale; "
+                "overflow at every scale means the NaN/Inf does not come from float16's range but "
+                "from the model or the batch (a log of 0, a division by 0, NaN inputs).",
+                fix="Train a few steps in float32 (autocast off) with torch.autograd.set_detect_anomaly"
+                "(True) to find the operation, or check the batch for NaN/Inf.",
+            )
+        ]
     return [
         ctx.finding(
             "optimizer-not-stepping",
@@ -83,6 +108,16 @@ def optimizer_not_stepping(ctx: RuleContext) -> list[Finding]:
             },
         )
     ]
+
+
+def _scaler_backing_off(scales: list[float]) -> bool:
+    """Loss scales of consecutive passes as GradScaler leaves them after skipped steps: powers of two
+    that never grow and fall overall (a plain loop's are all 1)."""
+    if len(scales) < 2 or not all(math.isfinite(v) and v > 0 for v in scales):
+        return False
+    if not _powers_of_two(np.asarray(scales)):
+        return False
+    return all(b <= a for a, b in zip(scales, scales[1:])) and scales[-1] < scales[0]
 
 
 def _powers_of_two(values: np.ndarray) -> bool:
