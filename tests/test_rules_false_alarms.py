@@ -679,3 +679,36 @@ def test_an_lr_cut_on_a_converged_run_is_not_too_low():
     runner.set_lr(0.001)
     runner.run(steps=600)
     assert "lr-too-low" not in [f.code for f in runner.findings]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loss_bump_during_a_one_cycle_warm_up_is_not_lr_too_high(seed: int) -> None:
+    # OneCycleLR raising SGD's LR to 0.2 with batch norm, dropout and label smoothing: the loss rises
+    # for a few steps while the LR climbs, well below where it started, and the run reaches ~95%.
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    steps_per_epoch = 1400 // 32
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=5 * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for _ in range(5):
+            perm = torch.randperm(1400, generator=gen)
+            for i in range(steps_per_epoch):
+                idx = perm[i * 32 : (i + 1) * 32]
+                opt.zero_grad()
+                crit(model(x[idx]), y[idx]).backward()
+                opt.step()
+                sched.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x[1400:]).argmax(1) == y[1400:]).float().mean()
+    assert accuracy > 0.9
+    assert problems(w) == [], [f.message for f in problems(w)]

@@ -84,6 +84,10 @@ LOSS_BLOWUP = 3.0
 #: ratio was above LR_PERSIST_RATIO (20x the healthy ~1e-3) and the loss jumped (rise or volatility
 #: as above). A single window can look calm by chance; a run whose steps overshoot keeps doing it.
 LR_PERSIST_RATIO = 0.02
+#: The LR grew by this factor over the window: a warm-up under way.
+LR_WARMING = 1.5
+#: During a warm-up, a loss rise is a bump while the loss stays below this share of its start.
+LR_WARMUP_BUMP = 0.5
 LR_PERSIST_EVALS = 5
 LR_PERSIST_HITS = 4
 #: Median update/weight ratio below which an LR is "far below ~1e-3" (loss barely moving).
@@ -285,6 +289,7 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
     ratio = _ratios(tail(h, "update_norm", w), tail(h, "weight_norm", w))
     losses = tail(h, "loss", h.span(w))  # every step's loss over the steps of the window
     lrs = tail(h, "lr", 1)[-1]
+    lrs_then = tail(h, "lr", h.span(w))[0]  # each group's LR at the start of the window
     finite = losses[np.isfinite(losses)]
     if finite.size < LR_MIN_STEPS // 2:
         return []
@@ -338,9 +343,16 @@ def lr_rate(ctx: RuleContext) -> list[Finding]:
         if derived.stale_grads:
             continue  # gradients summed over steps make every step grow: grads-not-zeroed says why
         oscillating = volatility > LOSS_VOLATILITY and rise > -0.5 and (still_high or r > 2 * LR_HIGH_RATIO)
-        high = r > LR_HIGH_RATIO and not explained and (rise > LOSS_RISE or diverged or oscillating)
+        # A warm-up (OneCycle, linear warm-up) raising the LR over the window: the loss may rise for a
+        # while and settle again. Not a sign of too high an LR while the loss stays well below where the
+        # run started; a rise that goes on past that, or a divergence, still is.
+        warming = gi < len(lrs_then) and lrs[gi] > LR_WARMING * lrs_then[gi] > 0
+        bump = warming and not diverged and math.isfinite(loss0) and 0 < last < LR_WARMUP_BUMP * loss0
+        evidence["warming_up"] = bool(warming)
+        rising = rise > LOSS_RISE or diverged or oscillating
+        high = r > LR_HIGH_RATIO and not explained and not bump and rising
         blowup = extreme_steps >= LR_BLOWUP_STEPS and jumped and not explained
-        jumpy = rise > LOSS_RISE or volatility > LOSS_VOLATILITY
+        jumpy = (rise > LOSS_RISE or volatility > LOSS_VOLATILITY) and not bump
         recent_hits = ctx.state.setdefault("persist", {}).setdefault(gi, [])
         recent_hits.append(bool(r > LR_PERSIST_RATIO and jumpy and not explained))
         del recent_hits[:-LR_PERSIST_EVALS]
