@@ -189,8 +189,10 @@ def _digits_batches(n: int, batch: int, seed: int = 0):
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)], val
 
 
-def test_train_accuracy_matches_a_naive_count():
-    batches, val = _digits_batches(256, 32)
+@pytest.mark.parametrize(("examples", "batch"), [(256, 32), (1184, 16)])  # 8 and 74 steps an epoch
+def test_train_accuracy_matches_a_naive_count(examples: int, batch: int):
+    # (Predictions are compared with the labels 32 steps at a time: 74 steps cross that twice.)
+    batches, val = _digits_batches(examples, batch)
     torch.manual_seed(0)
     model = mlp([64, 32, 10])
     ref = copy.deepcopy(model)
@@ -217,6 +219,29 @@ def test_train_accuracy_matches_a_naive_count():
     got = [e.train_metrics["accuracy"] for e in runner.history.epochs]
     assert got == expected  # the same weights at each forward: the same hits, exactly
     assert expected[-1] > expected[0]  # it learned: the count follows the weights
+
+
+def test_train_accuracy_of_an_epoch_rewound_between_two_counts_is_the_naive_one():
+    batches, val = _digits_batches(1184, 16)
+    torch.manual_seed(0)
+    model = mlp([64, 32, 10])
+    runner = tlw.Runner(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        batches,
+        val_data=loaders(val, None)[0],
+    )
+    runner.run(steps=40)  # 32 steps counted, 8 waiting
+    ck = runner.checkpoint()
+    runner.run(epochs=1)
+    first = runner.history.epochs[-1].train_metrics["accuracy"]
+    runner.rewind(ck)
+    runner.run(steps=5)
+    runner.rewind(ck)  # twice: what was counted after the checkpoint is forgotten each time
+    runner.run(epochs=1)
+    assert runner.history.epochs[-1].train_metrics["accuracy"] == first
+    assert len(runner.history.epochs) == 1
 
 
 def test_train_accuracy_survives_a_mid_epoch_rewind_and_is_absent_for_regression():

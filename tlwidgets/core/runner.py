@@ -341,7 +341,10 @@ class Runner(FindingsMixin, ControlsMixin):
         self._epoch_loss_n = 0
         # Training accuracy of the epoch: correct examples (a 0-d tensor kept on the model's device, read
         # once at the epoch end, so counting costs no host sync per step) and examples counted.
-        self._batch_hits: tuple[torch.Tensor, int] | None = None
+        # Per step only the predictions are taken (one argmax); they are compared with the labels
+        # HIT_BATCHES steps at a time (#15: three kernels a step were a percent of a ~1M-parameter step).
+        self._batch_hits: tuple[torch.Tensor, torch.Tensor] | None = None  # (predictions, labels)
+        self._unfolded_hits: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._epoch_hits: torch.Tensor | None = None
         self._epoch_labelled = 0
         self._bn_eval: dict[str, nn.Module] = {}
@@ -688,7 +691,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._batch_hits = None
         try:
             if same:
-                self._batch_hits = ((out.detach().argmax(1) == tgt).sum(), tgt.numel())
+                self._batch_hits = (out.detach().argmax(1), tgt)
         except Exception:  # an output type without argmax: no training accuracy, never a failed LOSS stage
             self._batch_hits = None
         value = self.recorder.loss(
@@ -793,10 +796,11 @@ class Runner(FindingsMixin, ControlsMixin):
         self._epoch_loss_sum += self._loss_value
         self._epoch_loss_n += 1
         if self._batch_hits is not None:
-            hits, labelled = self._batch_hits
-            self._epoch_hits = hits if self._epoch_hits is None else self._epoch_hits + hits
-            self._epoch_labelled += labelled
+            self._unfolded_hits.append(self._batch_hits)
+            self._epoch_labelled += self._batch_hits[1].numel()
             self._batch_hits = None
+            if len(self._unfolded_hits) >= HIT_BATCHES:
+                self._fold_hits()
         self._have_batch = False
         self._raw_batch = self._inputs = self._targets = None
         self.recorder.step(rec, numbers, measured=measured, update_exact=snapshot)
@@ -989,6 +993,7 @@ class Runner(FindingsMixin, ControlsMixin):
         record = EpochRecord(
             epoch=self.epoch, step=self.global_step, train_loss=train_loss, batches=self.batch_index
         )
+        self._fold_hits()
         if self._epoch_labelled and self._epoch_hits is not None:  # the epoch's one host sync for it
             record.train_metrics["accuracy"] = float(self._epoch_hits) / self._epoch_labelled
         # An interrupt (Ctrl-C in validation or in the scheduler) puts back what they changed; the
@@ -1037,6 +1042,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._iter = None
         self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
         self._epoch_hits, self._epoch_labelled = None, 0
+        self._unfolded_hits = []
         self.history.add_epoch(record)
         self.last_record = record
         self._publish(self._diagnose("on_epoch", record))
@@ -1299,7 +1305,19 @@ class Runner(FindingsMixin, ControlsMixin):
                 "(a list of batches, a DataLoader, or an object whose __iter__ starts over)"
             )
 
+    def _fold_hits(self) -> None:
+        """Count the correct predictions of the steps taken since the last fold into the epoch's."""
+        pending, self._unfolded_hits = self._unfolded_hits, []
+        if not pending:
+            return
+        try:  # one comparison for all of them (the same device, as a rule)
+            hits = (torch.cat([p for p, _ in pending]) == torch.cat([t for _, t in pending])).sum()
+        except RuntimeError:  # the device or the label dtype changed between steps
+            hits = sum((p == t).sum() for p, t in pending)
+        self._epoch_hits = hits if self._epoch_hits is None else self._epoch_hits + hits
+
     def _state_for_checkpoint(self) -> dict[str, Any]:
+        self._fold_hits()
         return {
             "epoch_loss": (self._epoch_loss_sum, self._epoch_loss_n),
             "epoch_hits": (self._epoch_hits, self._epoch_labelled),  # a 0-d tensor never changed in place
@@ -1312,6 +1330,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._epoch_loss_sum, self._epoch_loss_n = state["epoch_loss"]
         self._epoch_hits, self._epoch_labelled = state.get("epoch_hits", (None, 0))
         self._batch_hits = None
+        self._unfolded_hits = []
         self._bn_eval = dict(state["bn_eval"])
         self.freeze_bn_stats = state.get("freeze_bn_stats", self.freeze_bn_stats)
         self.scheduler_interval = state.get("scheduler_interval", self.scheduler_interval)
@@ -1364,6 +1383,8 @@ class Runner(FindingsMixin, ControlsMixin):
 
 # ---------------------------------------------------------------------- helpers
 _STAGE_METHODS: dict[Stage, str] = {s: f"_stage_{s.value}" for s in Stage}
+#: Steps whose predictions are compared with their labels together (training accuracy).
+HIT_BATCHES = 32
 
 
 def _validate(model, loss_fn, optimizer, train_data, val_data, scheduler, scheduler_interval) -> None:
