@@ -540,3 +540,25 @@ def test_gradscaler_that_skips_every_step_is_named_with_the_scales() -> None:
     assert f.evidence["backwards_without_step"] >= 30
     scales = f.evidence["loss_scales"]
     assert scales[0] > scales[-1] and all(b == a / 2 for a, b in zip(scales, scales[1:]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_step_before_backward_is_named_as_the_order_not_a_disconnected_parameter(seed: int) -> None:
+    # zero_grad(); loss = ...; optimizer.step(); loss.backward(): each step sees no gradient, and the
+    # gradients backward computes are cleared by the next zero_grad() unused.
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    crit = nn.CrossEntropyLoss()
+    before = [p.detach().clone() for p in model.parameters()]
+    with tlw.watch(model, opt, loss_fn=crit) as w:
+        for x, y in loader(*classification(seed=seed), batch_size=16):
+            opt.zero_grad()
+            loss = crit(model(x), y)
+            opt.step()
+            loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing trained
+    assert find(w, "disconnected-param") == []
+    found = find(w, "param-not-updating")
+    assert len(found) == 1 and "optimizer.step() runs before loss.backward()" in found[0].message
+    assert set(found[0].params) == {n for n, _ in model.named_parameters()}

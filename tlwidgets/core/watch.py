@@ -224,6 +224,10 @@ class LoopFacts:
         backward (measured on a schedule): ~1 without clipping.
     val_losses
         Losses computed without gradient (validation) since the last step.
+    steps_before_backward
+        Consecutive optimizer steps taken with no gradient on the watched
+        parameters while the iteration's loss still waited for its backward
+        pass (``optimizer.step()`` called before ``loss.backward()``).
     """
 
     backwards: int = 0
@@ -233,6 +237,7 @@ class LoopFacts:
     accumulating: bool = False
     clip_ratio: list[float] = dataclasses.field(default_factory=list)
     val_losses: list[float] = dataclasses.field(default_factory=list)
+    steps_before_backward: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -243,6 +248,7 @@ class _Term:
     args: tuple[Any, ...]  # the criterion's inputs, detached (no graph is kept alive)
     reached: list[str] | None  # parameters its graph reaches (on the reach schedule only)
     explicit: bool  # given to record_loss(): it replaces the criterion terms of its pass
+    backpropagated: bool = False  # its backward hook fired
 
 
 @dataclasses.dataclass(slots=True)
@@ -567,6 +573,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         term = self._terms.get(token)
         if term is None:
             return
+        term.backpropagated = True
         p = self._pass
         if p is not None and token in p.tokens:  # the same loss backpropagated again: a new pass
             self._finish_pass()
@@ -818,6 +825,12 @@ class Watcher(FindingsMixin, ControlsMixin):
         measuring = self._snapshot_taken = self.tracker.measuring(self.global_step)
         try:
             self._finish_pass()
+            # The iteration's loss still waits for its backward and no gradient is there: the step
+            # comes before loss.backward() (the gradients it computes are cleared unused).
+            params = self.tracker.params
+            waiting = any(not t.backpropagated for t in self._terms.values())
+            empty = bool(self._hooked) and all(params[i].grad is None for i in self._hooked)
+            self.loop.steps_before_backward = self.loop.steps_before_backward + 1 if waiting and empty else 0
             self._in_step = True
             self._instep_recorded = False
             self._instep_values.clear()

@@ -475,6 +475,23 @@ def disconnected_by_grad(ctx: RuleContext) -> list[Finding]:
     index = ctx.cached("param_index", lambda: {n: i for i, n in enumerate(ctx.session.param_names)})
     missing = [n for n in ctx.data.missing_grad if n in index and groups[index[n]] >= 0]
     found: list[Finding] = []
+    loop = getattr(ctx.session, "loop", None)
+    if ctx.session.kind == "watch" and missing and getattr(loop, "steps_before_backward", 0) >= 1:
+        params = ctx.stable_params("param-not-updating", missing, "step-before-backward")
+        return [
+            ctx.finding(
+                "param-not-updating",
+                f"optimizer.step() runs before loss.backward(): {len(missing)} parameter(s) have no "
+                f"gradient at each step ({short_list(missing)}), so nothing is updated",
+                params=params,
+                evidence={"params": missing, "steps": loop.steps_before_backward},
+                cause="The step is taken while the iteration's loss has not been backpropagated yet; the "
+                "gradients backward() computes afterwards are cleared by the next zero_grad() before any "
+                "step uses them.",
+                fix="Order the iteration as optimizer.zero_grad(); loss = ...; loss.backward(); "
+                "optimizer.step().",
+            )
+        ]
     if ctx.session.kind == "watch" and missing:
         loss = ctx.session.records.get(Stage.LOSS)
         reached = set(loss.data.reached or []) if loss is not None and loss.step == ctx.step else set()
