@@ -327,8 +327,27 @@ _JS_START_RUN_ALL = """
   const panel = window.__tlwFindPanel(path);
   if (!panel) throw new Error('notebook panel not found: ' + path);
   app.shell.activateById(panel.id);
-  const state = {done: false, ok: null, error: null};
+  const state = {done: false, ok: null, error: null, replies: 0, byReplies: false};
   window.__tlwRunAll = state;
+  // The command's promise has been seen never to settle with ten notebooks open in the workspace,
+  // though every cell ran: also count the kernel's execute replies (one per code cell run).
+  const cells = panel.content.model.cells;
+  let codeCells = 0;
+  for (let i = 0; i < cells.length; i++) if (cells.get(i).type === 'code') codeCells++;
+  const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+  if (kernel && codeCells) {
+    const onMessage = (_, args) => {
+      if (args.direction !== 'recv' || args.msg.header.msg_type !== 'execute_reply') return;
+      state.replies++;
+      if (state.replies >= codeCells && !state.done) {
+        state.byReplies = true;
+        // Normally the command settles right after; only if it has not 20 s later is the run
+        // taken as done (the widgets of the last outputs have rendered by then).
+        setTimeout(() => { state.done = true; }, 20000);
+      }
+    };
+    kernel.anyMessage.connect(onMessage);
+  }
   app.commands.execute('notebook:run-all-cells').then(
     (ok) => { state.ok = ok; state.done = true; },
     (err) => { state.error = String(err); state.done = true; },
