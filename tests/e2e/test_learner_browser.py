@@ -342,10 +342,12 @@ def test_run_all_plots_are_readable(lab, record_property):
         if info["states"] is None:
             continue
         # (d) states -> fills, against the kernel's states of the same cells.
-        states = info["states"]
-        fills = lab.poll(
-            lambda h=heatmap: lab.heatmap_fills(h),
-            lambda f, s=states: not fill_mismatches(f, s, colors),
+        # Fills and the kernel's states read together until they agree: a throttled redraw may
+        # still be on its way to either side right after Run All.
+        states_code = f"import json; print(json.dumps(Out[{info['out']}].panels['heatmap'].states.tolist()))"
+        fills, states = lab.poll(
+            lambda h=heatmap, code=states_code: (lab.heatmap_fills(h), kernel_json(lab, page, code)),
+            lambda pair: not fill_mismatches(pair[0], pair[1], colors),
             timeout=20,
         )
         bad = fill_mismatches(fills, states, colors)
