@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tlwidgets as tlw
+from tlwidgets.core import recording
 from tlwidgets.core.tracker import Tracker
 
 
@@ -166,3 +167,81 @@ def test_watch_reports_grads_not_zeroed_in_the_sparse_phase():
             if i == 12:
                 break
     assert "grads-not-zeroed" in {f.code for f in w.findings}
+
+
+# ------------------------------------------------------------------ diagnosis cadence (#15)
+def test_diagnosing_every_step_of_a_dense_phase_start_then_one_in_five():
+    model, opt, _ = _setup()
+    t = Tracker(model, opt, measure_every=1, dense_steps=200)
+    full = Tracker.FULL_DIAGNOSIS
+    got = [s for s in range(1, 120) if t.diagnosing(s)]
+    every = Tracker.DIAGNOSE_EVERY
+    assert got == [*range(1, full), *range(full, 120, every)]
+    assert all(t.diagnosing(s) for s in got)  # asking again about a step gives the same answer
+    t.densify(130)  # a change: its first steps one by one again
+    assert all(t.diagnosing(s) for s in range(130, 130 + full))
+    # Past it, the first step is due (the last was long before), then one in five.
+    after = [s for s in range(130 + full, 130 + full + 12) if t.diagnosing(s)]
+    assert after == [130 + full, 130 + full + every, 130 + full + 2 * every]
+    assert t.diagnosing(7)  # a rewind: the step is due
+
+
+def test_sparse_measured_steps_are_all_diagnosed():
+    model, opt, _ = _setup()
+    t = Tracker(model, opt, measure_every=7, dense_steps=0)
+    measured = [s for s in range(300) if t.measuring(s)]
+    assert measured == list(range(0, 300, 7))
+    assert all(t.diagnosing(s + 1) for s in measured)  # 7 >= DIAGNOSE_EVERY: each is due
+
+
+def _counting_runner(n, **kw):
+    model, opt, data = _setup(n=n)
+    r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, **kw)
+    calls: list[int] = []
+    diagnose = r._diagnose
+
+    def counted(hook, *args):
+        if hook == "on_step":
+            calls.append(r.global_step)
+        return diagnose(hook, *args)
+
+    r._diagnose = counted
+    return r, calls
+
+
+def test_every_step_measured_rules_on_the_cadence_and_on_the_last_step_of_a_run():
+    full, every = Tracker.FULL_DIAGNOSIS, Tracker.DIAGNOSE_EVERY
+    r, calls = _counting_runner(40, measure_every=1)
+    r.run(steps=full + 23)
+    assert r.history.measured.all() and len(r.history) == full + 23  # statistics: every step
+    assert np.isfinite(r.history.grad_norm).all() and np.isfinite(r.history.update_norm).all()
+    assert full == recording.OCCASIONAL_EVERY  # step 50 takes the code-path facts: diagnosed too
+    # The rules after each of the first 50 steps, after step 50 (the code-path facts: on_step sees 51),
+    # then one step in five, and after the run's last step.
+    assert calls == [*range(1, full + 2), *range(full + every, full + 23, every), full + 23]
+    assert calls[-1] == r.global_step
+
+
+def test_nan_gradients_on_an_undiagnosed_dense_step_stop_before_the_step():
+    full = Tracker.FULL_DIAGNOSIS
+    r, calls = _counting_runner(80, measure_every=1)
+    r.run(steps=full + 2)
+    bad = r.global_step  # the next step: undiagnosed (rules ran after full + 2 steps; next after full + 5)
+    assert not r.tracker.diagnosing(bad + 1)
+    w = r.model[0].weight
+    hook = w.register_hook(lambda g: g * float("nan") if r.global_step == bad else g)
+    try:
+        before = w.detach().clone()
+        result = r.run(steps=10)
+    finally:
+        hook.remove()
+    # (An error finding stops the run first, as on any path; it names the NaN gradients.)
+    assert result.stopped_by == "finding" and result.finding.code == "non-finite-grad"
+    assert r.global_step == bad
+    assert r.stage is tlw.Stage.STEP and r.holding_non_finite_grads
+    assert torch.equal(w.detach(), before)  # held back before STEP
+    # No rules ran on the bad step (the first run's were after each of its steps: the first 50, step
+    # 50's code-path facts, its last step): BACKWARD's own check stopped it.
+    assert calls == list(range(1, full + 3))
+    assert [f.code for f in r.findings if f.severity == "error"] == ["non-finite-grad"]
+    assert r.findings[0].params == ("0.weight",)

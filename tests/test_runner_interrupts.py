@@ -114,8 +114,9 @@ class TriggerSGD(torch.optim.SGD):
         return out
 
 
-def _setup(where: str = "", at: int | None = None, how: str = "raise", **runner_kw):
-    """A seeded runner; the trigger at ``where`` fires at its ``at``-th call."""
+def _setup(where: str = "", at: int | None = None, how: str = "raise", post_hook: bool = True, **runner_kw):
+    """A seeded runner; the trigger at ``where`` fires at its ``at``-th call (``post_hook=False``: no
+    optimizer step hook, so unmeasured steps need no snapshot)."""
     trig = {w: Trigger(at if w == where else None, how) for w in ("fetch", "forward", "backward", "loss")}
     trig.update(scheduler=Trigger(at if where == "scheduler" else None, how))
     trig.update(optimizer=Trigger(at if where == "optimizer" else None, how))
@@ -128,7 +129,8 @@ def _setup(where: str = "", at: int | None = None, how: str = "raise", **runner_
     opt_cls = TriggerSGD if where == "optimizer" else torch.optim.SGD
     opt = opt_cls(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     opt.trigger = trig["optimizer"]
-    opt.register_step_post_hook(lambda *_: trig["post_hook"]())
+    if post_hook:
+        opt.register_step_post_hook(lambda *_: trig["post_hook"]())
 
     def lam(e):
         if e > 0:  # not at construction

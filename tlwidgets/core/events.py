@@ -60,6 +60,10 @@ class EventBus:
 
         return off
 
+    def has_subscribers(self, event: Event) -> bool:
+        """Does anything listen to ``event``? (A publisher may then skip building its payload.)"""
+        return bool(self._subs[event])
+
     def emit(self, event: Event, payload: Any) -> None:
         subs = self._subs[event]
         if not subs:  # the common case while nothing is displayed: every stage emits

@@ -108,6 +108,11 @@ class Branch:
     label: str
 
 
+#: The statistics of an unmeasured row (written as NaN).
+_NO_STATS = np.zeros(0)
+_NO_STATS.flags.writeable = False
+
+
 class History:
     """Per-step numbers of a run (DESIGN section 3).
 
@@ -166,10 +171,10 @@ class History:
         #: Bumped by every write, so derived indexes (the measured rows) are rebuilt only when stale.
         self._version = 0
         self._measured_cache: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
-        #: Unmeasured rows not yet written into the rings: ``(step, epoch, loss, lr, exact)``. Written
-        #: together by :meth:`_flush` before anything reads the rings, a measured row is appended, or
-        #: ``PENDING_MAX`` rows wait (see :meth:`append`).
-        self._pending: list[tuple[int, int, float, tuple[float, ...], bool]] = []
+        #: Rows not yet written into the rings, as :meth:`_write`'s arguments. Written together by
+        #: :meth:`_flush` before anything reads the rings, or when ``PENDING_MAX`` rows wait (see
+        #: :meth:`append`).
+        self._pending: list[tuple[Any, ...]] = []
 
     # -- writing -----------------------------------------------------------
     def append(
@@ -185,26 +190,27 @@ class History:
         exact: bool,
         measured: bool = True,
     ) -> None:
-        """Add one optimizer step (``measured=False``: a row without statistics)."""
-        if not measured:
-            # Most steps of a sparse phase: a tuple now, the ring writes later and together. Between
-            # two training steps' kernels each numpy write runs cold (several us each, about a dozen
-            # per row); a batch of rows written at once costs a fraction of that per row.
-            pending = self._pending
-            pending.append((step, epoch, loss, tuple(lr), exact))
-            if len(pending) >= self.PENDING_MAX:
-                self._flush()
-            return
-        if self._pending:
+        """Add one optimizer step (``measured=False``: a row without statistics).
+
+        The arrays are kept, not copied: the caller hands over new arrays each step.
+        """
+        # A tuple now, the ring writes later and together. Between two training steps' kernels each
+        # numpy write runs cold (several us each, about a dozen per row); a batch of rows written at
+        # once costs a fraction of that per row. Every reader flushes first.
+        pending = self._pending
+        if measured:
+            pending.append((step, epoch, loss, tuple(lr), grad_norm, weight_norm, update_norm, exact, True))
+        else:
+            pending.append((step, epoch, loss, tuple(lr), _NO_STATS, _NO_STATS, _NO_STATS, exact, False))
+        if len(pending) >= self.PENDING_MAX:
             self._flush()
-        self._write(step, epoch, loss, lr, grad_norm, weight_norm, update_norm, exact, measured)
 
     def _flush(self) -> None:
-        """Write the deferred unmeasured rows into the rings (oldest first)."""
+        """Write the deferred rows into the rings (oldest first)."""
         pending, self._pending = self._pending, []
-        nan = np.zeros(0)
-        for step, epoch, loss, lr, exact in pending:
-            self._write(step, epoch, loss, lr, nan, nan, nan, exact, False)
+        write = self._write
+        for row in pending:
+            write(*row)
 
     def _write(
         self,

@@ -42,6 +42,7 @@ from tlwidgets.core.controls import (
 )
 from tlwidgets.core.events import Event
 from tlwidgets.core.findings import Finding
+from tlwidgets.core.lean import LeanStepMixin
 from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StageRecords
 from tlwidgets.core.session import FindingsMixin
@@ -74,7 +75,7 @@ class RunResult:
         return text + (f": {self.finding.code}" if self.finding is not None else "")
 
 
-class Runner(FindingsMixin, ControlsMixin):
+class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
     """Step through training one stage or one batch at a time.
 
     Parameters
@@ -336,6 +337,8 @@ class Runner(FindingsMixin, ControlsMixin):
         self._fwd_rng: torch.Tensor | None = None
         self._step_exact = False
         self._measured = True  # the step in progress measures its statistics
+        self._diagnosed = True  # ... and takes the stage facts and runs the rules (Tracker.diagnosing)
+        self._run_target: int | None = None  # the global step a run(steps=...) in progress stops at
         self._step_t0 = 0.0
         self._epoch_loss_sum = 0.0
         self._epoch_loss_n = 0
@@ -427,7 +430,7 @@ class Runner(FindingsMixin, ControlsMixin):
             When a run is already in progress.
         """
         self._check_open()
-        gen = self._run_iter(steps, epochs)
+        gen = self._run_iter(steps, epochs, lean=True)
         try:
             while True:
                 next(gen)
@@ -486,7 +489,9 @@ class Runner(FindingsMixin, ControlsMixin):
         """Ask a running :meth:`run` to stop at the next stage boundary."""
         self._pause.set()
 
-    def _run_iter(self, steps: Any, epochs: Any) -> Generator[Any, None, RunResult]:
+    def _run_iter(self, steps: Any, epochs: Any, lean: bool = False) -> Generator[Any, None, RunResult]:
+        """The run loop, one stage (or, with ``lean``, one whole unmeasured step: see
+        :mod:`tlwidgets.core.lean`) per iteration."""
         if self._running:
             raise RuntimeError("a run is already in progress on this runner (one run at a time)")
         steps = _count_arg("steps", steps)
@@ -500,6 +505,7 @@ class Runner(FindingsMixin, ControlsMixin):
         start_step, epochs_done = self.global_step, 0
         self._pause.clear()
         self._running = True
+        self._run_target = target
         opened = self._sigint.open()  # one handler for the whole run, not a system call per step
         result = None
         try:
@@ -520,7 +526,7 @@ class Runner(FindingsMixin, ControlsMixin):
                     )
                     break
                 errors_before = self._new_errors
-                rec = self._do_stage(exact=False)
+                rec = self._lean_step() if lean and self._lean_ready() else self._do_stage(exact=False)
                 yield rec
                 done = self.global_step - start_step
                 if isinstance(rec, EpochRecord):
@@ -544,6 +550,7 @@ class Runner(FindingsMixin, ControlsMixin):
                     result = RunResult(done, epochs_done, "finding", self._stored(rec.findings), rec)
         finally:
             self._running = False
+            self._run_target = None
             if opened:
                 self._sigint.close()
         return result
@@ -572,12 +579,10 @@ class Runner(FindingsMixin, ControlsMixin):
                 if end is not None:
                     return end
             self.records = StageRecords(self._position)
-            self._step_exact = exact
-            self.tracker.note_trainable(self.global_step)
-            self._measured = exact or self.tracker.measuring(self.global_step)
+            self._plan_step(exact)
             self._step_t0 = time.perf_counter()
         elif exact:
-            self._step_exact = self._measured = True
+            self._step_exact = self._measured = self._diagnosed = True
         if stage is Stage.FORWARD:
             self._save_forward_state()
         rec = StageRecord(stage, self.global_step, self.epoch, self.batch_index, exact=exact)
@@ -586,21 +591,42 @@ class Runner(FindingsMixin, ControlsMixin):
         try:
             getattr(self, _STAGE_METHODS[stage])(rec, exact)
         except Exception as exc:  # user code failed: record, explain, stay at this stage
-            rec.ok = False
-            rec.error = ErrorInfo.from_exception(exc)
-            self._on_stage_failure(stage)
-            rec.findings.append(self._explain(exc, stage))
+            self._stage_failed(rec, exc)
         except BaseException:  # Ctrl-C: not a bug to report; leave the stage ready to run again
             self._on_stage_failure(stage)
             raise
         finally:
             self._in_stage = False
             rec.duration_s = time.perf_counter() - t0
+        return self._end_stage(rec)
+
+    def _plan_step(self, exact: bool) -> None:
+        """What the step starting now measures (``_measured``: its statistics) and diagnoses
+        (``_diagnosed``: the stage facts and the rules). Asking twice gives the same answers."""
+        step = self.global_step
+        self._step_exact = exact
+        self.tracker.note_trainable(step)
+        self._measured = exact or self.tracker.measuring(step)
+        # Diagnosed on the tracker's cadence, counted in completed steps (what the trend rules see after
+        # the step); also on the steps of the code-path facts (reached parameters, every
+        # OCCASIONAL_EVERY) and on the last step of a run(steps=...), so the findings it returns with
+        # are those of where it stopped.
+        self._diagnosed = self._measured and (
+            exact
+            or step + 1 == self._run_target
+            or self.tracker.diagnosing(step + 1)
+            or self.recorder.occasional(step)
+        )
+
+    def _end_stage(self, rec: StageRecord) -> StageRecord:
+        """A stage ran (``rec.ok``) or failed: move on, run its rules, keep and announce the record; after
+        STEP the step's own end (trend rules, the STEP event, an automatic checkpoint)."""
+        stage = rec.stage
         if rec.ok:
             self.stage = stage.next()
             # The stage rules read statistics an unmeasured step lacks; a NaN/Inf loss is diagnosed
             # on any step (what caused it: the LR of the steps before, a bad init, ...).
-            if self._measured or (stage is Stage.LOSS and rec.data.get("finite") is False):
+            if self._diagnosed or (stage is Stage.LOSS and rec.data.get("finite") is False):
                 rec.findings.extend(self._diagnose("on_stage", rec))
         self.records[stage] = rec
         self.last_record = rec
@@ -624,7 +650,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self._inputs, self._targets = inputs, targets
         if self._tapped_splits:
             self._show_batch("train", inputs, targets)
-        if not self._measured:  # described when the loss is NaN/Inf (the likeliest origin)
+        if not self._diagnosed:  # described when the loss is NaN/Inf (the likeliest origin)
             self.recorder.fetch_unmeasured(rec)
             return
         # Statistics of the batch on the detail schedule; a NaN/Inf input on other
@@ -633,7 +659,7 @@ class Runner(FindingsMixin, ControlsMixin):
         self.recorder.fetch(rec, inputs, targets, exact=exact, stats=detail)
 
     def _stage_zero_grad(self, rec: StageRecord, exact: bool) -> None:
-        if not self._measured:
+        if not self._diagnosed:
             self.optimizer.zero_grad()
             return
         had = self.recorder.grads_present()
@@ -643,7 +669,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _stage_to_device(self, rec: StageRecord, exact: bool) -> None:
         # Where tensors were and went: on the detail schedule (a batch's devices rarely change
         # between steps, and a device mismatch raises in FORWARD, which the explainer names).
-        detail = self._measured and (exact or self.tracker.details_due(self.global_step))
+        detail = self._diagnosed and (exact or self.tracker.details_due(self.global_step))
         before = self.recorder.devices_of(self._inputs, self._targets) if detail else None
         self._inputs = to_device(self._inputs, self.device)
         self._targets = to_device(self._targets, self.device)
@@ -652,7 +678,7 @@ class Runner(FindingsMixin, ControlsMixin):
     def _stage_forward(self, rec: StageRecord, exact: bool) -> None:
         for m in self._bn_eval.values():
             m.eval()
-        measure = self._measured and (exact or self.tracker.activations_due(self.global_step))
+        measure = self._diagnosed and (exact or self.tracker.activations_due(self.global_step))
         if measure:
             self.tracker.probe.start()
         self._fwd_rng = self._pre_forward_rng  # taken just before this stage (_save_forward_state)
@@ -661,7 +687,7 @@ class Runner(FindingsMixin, ControlsMixin):
             self._output = self.forward(self.model, self._inputs)
         finally:
             acts = self.tracker.finish_activations(self.global_step) if measure else {}
-        if not self._measured:
+        if not self._diagnosed:
             rec.data.measured = False
             return
         self.recorder.forward(
@@ -675,6 +701,22 @@ class Runner(FindingsMixin, ControlsMixin):
         )
 
     def _stage_loss(self, rec: StageRecord, exact: bool) -> None:
+        loss = self._compute_loss()
+        value = self.recorder.loss(
+            rec,
+            loss,
+            self._output,
+            self._targets,
+            loss_fn=self.loss_fn,
+            measured=self._diagnosed,
+            exact=exact,
+        )
+        self._loss_value = value
+        if not math.isfinite(value):
+            self._non_finite_loss(rec, value)
+
+    def _compute_loss(self) -> torch.Tensor:
+        """The loss of the batch (kept for BACKWARD) and the step's predictions for the training accuracy."""
         loss = self.loss_fn(self._output, self._targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -694,12 +736,7 @@ class Runner(FindingsMixin, ControlsMixin):
                 self._batch_hits = (out.detach().argmax(1), tgt)
         except Exception:  # an output type without argmax: no training accuracy, never a failed LOSS stage
             self._batch_hits = None
-        value = self.recorder.loss(
-            rec, loss, self._output, self._targets, loss_fn=self.loss_fn, measured=self._measured, exact=exact
-        )
-        self._loss_value = value
-        if not math.isfinite(value):
-            self._non_finite_loss(rec, value)
+        return loss
 
     def _non_finite_loss(self, rec: StageRecord, value: float) -> None:
         inputs = self._inputs
@@ -752,7 +789,7 @@ class Runner(FindingsMixin, ControlsMixin):
         as moved, so a retry completes the step without stepping again.
         """
         if self._step_applied is None:
-            snapshot = exact or self.safe_step or (self._safe_step_auto and _has_step_hooks(self.optimizer))
+            snapshot = exact or self._snapshot_step()
             measured = self._measured or snapshot
             stats = self.tracker.stats
             if measured:
@@ -769,6 +806,11 @@ class Runner(FindingsMixin, ControlsMixin):
                     rec.data["rolled_back"] = False
                 raise
             self._step_applied = (snapshot, measured, lrs_used)
+        self._complete_step(rec)
+
+    def _complete_step(self, rec: StageRecord) -> None:
+        """After ``optimizer.step()`` returned (``_step_applied`` set): the per-step scheduler, the history
+        row, the epoch's loss and accuracy counts, the STEP facts."""
         snapshot, measured, lrs_used = self._step_applied
         if self.scheduler is not None and self.scheduler_interval == "step":
             # The weights have moved: a broken scheduler must not make a retry step them twice. A failed
@@ -803,7 +845,16 @@ class Runner(FindingsMixin, ControlsMixin):
                 self._fold_hits()
         self._have_batch = False
         self._raw_batch = self._inputs = self._targets = None
-        self.recorder.step(rec, numbers, measured=measured, update_exact=snapshot)
+        # The STEP facts (which parameters moved, frozen ones that did) on diagnosed steps; the
+        # statistics of every measured step are in its history row.
+        self.recorder.step(
+            rec, numbers, measured=measured and (self._diagnosed or snapshot), update_exact=snapshot
+        )
+
+    def _snapshot_step(self) -> bool:
+        """Snapshot the weights and the optimizer around ``optimizer.step()`` even when unmeasured? For a
+        custom optimizer (``safe_step``), and while user code runs inside the step (step hooks)."""
+        return self.safe_step or (self._safe_step_auto and _has_step_hooks(self.optimizer))
 
     def _optimizer_step(self) -> None:
         if self._needs_closure:
@@ -859,7 +910,7 @@ class Runner(FindingsMixin, ControlsMixin):
         duration = time.perf_counter() - self._step_t0
         if not self._step_exact:
             self.tracker.stats.schedule.record_step(duration)
-        if self._measured:  # the trend rules read the statistics of measured steps
+        if self._diagnosed:  # the trend rules read the statistics of measured steps (and run on a cadence)
             self._publish(self._diagnose("on_step"))
         self.recorder.announce_step(
             batch=self.batch_index,
@@ -868,6 +919,13 @@ class Runner(FindingsMixin, ControlsMixin):
             exact=self._step_exact,
             duration_s=duration,
         )
+
+    def _stage_failed(self, rec: StageRecord, exc: Exception) -> None:
+        """User code raised in ``rec``'s stage: record and explain it, undo what the stage did half-way."""
+        rec.ok = False
+        rec.error = ErrorInfo.from_exception(exc)
+        self._on_stage_failure(rec.stage)
+        rec.findings.append(self._explain(exc, rec.stage))
 
     def _on_stage_failure(self, stage: Stage) -> None:
         """Undo what a stage that raised did half-way, so that running it again is a first attempt."""

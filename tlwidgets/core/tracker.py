@@ -45,7 +45,21 @@ class Tracker:
         Length of a dense phase: every step is measured during the first
         ``dense_steps`` steps and again for ``dense_steps`` steps after
         :meth:`densify` (a control change, a rewind, a jump of the LR).
+
+    Notes
+    -----
+    Measuring and diagnosing are two schedules (see :meth:`diagnosing`): a
+    measured step writes its statistics into the history; a *diagnosed* step
+    also takes the stage facts and runs the rules. Every measured step of a
+    sparse phase is diagnosed; in a dense phase the first
+    :attr:`FULL_DIAGNOSIS` steps are, then one in :attr:`DIAGNOSE_EVERY`.
     """
+
+    #: Steps at the start of a dense phase (the first steps, after a change) diagnosed one by one.
+    FULL_DIAGNOSIS = 50
+    #: Past those, a dense phase diagnoses one measured step in this many (the stage facts and rules
+    #: are most of a measured step's Python; the statistics stay measured every step).
+    DIAGNOSE_EVERY = 5
 
     def __init__(
         self,
@@ -76,6 +90,7 @@ class Tracker:
         self.measure_every = measure_every
         self.dense_steps = dense_steps
         self._dense_until = dense_steps
+        self._full_until = min(dense_steps, self.FULL_DIAGNOSIS)
         self._lr_mark: list[float] = effective_lrs(optimizer)
         self._trainable: list[bool] = [p.requires_grad for p in self.params]
         self._nan = np.full(len(self.params), np.nan)
@@ -122,9 +137,29 @@ class Tracker:
         """
         return step < self._dense_until or step % self.measure_every == 0
 
+    def diagnosing(self, step: int) -> bool:
+        """Take the stage facts and run the rules at measured step ``step``?
+
+        Every measured step of the first :attr:`FULL_DIAGNOSIS` steps of a
+        dense phase (where a change shows), and of a sparse phase (its
+        measured steps are ``measure_every`` apart already); otherwise one in
+        :attr:`DIAGNOSE_EVERY`, counted from the last one (so a
+        ``measure_every`` below it, such as 1, diagnoses every
+        :attr:`DIAGNOSE_EVERY`-th step). The rules keep their own cadence on
+        the diagnosed steps (``every``), and the statistics of the steps in
+        between are in the history rows they read. Asked on measured steps
+        only; ``step`` counts the steps completed once the step asked about
+        is (what the trend rules see after it).
+        """
+        if step < self._full_until:
+            return True
+        return self._due("diagnose", step, self.DIAGNOSE_EVERY)
+
     def densify(self, step: int) -> None:
-        """Measure every step from ``step`` on for ``dense_steps`` steps (something changed)."""
+        """Measure every step from ``step`` on for ``dense_steps`` steps (something changed), and
+        diagnose each of the first :attr:`FULL_DIAGNOSIS` of them."""
         self._dense_until = max(self._dense_until, step + self.dense_steps)
+        self._full_until = max(self._full_until, step + min(self.dense_steps, self.FULL_DIAGNOSIS))
 
     def note_trainable(self, step: int) -> None:
         """``requires_grad`` changed since the last look (a freeze by hand): measure densely again.
