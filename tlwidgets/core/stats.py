@@ -127,6 +127,8 @@ class ParamSampler:
         # per-tensor op on a strided view costs ~2-10 us).
         self.fused = bool(self.params) and len({p.device for p in self.params}) == 1
         self._buffer: torch.Tensor | None = None
+        #: Views of the buffer's rows used every measured step: (before, after, both), made once.
+        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._slots: list[list[torch.Tensor]] = []
         self._slots_for: list[torch.Tensor] | None = None
 
@@ -161,6 +163,7 @@ class ParamSampler:
             self._slots = [
                 [self._buffer[r, i, : v.numel()].view(v.shape) for i, v in enumerate(views)] for r in range(3)
             ]
+            self.rows = (self._buffer[0], self._buffer[1], self._buffer[:2])
             self._slots_for = views
         return self._buffer, self._slots
 
@@ -292,13 +295,14 @@ class ParamStats:
     def before_step(self, exact: bool = False) -> None:
         """Snapshot the weights (all of them when ``exact``, else the sampled subset)."""
         self._exact = exact
+        if not exact and self.sampler.fused:  # every measured step: no no_grad() (the views are detached)
+            _, slots = self.sampler.slots()
+            torch._foreach_copy_(slots[0], self.sampler.weight_views())
+            self._snap = []
+            return
         with torch.no_grad():
             if exact:
                 self._snap = [p.detach().clone() for p in self.params]
-            elif self.sampler.fused:
-                _, slots = self.sampler.slots()
-                torch._foreach_copy_(slots[0], self.sampler.weight_views())
-                self._snap = []
             else:
                 views = self.sampler.weight_views()
                 if self._snap_bufs is None or self._snap_for is not views:
@@ -319,13 +323,17 @@ class ParamStats:
     def after_step(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """Weight norms (before the step) and update norms; and whether exact."""
         n = len(self.params)
-        with torch.no_grad():
-            if not self._exact and self.sampler.fused:
-                buf, slots = self.sampler.slots()
-                torch._foreach_copy_(slots[1], self.sampler.weight_views())
-                buf[1].sub_(buf[0])
-                vals = torch.linalg.vector_norm(buf[:2], dim=2).cpu().numpy().reshape(-1).astype(np.float64)
-            else:
+        # (No torch.no_grad(): every tensor here is detached already, and each context costs a
+        # couple of Python calls on every measured step.)
+        if not self._exact and self.sampler.fused:
+            sampler = self.sampler
+            _, slots = sampler.slots()
+            torch._foreach_copy_(slots[1], sampler.weight_views())
+            before, after, both = sampler.rows
+            after.sub_(before)
+            vals = torch.linalg.vector_norm(both, dim=2).cpu().numpy().reshape(-1).astype(np.float64)
+        else:
+            with torch.no_grad():
                 current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
                 diff = torch._foreach_sub(current, self._snap)
                 vals = to_host(_foreach_norm([*self._snap, *diff]))
