@@ -245,3 +245,13 @@ def test_nan_gradients_on_an_undiagnosed_dense_step_stop_before_the_step():
     assert calls == list(range(1, full + 3))
     assert [f.code for f in r.findings if f.severity == "error"] == ["non-finite-grad"]
     assert r.findings[0].params == ("0.weight",)
+
+
+def test_diagnose_every_one_runs_the_rules_on_every_dense_step():
+    r, calls = _counting_runner(40, measure_every=1, diagnose_every=1)
+    r.run(steps=Tracker.FULL_DIAGNOSIS + 12)
+    assert calls == list(range(1, Tracker.FULL_DIAGNOSIS + 13))
+    r2, calls2 = _counting_runner(40, measure_every=1, diagnose_every=4)
+    r2.run(steps=Tracker.FULL_DIAGNOSIS + 12)
+    full = Tracker.FULL_DIAGNOSIS
+    assert calls2 == [*range(1, full + 2), full + 4, full + 8, full + 12]

@@ -391,20 +391,23 @@ class Recorder:
     # ------------------------------------------------------------------ BACKWARD
     def backward(self, rec: StageRecord, *, exact: bool | None, loss: float, when: str) -> None:
         """BACKWARD facts from the gradients now (``when`` ends the finding's message: where or what then)."""
-        with self.guarded(rec, "the gradients"):
+        # (try/except, not the guarded() context manager, and attributes, not data.update(): this runs
+        # on every measured step, where each Python call counts.)
+        try:
             grad, grad_exact = self.tracker.measure_grads(exact)
-            if np.isfinite(grad).all():
+            total = float(grad.dot(grad))
+            if math.isfinite(total):
                 # The common case, every measured step: a finite norm for every parameter means every
                 # one has a gradient (a missing one reads NaN) and none is NaN/Inf, so the lists below
                 # are empty and the total is the plain norm of the norms (the same float64 dot).
-                rec.data.update(
-                    grad_norm=grad,
-                    grad_exact=grad_exact,
-                    total_grad_norm=float(np.sqrt(grad.dot(grad))),
-                    missing_grad=[],
-                    non_finite_grad=[],
-                )
+                data = rec.data
+                data.grad_norm, data.grad_exact, data.total_grad_norm = grad, grad_exact, math.sqrt(total)
+                data.missing_grad, data.non_finite_grad = [], []
                 return
+        except Exception as exc:  # our bug or an input we cannot describe: never the user's error
+            self.tracking_failed(rec, "the gradients", exc)
+            return
+        with self.guarded(rec, "the gradients"):
             params = self.tracker.params
             names = self.session.param_names
             trainable = np.fromiter((p.requires_grad for p in params), dtype=bool, count=len(params))

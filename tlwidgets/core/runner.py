@@ -121,6 +121,12 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         ``measure_every``-th step. Unmeasured steps record the loss and LR
         (NaN statistics in :attr:`history`) and still stop on a NaN/Inf loss.
         ``measure_every=1`` measures every step.
+    diagnose_every
+        In a dense phase, past its first 50 steps (each diagnosed), take the
+        stage facts and run the rules on one measured step in this many (the
+        statistics stay measured on every step, and NaN/Inf gradients are held
+        back before STEP on each); 1: on every measured step. Sparse-phase
+        measured steps are all diagnosed. See :meth:`Tracker.diagnosing`.
     grad_budget
         ``None`` (default): exact grad norms on every measured step, which also
         checks every gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
@@ -200,7 +206,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         When the optimizer holds none of the model's parameters, the data is
         empty, ``device`` is not a device (or not on this machine), or an
         option is out of range: counts (``sample_size``, ``history_size``,
-        ``measure_every`` >= 1, ``max_checkpoints`` >= 1;
+        ``measure_every`` >= 1, ``diagnose_every`` >= 1, ``max_checkpoints`` >= 1;
         ``activation_every``, ``detail_every``, ``dense_steps`` >= 0) must be
         integers (numpy ones too, not ``bool``), ``grad_budget`` ``None`` or
         in (0, 1].
@@ -227,6 +233,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         detail_every: int = 10,
         measure_every: int = 20,
         dense_steps: int = 200,
+        diagnose_every: int = 5,
         grad_budget: float | None = None,
         safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
@@ -243,6 +250,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         detail_every = _count_option("detail_every", detail_every, low=0)
         measure_every = _count_option("measure_every", measure_every, low=1)
         dense_steps = _count_option("dense_steps", dense_steps, low=0)
+        diagnose_every = _count_option("diagnose_every", diagnose_every, low=1)
         max_checkpoints = _count_option("max_checkpoints", max_checkpoints, low=1)
         auto_checkpoints = _count_option("auto_checkpoints", auto_checkpoints, low=0)
         auto_checkpoint_every = _count_option("auto_checkpoint_every", auto_checkpoint_every, low=0)
@@ -286,6 +294,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
             detail_every=detail_every,
             measure_every=measure_every,
             dense_steps=dense_steps,
+            diagnose_every=diagnose_every,
         )
         self.last_record: StageRecord | EpochRecord | None = None
         self.checkpoints: collections.deque[Checkpoint] = collections.deque(maxlen=max_checkpoints)

@@ -45,6 +45,9 @@ class Tracker:
         Length of a dense phase: every step is measured during the first
         ``dense_steps`` steps and again for ``dense_steps`` steps after
         :meth:`densify` (a control change, a rewind, a jump of the LR).
+    diagnose_every
+        Past the first :attr:`FULL_DIAGNOSIS` steps of a dense phase, diagnose
+        one measured step in this many (see :meth:`diagnosing`); 1: every one.
 
     Notes
     -----
@@ -52,13 +55,14 @@ class Tracker:
     measured step writes its statistics into the history; a *diagnosed* step
     also takes the stage facts and runs the rules. Every measured step of a
     sparse phase is diagnosed; in a dense phase the first
-    :attr:`FULL_DIAGNOSIS` steps are, then one in :attr:`DIAGNOSE_EVERY`.
+    :attr:`FULL_DIAGNOSIS` steps are, then one in ``diagnose_every``.
     """
 
     #: Steps at the start of a dense phase (the first steps, after a change) diagnosed one by one.
     FULL_DIAGNOSIS = 50
-    #: Past those, a dense phase diagnoses one measured step in this many (the stage facts and rules
-    #: are most of a measured step's Python; the statistics stay measured every step).
+    #: The default ``diagnose_every``: past those, a dense phase diagnoses one measured step in this
+    #: many (the stage facts and rules are most of a measured step's Python; the statistics stay
+    #: measured every step).
     DIAGNOSE_EVERY = 5
 
     def __init__(
@@ -73,9 +77,12 @@ class Tracker:
         detail_every: int = 10,
         measure_every: int = 20,
         dense_steps: int = 200,
+        diagnose_every: int = DIAGNOSE_EVERY,
     ) -> None:
         _check_count("measure_every", measure_every, low=1)
         _check_count("dense_steps", dense_steps, low=0)
+        _check_count("diagnose_every", diagnose_every, low=1)
+        self.diagnose_every = diagnose_every
         self.model = model
         self.optimizer = optimizer
         self.named_params: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
@@ -143,9 +150,9 @@ class Tracker:
         Every measured step of the first :attr:`FULL_DIAGNOSIS` steps of a
         dense phase (where a change shows), and of a sparse phase (its
         measured steps are ``measure_every`` apart already); otherwise one in
-        :attr:`DIAGNOSE_EVERY`, counted from the last one (so a
+        ``diagnose_every``, counted from the last one (so a
         ``measure_every`` below it, such as 1, diagnoses every
-        :attr:`DIAGNOSE_EVERY`-th step). The rules keep their own cadence on
+        ``diagnose_every``-th step). The rules keep their own cadence on
         the diagnosed steps (``every``), and the statistics of the steps in
         between are in the history rows they read. Asked on measured steps
         only; ``step`` counts the steps completed once the step asked about
@@ -153,7 +160,7 @@ class Tracker:
         """
         if step < self._full_until:
             return True
-        return self._due("diagnose", step, self.DIAGNOSE_EVERY)
+        return self._due("diagnose", step, self.diagnose_every)
 
     def densify(self, step: int) -> None:
         """Measure every step from ``step`` on for ``dense_steps`` steps (something changed), and
