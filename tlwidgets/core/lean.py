@@ -76,8 +76,9 @@ class LeanStepMixin:
         clock = time.perf_counter
         t0 = self._step_t0 = clock()
         stage = _FETCH
-        rec = StageRecord(stage, step, epoch, batch)
+        rec = StageRecord(stage, step, epoch, batch, exact=False)
         self._in_stage = True
+        completed = False  # the step is done: what raises after it is not the user's code
         try:
             self._inputs, self._targets = self.unpack(self._raw_batch)
             rec.data.measured = False
@@ -86,13 +87,13 @@ class LeanStepMixin:
             rec.duration_s = (t1 := clock()) - t0
 
             stage = self.stage = _ZERO_GRAD
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             self.optimizer.zero_grad()
             records[stage] = rec
             rec.duration_s = (t0 := clock()) - t1
 
             stage = self.stage = _TO_DEVICE
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             device = self.device
             self._inputs = to_device(self._inputs, device)
             self._targets = to_device(self._targets, device)
@@ -102,7 +103,7 @@ class LeanStepMixin:
 
             stage = self.stage = _FORWARD
             self._save_forward_state()
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             for m in self._bn_eval.values():
                 m.eval()
             self._fwd_rng = self._pre_forward_rng
@@ -113,7 +114,7 @@ class LeanStepMixin:
             rec.duration_s = (t0 := clock()) - t1
 
             stage = self.stage = _LOSS
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             loss = self._loss = self._compute_loss()
             value = self._loss_value = float(loss.detach())
             data = rec.data
@@ -126,7 +127,7 @@ class LeanStepMixin:
             records[stage] = rec
 
             stage = self.stage = _BACKWARD
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             self._stage_backward(rec, False)
             rec.duration_s = (t0 := clock()) - t1
             if rec.findings:  # NaN/Inf gradients (measured steps): announced, and run() stops before STEP
@@ -135,7 +136,7 @@ class LeanStepMixin:
             records[stage] = rec
 
             stage = self.stage = _STEP
-            rec = StageRecord(stage, step, epoch, batch)
+            rec = StageRecord(stage, step, epoch, batch, exact=False)
             # STEP is short and must not stop half-way: a Ctrl-C waits for its end (as in _do_stage).
             opened = self._sigint.hold()
             try:
@@ -149,12 +150,15 @@ class LeanStepMixin:
                     raise
                 self._step_applied = (False, measured, lrs_used)
                 self._complete_step(rec)
+                completed = True
                 self._in_stage = False
                 rec.duration_s = clock() - t0
                 self._end_stage(rec)
             finally:
                 deliver = self._sigint.release(opened)
         except Exception as exc:  # user code failed: as _run_stage records it, at this stage
+            if completed:  # (the step's own end, as after _run_stage: not a failed stage)
+                raise
             self._in_stage = False
             self.stage = stage
             self._stage_failed(rec, exc)
