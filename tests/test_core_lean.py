@@ -64,8 +64,9 @@ def _same_records(a, b) -> None:
                 assert va == vb, k
 
 
-def test_lean_run_equals_the_stage_by_stage_run(lean_steps):
-    lean, _ = ti._setup(**LEAN)
+@pytest.mark.parametrize("extra", [{}, {"freeze_bn_stats": True}, {"device": "cpu"}], ids=str)
+def test_lean_run_equals_the_stage_by_stage_run(extra, lean_steps):
+    lean, _ = ti._setup(**LEAN, **extra)
     result = lean.run(steps=STEPS)
     assert result.stopped_by == "steps"
     # The unmeasured steps of epoch 1 (steps 6 to 11; one that met an epoch end began twice) ran lean;
@@ -73,7 +74,7 @@ def test_lean_run_equals_the_stage_by_stage_run(lean_steps):
     assert sorted(set(lean_steps)) == list(range(6, STEPS)), lean_steps
     lean_steps.clear()
 
-    staged, _ = ti._setup(**LEAN)
+    staged, _ = ti._setup(**LEAN, **extra)
     result = asyncio.run(staged.run_async(steps=STEPS))
     assert result.stopped_by == "steps"
     assert lean_steps == []  # the reference really is the stage-by-stage path
@@ -226,3 +227,26 @@ def test_a_failure_after_the_step_is_complete_is_not_a_failed_stage(path, lean_s
     assert (8 in lean_steps) == (path == "lean")
     assert runner.global_step == 9 and runner.stage is Stage.FETCH
     assert runner.records[Stage.STEP].ok and not runner.findings
+
+
+def test_a_scheduler_that_runs_out_in_a_lean_step_stops_as_the_stage_by_stage_run_does(lean_steps):
+    def setup():
+        runner, _ = ti._setup(**LEAN)
+        # OneCycleLR refuses to step past total_steps (its construction counts as one): the 11th
+        # optimizer step (unmeasured) is the first it refuses.
+        runner.scheduler = torch.optim.lr_scheduler.OneCycleLR(runner.optimizer, max_lr=0.05, total_steps=10)
+        return runner
+
+    lean = setup()
+    got = lean.run(steps=STEPS)
+    assert 10 in lean_steps
+    lean_steps.clear()
+    staged = setup()
+    want = asyncio.run(staged.run_async(steps=STEPS))
+    assert lean_steps == []
+    assert (got.stopped_by, got.steps) == (want.stopped_by, want.steps) == ("finding", 11)
+    assert got.finding.code == want.finding.code == "stage-error"
+    assert (
+        lean.records[Stage.STEP].data["scheduler_error"] == staged.records[Stage.STEP].data["scheduler_error"]
+    )
+    ti._assert_same(ti._outcome(staged), ti._outcome(lean))
