@@ -513,9 +513,12 @@ class Recorder:
 
     def announce_step(
         self, *, batch: int, loss: float, lrs: Sequence[float], exact: bool, duration_s: float
-    ) -> StepSummary:
-        """Emit :class:`Event.STEP` for the optimizer step just completed."""
+    ) -> StepSummary | None:
+        """Emit :class:`Event.STEP` for the optimizer step just completed (None: nobody listens, so no
+        summary is built)."""
         s = self.session
+        if not s.events.has_subscribers(Event.STEP):
+            return None
         summary = StepSummary(
             step=s.global_step,
             epoch=int(getattr(s, "epoch", 0)),

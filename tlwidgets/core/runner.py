@@ -917,8 +917,9 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
 
     def _after_step(self, rec: StageRecord) -> None:
         duration = time.perf_counter() - self._step_t0
-        if not self._step_exact:
-            self.tracker.stats.schedule.record_step(duration)
+        schedule = self.tracker.stats.schedule
+        if not self._step_exact and schedule.budget is not None:  # (the step time sizes a grad budget only)
+            schedule.record_step(duration)
         if self._diagnosed:  # the trend rules read the statistics of measured steps (and run on a cadence)
             self._publish(self._diagnose("on_step"))
         self.recorder.announce_step(
