@@ -499,7 +499,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         self._pause.set()
 
     def _run_iter(self, steps: Any, epochs: Any, lean: bool = False) -> Generator[Any, None, RunResult]:
-        """The run loop, one stage (or, with ``lean``, one whole unmeasured step: see
+        """The run loop, one stage (or, with ``lean``, one whole undiagnosed step: see
         :mod:`tlwidgets.core.lean`) per iteration."""
         if self._running:
             raise RuntimeError("a run is already in progress on this runner (one run at a time)")

@@ -827,10 +827,14 @@ class Watcher(FindingsMixin, ControlsMixin):
             self._finish_pass()
             # The iteration's loss still waits for its backward and no gradient is there: the step
             # comes before loss.backward() (the gradients it computes are cleared unused).
+            # (The gradients are looked at only when a loss waits: not on every step of a healthy loop.)
             params = self.tracker.params
-            waiting = any(not t.backpropagated for t in self._terms.values())
-            empty = bool(self._hooked) and all(params[i].grad is None for i in self._hooked)
-            self.loop.steps_before_backward = self.loop.steps_before_backward + 1 if waiting and empty else 0
+            early = (
+                any(not t.backpropagated for t in self._terms.values())
+                and bool(self._hooked)
+                and all(params[i].grad is None for i in self._hooked)
+            )
+            self.loop.steps_before_backward = self.loop.steps_before_backward + 1 if early else 0
             self._in_step = True
             self._instep_recorded = False
             self._instep_values.clear()
