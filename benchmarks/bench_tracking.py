@@ -49,11 +49,21 @@ The reported overhead of a variant is
     sum over chunks of its CPU time / sum over chunks of the bare CPU time - 1
 
 which, with the same number of steps per variant, is the ratio of the mean
-step times including all periodic work. Interleaving (bare, runner, watch,
-dense in turn, the order rotated each round) makes slow drifts of a shared
-machine hit all variants alike. The interval shown next to it is a bootstrap
-over rounds (chunks of all variants resampled together), a measure of that
-drift, not a bound; the budget check uses the amortized figure itself.
+step times including all periodic work.
+
+Within a chunk the variants take **turns** of a few steps (20 at ~1M, 4 at
+~10M: 100-300 ms each), the order rotated every turn and every round, so a
+slow spell of a shared machine hits all variants alike. (Timed chunk after
+chunk, two identical bare loops differed by 6-9% per round on this VM, whose
+speed moves within a second; in turns of 20 steps, by ~3%.) The Runner
+variants are advanced through the generator ``Runner.run`` iterates
+(:class:`RunnerTurns`), so each chunk is still one ``run(steps=C)`` call: its
+last step diagnosed, the others on the schedule, as in a long run. Each turn
+starts with a model the other variants pushed out of the caches; that costs
+every variant alike (well under 1% of a step at ~1M). The interval shown next
+to the overhead is a bootstrap over rounds (chunks of all variants resampled
+together), a measure of what drift is left, not a bound; the budget check
+uses the amortized figure itself.
 
 Times are CPU time of this process (``time.process_time``): on one thread that
 is the step's cost, and it stays meaningful when other processes share the
@@ -95,12 +105,13 @@ import argparse
 import gc
 import inspect
 import math
+import signal
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -142,13 +153,15 @@ class Config:
     rounds: int
     budget_default: float
     budget_dense: float
+    #: Steps a variant runs per turn inside a chunk (the variants take turns; see the module notes).
+    turn: int = 20
 
 
 CONFIGS = (
-    Config("~1M", 512, 3, rounds=8, budget_default=0.05, budget_dense=0.08),
-    Config("~10M", 2048, 3, rounds=4, budget_default=0.03, budget_dense=0.03),
+    Config("~1M", 512, 3, rounds=12, budget_default=0.05, budget_dense=0.08, turn=20),
+    Config("~10M", 2048, 3, rounds=4, budget_default=0.03, budget_dense=0.03, turn=4),
 )
-QUICK = (Config("~1M", 512, 3, rounds=2, budget_default=0.05, budget_dense=0.08),)
+QUICK = (Config("~1M", 512, 3, rounds=2, budget_default=0.05, budget_dense=0.08, turn=20),)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -318,6 +331,46 @@ def bare_steps(
         opt.step()
 
 
+class RunnerTurns:
+    """One ``Runner.run(steps=n)`` call, advanced a few steps at a time.
+
+    Drives the generator that :meth:`Runner.run` itself iterates, so the steps
+    are exactly those of one ``run(steps=n)`` call (its last step diagnosed,
+    the others on the schedule), while the other variants take their turns in
+    between. (A ``run(steps=turn)`` per turn would diagnose the last step of
+    every turn: not what a long run pays.)
+    """
+
+    def __init__(self, runner: tlw.Runner) -> None:
+        self.runner = runner
+        self._gen: Iterator[Any] | None = None
+
+    def start(self, steps: int) -> None:
+        """Begin a run of ``steps`` steps (nothing runs until :meth:`advance`)."""
+        self._gen = self.runner._run_iter(steps, None, lean=True)  # (what run() iterates)
+
+    def advance(self, steps: int) -> None:
+        """Run ``steps`` more steps of the run under way."""
+        assert self._gen is not None, "start() first"
+        stop = self.runner.global_step + steps
+        while self.runner.global_step < stop:
+            next(self._gen)
+
+    def finish(self) -> None:
+        """End the run (its steps all done): the loop's final check, as when run() returns."""
+        assert self._gen is not None, "start() first"
+        for _ in self._gen:
+            raise RuntimeError("the run went on past its steps")
+        self._gen = None
+
+
+def turns(chunk: int, turn: int) -> list[int]:
+    """Start offsets of the turns of ``turn`` steps that make up a chunk (``turn`` divides ``chunk``)."""
+    if turn < 1 or chunk % turn:
+        raise ValueError(f"a turn of {turn} steps does not divide a chunk of {chunk}")
+    return list(range(0, chunk, turn))
+
+
 def tracker_period(tracker: Tracker) -> int:
     """The schedule period of a live session's tracker (its own option values)."""
     return schedule_period(
@@ -438,24 +491,38 @@ def measure(cfg: Config, rounds: int, min_chunk: int = 100, device: str = "cpu")
             if session.tracker.measuring(start + 1):
                 raise RuntimeError(f"{name} is still in a dense phase at step {start}")
 
-        run: dict[str, Callable[[], object]] = {
-            "bare": lambda: bare_steps(*parts["bare"], data),
-            "runner": lambda: runner.run(steps=chunk),
-            "watch": lambda: bare_steps(wm, wo, wl, data),
-            "dense": lambda: dense.run(steps=chunk),
+        sessions = {"runner": RunnerTurns(runner), "dense": RunnerTurns(dense)}
+        run: dict[str, Callable[[int], object]] = {
+            "bare": lambda i: bare_steps(*parts["bare"], data[i : i + cfg.turn]),
+            "runner": lambda i: sessions["runner"].advance(cfg.turn),
+            "watch": lambda i: bare_steps(wm, wo, wl, data[i : i + cfg.turn]),
+            "dense": lambda i: sessions["dense"].advance(cfg.turn),
         }
-        times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+        offsets = turns(chunk, cfg.turn)
+        times: dict[str, list[float]] = {k: [0.0] * rounds for k in VARIANTS}
         clock = chunk_clock(device)
+        sigint = signal.getsignal(signal.SIGINT)
         gc.collect()
         gc.disable()  # a collection inside one chunk only would be noise
         try:
             for r in range(rounds):
-                # Rotate the order so no variant always follows the same one (cache state, drift within a round).
-                order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-                for variant in order:
+                for variant, turner in sessions.items():
                     t0 = clock()
-                    run[variant]()
-                    times[variant].append(clock() - t0)
+                    turner.start(chunk)
+                    times[variant][r] += clock() - t0
+                for t, i in enumerate(offsets):
+                    # Rotate the order so no variant always follows the same one (cache state, drift).
+                    k = (r + t) % len(VARIANTS)
+                    for variant in VARIANTS[k:] + VARIANTS[:k]:
+                        t0 = clock()
+                        run[variant](i)
+                        times[variant][r] += clock() - t0
+                for variant, turner in reversed(sessions.items()):
+                    t0 = clock()
+                    turner.finish()
+                    times[variant][r] += clock() - t0
+                # (Two runs under way at once chain their Ctrl-C handlers; put the original back.)
+                signal.signal(signal.SIGINT, sigint)
                 gc.collect()
         finally:
             gc.enable()
@@ -533,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="~1M model, 2 rounds: a smoke run, budgets not enforced"
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="rounds per model (default: 8 at ~1M, 4 at ~10M)"
+        "--rounds", type=int, default=None, help="rounds per model (default: 12 at ~1M, 4 at ~10M)"
     )
     parser.add_argument(
         "--device",

@@ -126,3 +126,54 @@ def test_dense_steps_do_not_sync_per_parameter_on_a_gpu() -> None:  # pragma: no
     shallow = bench.count_syncs(64, 3, steps=3)
     deep = bench.count_syncs(64, 12, steps=3)
     assert not bench.syncs_grow_with_params({8: shallow, 26: deep}), (shallow, deep)
+
+
+def test_turns_split_a_chunk_and_refuse_a_turn_that_does_not_divide_it() -> None:
+    assert bench.turns(200, 20) == list(range(0, 200, 20))
+    assert bench.turns(200, 200) == [0]
+    for bad in (0, 30, -4):
+        with pytest.raises(ValueError):
+            bench.turns(200, bad)
+
+
+def _runner(steps_of_data: int) -> tuple[object, list[int]]:
+    torch = bench.torch
+    model, opt, loss_fn = bench.make(16, 2)
+    data = bench.batches(steps_of_data)
+    runner = bench.tlw.Runner(model, loss_fn, opt, data, measure_every=1)
+    diagnosed: list[int] = []
+    diagnose = runner._diagnose
+
+    def counted(hook, *args):
+        if hook == "on_step":
+            diagnosed.append(runner.global_step)
+        return diagnose(hook, *args)
+
+    runner._diagnose = counted
+    torch.manual_seed(0)
+    return runner, diagnosed
+
+
+def test_a_run_taken_in_turns_is_one_run_call() -> None:
+    """Steps, diagnosed steps and weights of RunnerTurns(n in turns of k) equal those of run(steps=n)."""
+    whole, whole_diag = _runner(40)
+    turned, turned_diag = _runner(40)
+    try:
+        whole.run(steps=60)
+        turned.run(steps=60)
+        whole_diag.clear()
+        turned_diag.clear()
+        whole.run(steps=80)  # past step 50: the diagnosis cadence, and the last step of the run
+        t = bench.RunnerTurns(turned)
+        t.start(80)
+        for _ in bench.turns(80, 8):
+            t.advance(8)
+        t.finish()
+        assert turned.global_step == whole.global_step == 140
+        assert turned_diag == whole_diag and turned_diag[-1] == 140  # (not the end of every turn)
+        for a, b in zip(whole.model.parameters(), turned.model.parameters()):
+            assert bench.torch.equal(a, b)
+        assert not turned._running  # the run ended as run() ends
+    finally:
+        whole.close()
+        turned.close()

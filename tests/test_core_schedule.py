@@ -170,7 +170,7 @@ def test_watch_reports_grads_not_zeroed_in_the_sparse_phase():
 
 
 # ------------------------------------------------------------------ diagnosis cadence (#15)
-def test_diagnosing_every_step_of_a_dense_phase_start_then_one_in_five():
+def test_diagnosing_every_step_of_a_dense_phase_start_then_one_in_diagnose_every():
     model, opt, _ = _setup()
     t = Tracker(model, opt, measure_every=1, dense_steps=200)
     full = Tracker.FULL_DIAGNOSIS
@@ -180,18 +180,29 @@ def test_diagnosing_every_step_of_a_dense_phase_start_then_one_in_five():
     assert all(t.diagnosing(s) for s in got)  # asking again about a step gives the same answer
     t.densify(130)  # a change: its first steps one by one again
     assert all(t.diagnosing(s) for s in range(130, 130 + full))
-    # Past it, the first step is due (the last was long before), then one in five.
-    after = [s for s in range(130 + full, 130 + full + 12) if t.diagnosing(s)]
+    # Past it, the first step is due (the last was long before), then one in DIAGNOSE_EVERY.
+    after = [s for s in range(130 + full, 130 + full + 2 * every + 1) if t.diagnosing(s)]
     assert after == [130 + full, 130 + full + every, 130 + full + 2 * every]
     assert t.diagnosing(7)  # a rewind: the step is due
 
 
-def test_sparse_measured_steps_are_all_diagnosed():
+def test_sparse_measured_steps_are_all_diagnosed_with_the_defaults():
     model, opt, _ = _setup()
-    t = Tracker(model, opt, measure_every=7, dense_steps=0)
+    t = Tracker(model, opt, dense_steps=0)
+    assert t.measure_every >= Tracker.DIAGNOSE_EVERY == t.diagnose_every
     measured = [s for s in range(300) if t.measuring(s)]
-    assert measured == list(range(0, 300, 7))
-    assert all(t.diagnosing(s + 1) for s in measured)  # 7 >= DIAGNOSE_EVERY: each is due
+    assert measured == list(range(0, 300, 20))
+    assert all(t.diagnosing(s + 1) for s in measured)  # measure_every >= diagnose_every: each is due
+
+
+def test_measure_every_below_diagnose_every_diagnoses_every_diagnose_every_steps():
+    model, opt, _ = _setup()
+    t = Tracker(model, opt, measure_every=7, dense_steps=0, diagnose_every=20)
+    diagnosed = [s for s in range(300) if t.measuring(s) and t.diagnosing(s + 1)]
+    # Step 0 (the first steps are due), then the first measured step 20 or more steps after the last
+    # diagnosis (counted in completed steps, from 0).
+    assert diagnosed[:4] == [0, 21, 42, 63]
+    assert all(b - a >= 20 for a, b in zip(diagnosed[1:], diagnosed[2:]))
 
 
 def _counting_runner(n, **kw):

@@ -342,3 +342,22 @@ def test_sampled_grad_norms_with_a_sparse_gradient():
     dense_sparse = float(torch.linalg.vector_norm(emb.weight.grad.to_dense()))
     assert norms[0] == pytest.approx(dense_sparse, rel=1e-5)
     assert np.isfinite(norms[1:]).all() and (norms[1:] > 0).all()
+
+
+def test_a_bfloat16_model_gets_its_grad_norms_and_data_audits():
+    """numpy has no bfloat16: the norms and the audit digests go through float32 (they failed before)."""
+    import tlwidgets as tlw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [(torch.randn(16, 8, dtype=torch.bfloat16), torch.randint(0, 3, (16,))) for _ in range(10)]
+    runner = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, measure_every=1)
+    try:
+        runner.run(steps=5)
+        assert runner.diagnostic_errors == []
+        naive = [torch.linalg.vector_norm(p.grad.float()).item() for p in model.parameters()]
+        np.testing.assert_allclose(runner.history.grad_norm[-1], naive, rtol=1e-2)
+        assert np.isfinite(runner.history.update_norm[-1]).all()
+    finally:
+        runner.close()

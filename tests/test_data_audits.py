@@ -208,3 +208,49 @@ def test_streamed_label_counts_match_a_bincount_of_every_label() -> None:
     audits._count_labels(sample, torch.zeros(0, dtype=torch.long), 0, probe=False)
     assert np.array_equal(sample.labels, np.bincount(np.concatenate(seen)))
     assert sample.labels.dtype == np.int64
+
+
+# ------------------------------------------------------------------ labels counted past the cap (#15)
+def _naive_label_counts(batches: list[torch.Tensor]) -> np.ndarray:
+    """Per-batch bincount of integer 1-D labels, skipping a batch with a label out of [0, 100000]."""
+    total = np.zeros(0, dtype=np.int64)
+    for y in batches:
+        if y.min() < 0 or y.max() > 100_000:
+            continue
+        c = np.bincount(y.numpy())
+        m = max(len(total), len(c))
+        total = np.pad(total, (0, m - len(total))) + np.pad(c, (0, m - len(c)))
+    return total
+
+
+@pytest.mark.parametrize("n_batches", [1, 31, 32, 33, 70])
+def test_labels_past_the_cap_are_counted_in_batches_of_batches_as_one_by_one(n_batches):
+    gen = torch.Generator().manual_seed(n_batches)
+    f = audits._Fetched(None, 8, labels_past_cap=True, projector=audits._Projector())
+    x = torch.randn(8, 3)
+    first = torch.randint(0, 4, (8,), generator=gen)
+    f.add(x, first)  # fills the cap: the sample itself
+    assert f.full
+    seen = [first]
+    for i in range(n_batches):
+        y = torch.randint(0, 7 if i % 5 else 12, (8,), generator=gen)
+        if i == 3:
+            y[2] = -100  # an ignore_index label: this batch alone is left out, as before
+        assert f.add(x, y)
+        seen.append(y)
+    pending = len(f._pending)
+    assert pending == n_batches % audits._Fetched.LABEL_BATCHES  # the rest were counted on the way
+    counts = f.sample.labels  # reading the sample counts what is pending
+    assert f._pending == []
+    np.testing.assert_array_equal(counts, _naive_label_counts(seen))
+    assert f.labelled == 8 * (n_batches + 1)
+
+
+def test_labels_past_the_cap_of_other_kinds_are_counted_at_once():
+    f = audits._Fetched(None, 4, labels_past_cap=True, projector=audits._Projector())
+    f.add(torch.randn(4, 2), torch.tensor([0, 1, 1, 0]))
+    f.add(torch.randn(4, 2), torch.tensor([[2], [2], [0], [1]]))  # (n, 1) labels: counted now, not held
+    f.add(torch.randn(4, 2), torch.tensor([1.0, 0.0, 1.0, 1.0]))  # float 0/1 targets: the binary counts
+    assert f._pending == []
+    np.testing.assert_array_equal(f.sample.labels, [3, 3, 2])
+    np.testing.assert_array_equal(f.sample.binary, [1, 3])

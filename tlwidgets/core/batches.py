@@ -32,7 +32,10 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
     ValueError
         For layouts it cannot split; pass ``unpack=`` to the runner.
     """
-    if isinstance(batch, Mapping):
+    if type(batch) is tuple or type(batch) is list:  # the common case first (a Mapping check is slow)
+        if len(batch) == 2:
+            return batch[0], batch[1]
+    elif isinstance(batch, Mapping):
         key = next((k for k in TARGET_KEYS if k in batch), None)
         if key is None:
             raise ValueError(

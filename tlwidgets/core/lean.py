@@ -37,6 +37,9 @@ __all__ = ["LeanStepMixin"]
 
 _FETCH, _ZERO_GRAD, _TO_DEVICE, _FORWARD, _LOSS, _BACKWARD, _STEP = Stage
 
+#: ``torch.get_rng_state`` without its Python frame (it returns ``default_generator.get_state()``).
+_cpu_rng_state = torch.default_generator.get_state
+
 
 class LeanStepMixin:
     """:meth:`_lean_step` for :class:`~tlwidgets.core.runner.Runner` (which provides the state it uses)."""
@@ -66,7 +69,7 @@ class LeanStepMixin:
     def _lean_step(self: Any) -> StageRecord | EpochRecord:
         """Run one undiagnosed step; returns its STEP record, or the record of the stage where it handed
         over to the stage-by-stage path (a failure, a NaN/Inf loss or gradient), or the epoch end it met."""
-        self._fetch_rng = torch.get_rng_state()
+        self._fetch_rng = _cpu_rng_state()
         end = self._maybe_end_epoch()
         if end is not None:
             return end
@@ -95,9 +98,12 @@ class LeanStepMixin:
             stage = self.stage = _TO_DEVICE
             rec = StageRecord(stage, step, epoch, batch, exact=False)
             device = self.device
-            self._inputs = to_device(self._inputs, device)
-            self._targets = to_device(self._targets, device)
-            rec.data.device = str(device) if device is not None else None
+            if device is not None:
+                self._inputs = to_device(self._inputs, device)
+                self._targets = to_device(self._targets, device)
+                rec.data.device = str(device)
+            else:
+                rec.data.device = None
             records[stage] = rec
             rec.duration_s = (t1 := clock()) - t0
 

@@ -6,7 +6,7 @@ import dataclasses
 import traceback
 from typing import Any
 
-from tlwidgets.core.facts import StageFacts, facts_for, new_facts
+from tlwidgets.core.facts import _BY_STAGE, StageFacts, facts_for, new_facts
 from tlwidgets.core.findings import Finding
 from tlwidgets.core.stages import Stage
 
@@ -84,7 +84,7 @@ class StageRecord:
             stage = self.stage = Stage(stage)
         given = self.data
         if given is None:
-            self.data = new_facts(stage)
+            self.data = _BY_STAGE[stage]()  # (new_facts, inlined)
         elif not isinstance(given, StageFacts) or given.stage is not stage:
             self.data = new_facts(stage)
             if given:

@@ -47,6 +47,7 @@ from tlwidgets.core.plugins import Diagnoser
 from tlwidgets.core.records import ControlChange, EpochRecord, ErrorInfo, StageRecord, StageRecords
 from tlwidgets.core.session import FindingsMixin
 from tlwidgets.core.stages import Stage
+from tlwidgets.core.tracker import Tracker
 from tlwidgets.core.training import evaluate as evaluate_model
 from tlwidgets.core.training import (
     loss_closure,
@@ -122,11 +123,13 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         (NaN statistics in :attr:`history`) and still stop on a NaN/Inf loss.
         ``measure_every=1`` measures every step.
     diagnose_every
-        In a dense phase, past its first 50 steps (each diagnosed), take the
-        stage facts and run the rules on one measured step in this many (the
-        statistics stay measured on every step, and NaN/Inf gradients are held
-        back before STEP on each); 1: on every measured step. Sparse-phase
-        measured steps are all diagnosed. See :meth:`Tracker.diagnosing`.
+        Past the first 50 steps of a dense phase (each diagnosed), take the
+        stage facts and run the rules on a measured step when this many steps
+        or more passed since the last time (default 10: every measured step of
+        a sparse phase, whose measured steps are ``measure_every`` = 20 apart,
+        one step in 10 of a dense phase). The statistics stay measured on every measured
+        step and NaN/Inf gradients are held back before STEP on each; 1: the
+        rules on every measured step. See :meth:`Tracker.diagnosing`.
     grad_budget
         ``None`` (default): exact grad norms on every measured step, which also
         checks every gradient element for NaN/Inf before STEP. A fraction (e.g. ``0.01``)
@@ -233,7 +236,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         detail_every: int = 10,
         measure_every: int = 20,
         dense_steps: int = 200,
-        diagnose_every: int = 5,
+        diagnose_every: int = Tracker.DIAGNOSE_EVERY,
         grad_budget: float | None = None,
         safe_step: bool | None = None,
         freeze_bn_stats: bool = False,
@@ -525,7 +528,8 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
                 if target is not None and self.global_step >= target and self.stage is Stage.FETCH:
                     result = RunResult(self.global_step - start_step, epochs_done, "steps")
                     break
-                if self._holding_non_finite():  # never apply NaN/Inf gradients unasked
+                # Never apply NaN/Inf gradients unasked (held only at STEP: one comparison per step).
+                if self.stage is Stage.STEP and self._holding_non_finite():
                     result = RunResult(
                         self.global_step - start_step,
                         epochs_done,
@@ -534,7 +538,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
                         self.records[Stage.BACKWARD],
                     )
                     break
-                errors_before = self._new_errors
+                errors_before = self._error_seq  # (the attribute behind _new_errors: a call less per step)
                 rec = self._lean_step() if lean and self._lean_ready() else self._do_stage(exact=False)
                 yield rec
                 done = self.global_step - start_step
@@ -547,7 +551,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
                     continue
                 if not rec.ok:
                     result = RunResult(done, epochs_done, "error", self._latest_error_finding(), rec)
-                elif self._new_errors > errors_before:
+                elif self._error_seq > errors_before:
                     result = RunResult(done, epochs_done, "finding", self._latest_error_finding(), rec)
                 elif rec.stage is Stage.BACKWARD and rec.data.get("non_finite_grad"):
                     result = RunResult(
@@ -922,13 +926,14 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
             schedule.record_step(duration)
         if self._diagnosed:  # the trend rules read the statistics of measured steps (and run on a cadence)
             self._publish(self._diagnose("on_step"))
-        self.recorder.announce_step(
-            batch=self.batch_index,
-            loss=self._loss_value,
-            lrs=rec.data.lr,
-            exact=self._step_exact,
-            duration_s=duration,
-        )
+        if self.events.has_subscribers(Event.STEP):
+            self.recorder.announce_step(
+                batch=self.batch_index,
+                loss=self._loss_value,
+                lrs=rec.data.lr,
+                exact=self._step_exact,
+                duration_s=duration,
+            )
 
     def _stage_failed(self, rec: StageRecord, exc: Exception) -> None:
         """User code raised in ``rec``'s stage: record and explain it, undo what the stage did half-way."""
@@ -952,7 +957,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
 
     def _save_forward_state(self) -> None:
         """The torch RNG and batch-norm statistics before FORWARD (dropout masks, running means)."""
-        self._pre_forward_rng = torch.get_rng_state()
+        self._pre_forward_rng = torch.default_generator.get_state()  # (torch.get_rng_state, a frame less)
         if not self._stat_buffers:
             return
         saved = self._stat_saved

@@ -48,6 +48,8 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
     except RuntimeError:
         pass
     else:  # the float64 conversion on the host: one torch op less
+        if stacked.dtype is torch.bfloat16:  # (numpy has no bfloat16)
+            stacked = stacked.float()
         return stacked.cpu().numpy().astype(np.float64)
     devices = {v.device for v in values}
     # A model split over devices: one transfer per device, then reassemble.
@@ -120,6 +122,8 @@ class ParamSampler:
         numels = np.array([max(1, p.numel()) for p in self.params], dtype=np.float64)
         #: sqrt(numel / count): turns a subset norm into a whole-tensor estimate.
         self.scale = np.sqrt(numels / np.array(counts, dtype=np.float64))
+        #: ``scale`` twice: for the weight and the update norms of a step, together.
+        self.scale2 = np.concatenate([self.scale, self.scale])
         self._views: list[torch.Tensor] | None = None
         self._ptrs: list[int] = []
         # One device for all parameters: every sample gets a fixed slot of one (rows, P, K)
@@ -151,10 +155,15 @@ class ParamSampler:
             self._ptrs = ptrs
         return self._views
 
-    def slots(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    def slots(self, views: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """The ``(3, P, K)`` buffer (rows: weights before, weights after, gradients; zero
-        padded) and, per row, the slot of each parameter's sample (flat, contiguous)."""
-        views = self.weight_views()
+        padded) and, per row, the slot of each parameter's sample (flat, contiguous).
+
+        ``views``: :meth:`weight_views` when the caller has just asked for them (each call checks
+        every weight's storage).
+        """
+        if views is None:
+            views = self.weight_views()
         if self._buffer is None or self._slots_for is not views:
             ref = views[0]
             dtype = torch.float64 if any(v.dtype == torch.float64 for v in views) else torch.float32
@@ -251,20 +260,24 @@ class ParamStats:
 
         ``exact=None`` lets the time-budget schedule decide.
         """
+        schedule = self.schedule
         if exact is None:
-            exact = self.schedule.due()
+            exact = schedule.budget is None or schedule.due()
         grads = [p.grad for p in self.params]
-        # (Not `None in grads`: that compares each tensor with None through torch's __eq__.)
-        if exact and all(g is not None for g in grads):
-            # The common case (every parameter has a gradient): one fused norm pass and one transfer,
-            # without the index bookkeeping below (this runs on every measured step). Timed only when
-            # a budget needs the pass's cost.
-            if self.schedule.budget is None:
-                return to_host(_foreach_norm(grads)), exact
-            t0 = time.perf_counter()
-            out = to_host(_foreach_norm(grads))
-            self.schedule.record_pass(time.perf_counter() - t0)
-            return out, exact
+        if exact:
+            # The common case (every parameter has a dense gradient): one fused norm pass and one
+            # transfer, without the index bookkeeping below (this runs on every measured step). A
+            # missing (None) or sparse gradient makes the fused op raise: the general path below.
+            # Timed only when a budget needs the pass's cost.
+            t0 = time.perf_counter() if schedule.budget is not None else 0.0
+            try:
+                out = to_host(torch._foreach_norm(grads))
+            except (TypeError, RuntimeError):
+                out = None
+            if out is not None:
+                if schedule.budget is not None:
+                    schedule.record_pass(time.perf_counter() - t0)
+                return out, exact
         idx = [i for i, g in enumerate(grads) if g is not None]
         out = np.full(len(self.params), np.nan)
         if not idx:
@@ -299,8 +312,9 @@ class ParamStats:
         """Snapshot the weights (all of them when ``exact``, else the sampled subset)."""
         self._exact = exact
         if not exact and self.sampler.fused:  # every measured step: no no_grad() (the views are detached)
-            _, slots = self.sampler.slots()
-            torch._foreach_copy_(slots[0], self.sampler.weight_views())
+            views = self.sampler.weight_views()
+            _, slots = self.sampler.slots(views)
+            torch._foreach_copy_(slots[0], views)
             self._snap = []
             return
         with torch.no_grad():
@@ -330,11 +344,14 @@ class ParamStats:
         # couple of Python calls on every measured step.)
         if not self._exact and self.sampler.fused:
             sampler = self.sampler
-            _, slots = sampler.slots()
-            torch._foreach_copy_(slots[1], sampler.weight_views())
+            views = sampler.weight_views()
+            _, slots = sampler.slots(views)
+            torch._foreach_copy_(slots[1], views)
             before, after, both = sampler.rows
             after.sub_(before)
             vals = torch.linalg.vector_norm(both, dim=2).cpu().numpy().reshape(-1).astype(np.float64)
+            vals *= sampler.scale2  # subset norms -> whole-tensor estimates, weights and updates at once
+            return vals[:n], vals[n:], False
         else:
             with torch.no_grad():
                 current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()

@@ -47,23 +47,31 @@ class Tracker:
         :meth:`densify` (a control change, a rewind, a jump of the LR).
     diagnose_every
         Past the first :attr:`FULL_DIAGNOSIS` steps of a dense phase, diagnose
-        one measured step in this many (see :meth:`diagnosing`); 1: every one.
+        at most one step in this many (see :meth:`diagnosing`); 1: every
+        measured step.
 
     Notes
     -----
     Measuring and diagnosing are two schedules (see :meth:`diagnosing`): a
     measured step writes its statistics into the history; a *diagnosed* step
-    also takes the stage facts and runs the rules. Every measured step of a
-    sparse phase is diagnosed; in a dense phase the first
-    :attr:`FULL_DIAGNOSIS` steps are, then one in ``diagnose_every``.
+    also takes the stage facts and runs the rules. The first
+    :attr:`FULL_DIAGNOSIS` steps of a dense phase are all diagnosed; past
+    them, a measured step is diagnosed when ``diagnose_every`` steps or more
+    passed since the last diagnosis: in a sparse phase with the defaults
+    (``measure_every`` = 20, ``diagnose_every`` = 10) that is every measured
+    step; a dense phase past its first steps is diagnosed on one step in 10
+    while its statistics stay complete.
     """
 
     #: Steps at the start of a dense phase (the first steps, after a change) diagnosed one by one.
     FULL_DIAGNOSIS = 50
-    #: The default ``diagnose_every``: past those, a dense phase diagnoses one measured step in this
-    #: many (the stage facts and rules are most of a measured step's Python; the statistics stay
-    #: measured every step).
-    DIAGNOSE_EVERY = 5
+    #: The default ``diagnose_every``: past those, a step is diagnosed at most once in this many steps.
+    #: A diagnosed step costs several undiagnosed measured ones (the stage facts and the rules are
+    #: Python on small arrays), while the statistics stay measured on every step and the trend rules
+    #: read them all from the history. 10 is the period of the LR rule (``every=10``), whose
+    #: persistence test counts evaluations: a longer gap in a dense phase lets a too-high LR whose
+    #: jumps fade within ~100 steps go unnamed (tests/test_rules_whole_runs.py, lr 0.5, seed 1).
+    DIAGNOSE_EVERY = 10
 
     def __init__(
         self,
@@ -148,10 +156,11 @@ class Tracker:
         """Take the stage facts and run the rules at measured step ``step``?
 
         Every measured step of the first :attr:`FULL_DIAGNOSIS` steps of a
-        dense phase (where a change shows), and of a sparse phase (its
-        measured steps are ``measure_every`` apart already); otherwise one in
-        ``diagnose_every``, counted from the last one (so a
-        ``measure_every`` below it, such as 1, diagnoses every
+        dense phase (where a change shows); otherwise a step ``diagnose_every``
+        steps or more after the last diagnosed one (so with the defaults every
+        measured step of a sparse phase, which fall ``measure_every`` = 20
+        apart, and one step in 10 of a dense phase past its first steps; a
+        ``measure_every`` below ``diagnose_every``, such as 1, diagnoses every
         ``diagnose_every``-th step). The rules keep their own cadence on
         the diagnosed steps (``every``), and the statistics of the steps in
         between are in the history rows they read. Asked on measured steps
@@ -168,20 +177,25 @@ class Tracker:
         self._dense_until = max(self._dense_until, step + self.dense_steps)
         self._full_until = max(self._full_until, step + min(self.dense_steps, self.FULL_DIAGNOSIS))
 
-    def note_trainable(self, step: int) -> None:
+    def note_trainable(self, step: int) -> bool:
         """``requires_grad`` changed since the last look (a freeze by hand): measure densely again.
 
         Called once per step, before :meth:`measuring`: frozen parameters that
-        still move show on the next steps, whoever froze them.
+        still move show on the next steps, whoever froze them. Returns whether
+        a flag changed.
         """
         flags = [p.requires_grad for p in self.params]
         if flags != self._trainable:
             self._trainable = flags
             self.densify(step)
+            return True
+        return False
 
     def note_lrs(self, step: int, lrs: list[float]) -> None:
         """A scheduler moved a group's LR by 2x or more since the last mark: measure densely again."""
         mark = self._lr_mark
+        if lrs == mark:  # (the common case, a constant LR: one comparison)
+            return
         if len(lrs) != len(mark) or any(new > 2 * old or old > 2 * new for new, old in zip(lrs, mark)):
             self._lr_mark = list(lrs)
             self.densify(step)

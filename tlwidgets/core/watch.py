@@ -653,14 +653,17 @@ class Watcher(FindingsMixin, ControlsMixin):
         if self.tracker.probe.active:  # left by a forward that raised: do not measure two at once
             self.tracker.probe.stop()
         params = self.tracker.params
-        if any(not params[i].requires_grad for i in self._hooked) or (
+        step = self.global_step
+        # A hooked parameter frozen by hand (its flag changed since the last forward: the tracker
+        # compares them all anyway, so a healthy step looks at the hooked ones only then), or none
+        # hooked while some are trainable: hook again.
+        changed = self.tracker.note_trainable(step)
+        if (changed and any(not params[i].requires_grad for i in self._hooked)) or (
             not self._hooked and any(p.requires_grad for p in params)
         ):
             self._hook_params()  # frozen or unfrozen by hand
         self._last_inputs = args
-        self._fwd_rng = torch.get_rng_state()
-        step = self.global_step
-        self.tracker.note_trainable(step)
+        self._fwd_rng = torch.default_generator.get_state()  # (torch.get_rng_state, a frame less)
         if not self.tracker.measuring(step):
             return
         if self.tracker.activations_due(step):
@@ -673,7 +676,7 @@ class Watcher(FindingsMixin, ControlsMixin):
             return
         # The outputs, weakly: a criterion called on one of them is the model's loss without a
         # walk of its graph (the common case; anything else is checked by reaches_any).
-        self._outputs.extend(weakref.ref(t) for _, t in tensors_in(output)[:4])
+        self._outputs.extend([weakref.ref(t) for _, t in tensors_in(output)[:4]])
         acts = self.tracker.finish_activations(self.global_step) if self.tracker.probe.active else {}
         if not self.tracker.measuring(self.global_step):
             self._pending_forward = None
@@ -746,7 +749,10 @@ class Watcher(FindingsMixin, ControlsMixin):
     def _from_model_output(self, args: Any) -> bool:
         """The criterion's first input is an output of a recent forward of the watched model."""
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        return first is not None and first.requires_grad and any(r() is first for r in self._outputs)
+        # (Newest first: the criterion is most often called on the forward just before it.)
+        return (
+            first is not None and first.requires_grad and any(r() is first for r in reversed(self._outputs))
+        )
 
     def _note_term(self, output: torch.Tensor, args: Any, *, explicit: bool) -> None:
         """Remember a loss term of the watched model until its backward pass (hooked on the tensor)."""
@@ -759,7 +765,7 @@ class Watcher(FindingsMixin, ControlsMixin):
         elif not explicit and not self._from_model_output(args) and not reaches_any(output, self._param_ids):
             return
         token = next(self._tokens)
-        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        detached = tuple([a.detach() if isinstance(a, torch.Tensor) else a for a in args])
         self._terms[token] = _Term(output.detach(), detached, reached, explicit)
         while len(self._terms) > _MAX_PENDING_TERMS:
             self._terms.popitem(last=False)

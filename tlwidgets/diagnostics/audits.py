@@ -322,6 +322,8 @@ def _digest(out: Sample, inputs: Any, n: int) -> None:
         if t.dim() == 0 or t.shape[0] != n:
             continue
         a = t.detach().cpu()
+        if a.dtype is torch.bfloat16:  # (numpy has no bfloat16; float32 holds every bfloat16 exactly)
+            a = a.float()
         if a.is_floating_point():
             a = a + 0.0  # -0.0 and 0.0 are the same value
         arr = a.contiguous().numpy().reshape(n, -1)
@@ -775,8 +777,13 @@ def audit_dropout(session: Any, train: Sample, step: int) -> Finding | None:
 class _Fetched:
     """A sample built from the batches a Runner reads (data that cannot be sampled up front)."""
 
+    #: Past the cap, the integer labels of this many batches are counted together (one concatenation,
+    #: one host transfer and one ``bincount``, instead of a few calls per batch: a watched loop counts
+    #: labels for up to ``FETCHED_LABELS`` examples, and on a GPU each batch's count was a host sync).
+    LABEL_BATCHES = 32
+
     def __init__(self, total: int | None, cap: int, *, labels_past_cap: bool, projector: _Projector) -> None:
-        self.sample = Sample(total=total)
+        self._sample = Sample(total=total)
         self.cap = cap
         self.labels_past_cap = labels_past_cap
         self.projector = projector
@@ -784,29 +791,66 @@ class _Fetched:
         self.seconds = 0.0
         self.labelled = 0  # examples whose labels were counted (past the cap too)
         self.complete = False  # a whole pass (epoch / evaluation) was seen
+        self._pending: list[torch.Tensor] = []  # integer label batches not counted yet
+
+    @property
+    def sample(self) -> Sample:
+        """The sample, with the labels of every batch read so far counted."""
+        if self._pending:
+            self._count_pending()
+        return self._sample
 
     @property
     def full(self) -> bool:
         """Nothing more is kept (cap, bytes or time reached)."""
-        s = self.sample
+        s = self._sample
         return s.examples >= self.cap or self.bytes >= MAX_BYTES or self.seconds > MAX_SECONDS
 
     def add(self, inputs: Any, targets: Any) -> bool:
         """Keep what the batch adds; whether more batches are wanted."""
+        if self.full:  # past the cap: the label counts only (every batch of a watched loop, for a while)
+            if not (self.labels_past_cap and self.labelled < FETCHED_LABELS):
+                return False
+            x = input_tensor(inputs)
+            n = int(x.shape[0]) if x is not None and x.dim() else 0
+            if n:
+                self._count_later(targets, n)
+                self.labelled += n
+            return self.labelled < FETCHED_LABELS
         t0 = time.perf_counter()
         with torch.no_grad():
-            if not self.full:
-                self.bytes += add_batch(self.sample, inputs, targets, self.projector, near=self.cap)
-                x = input_tensor(inputs)
-                self.labelled += int(x.shape[0]) if x is not None and x.dim() else 0
-            elif self.labels_past_cap and self.labelled < FETCHED_LABELS:
-                x = input_tensor(inputs)
-                n = int(x.shape[0]) if x is not None and x.dim() else 0
-                if n:
-                    _count_labels(self.sample, targets, n, probe=False)
-                    self.labelled += n
+            self.bytes += add_batch(self._sample, inputs, targets, self.projector, near=self.cap)
+            x = input_tensor(inputs)
+            self.labelled += int(x.shape[0]) if x is not None and x.dim() else 0
         self.seconds += time.perf_counter() - t0
         return not self.full or (self.labels_past_cap and self.labelled < FETCHED_LABELS)
+
+    def _count_later(self, targets: Any, n: int) -> None:
+        """Count a batch's labels (past the cap): integer class labels in a batch of batches, the rest now."""
+        if (
+            isinstance(targets, torch.Tensor)
+            and targets.dim() == 1
+            and targets.shape[0] == n
+            and not targets.is_floating_point()
+            and targets.dtype != torch.bool
+        ):
+            self._pending.append(targets.detach())
+            if len(self._pending) >= self.LABEL_BATCHES:
+                self._count_pending()
+        else:
+            _count_labels(self._sample, targets, n, probe=False)
+
+    def _count_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            y = torch.cat(pending).cpu()  # (one device and dtype in a loop; else one by one below)
+        except (RuntimeError, TypeError):
+            y = None
+        if y is not None and y.numel() and int(y.min()) >= 0 and int(y.max()) <= 100_000:
+            _count_labels(self._sample, y, y.shape[0], probe=False)
+            return
+        for t in pending:  # a batch with a label out of range (ignore_index=-100) is skipped alone
+            _count_labels(self._sample, t, t.shape[0], probe=False)
 
 
 def _representative(session: Any) -> bool:
