@@ -262,24 +262,27 @@ def test_float64_and_half_params():
 
 # ---------------------------------------------------------------------- host transfers
 class _Counter:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.cpu = 0
-        self.item = 0
-        orig_cpu, orig_item = torch.Tensor.cpu, torch.Tensor.item
+    """Counts host transfers (``numpy()``: every array brought to the host ends in one, with a ``cpu()``
+    before it only for a tensor on a device) and ``item()`` calls."""
 
-        def cpu(t, *a, **k):
-            self.cpu += 1
-            return orig_cpu(t, *a, **k)
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.host = 0
+        self.item = 0
+        orig_numpy, orig_item = torch.Tensor.numpy, torch.Tensor.item
+
+        def numpy(t, *a, **k):
+            self.host += 1
+            return orig_numpy(t, *a, **k)
 
         def item(t):
             self.item += 1
             return orig_item(t)
 
-        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+        monkeypatch.setattr(torch.Tensor, "numpy", numpy)
         monkeypatch.setattr(torch.Tensor, "item", item)
 
     def reset(self) -> None:
-        self.cpu = self.item = 0
+        self.host = self.item = 0
 
 
 def test_one_host_transfer_per_call_and_no_item(monkeypatch):
@@ -290,12 +293,12 @@ def test_one_host_transfer_per_call_and_no_item(monkeypatch):
     for exact in (True, False):
         counter.reset()
         stats.grad_norms(exact=exact)
-        assert (counter.cpu, counter.item) == (1, 0), f"exact={exact}"
+        assert (counter.host, counter.item) == (1, 0), f"exact={exact}"
         for snap_exact in (True, False):
             stats.before_step(exact=snap_exact)
             counter.reset()
             stats.after_step()
-            assert (counter.cpu, counter.item) == (1, 0), f"after_step exact={snap_exact}"
+            assert (counter.host, counter.item) == (1, 0), f"after_step exact={snap_exact}"
 
 
 def test_to_host_stacks_and_returns_float64():

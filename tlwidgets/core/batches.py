@@ -60,6 +60,8 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:
     """Call the model the way the inputs ask: ``**dict``, ``*tuple`` or one argument."""
+    if type(inputs) is torch.Tensor:  # the common case first (a Mapping check is slow)
+        return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple):

@@ -144,7 +144,12 @@ class LeanStepMixin:
             stage = self.stage = _STEP
             rec = StageRecord(stage, step, epoch, batch, exact=False)
             # STEP is short and must not stop half-way: a Ctrl-C waits for its end (as in _do_stage).
-            opened = self._sigint.hold()
+            # (run() installed the handler: holding is one attribute, not two calls.)
+            sigint = self._sigint
+            if sigint.previous is not None:
+                sigint.holding, opened = True, False
+            else:
+                opened = sigint.hold()
             try:
                 if measured:
                     self.tracker.stats.before_step(exact=False)  # the sampled weights, for the update norms
@@ -161,7 +166,10 @@ class LeanStepMixin:
                 rec.duration_s = clock() - t0
                 self._end_stage(rec)
             finally:
-                deliver = self._sigint.release(opened)
+                if opened or sigint.held is not None:
+                    deliver = sigint.release(opened)
+                else:
+                    sigint.holding, deliver = False, None
         except Exception as exc:  # user code failed: as _run_stage records it, at this stage
             if completed:  # (the step's own end, as after _run_stage: not a failed stage)
                 raise

@@ -284,6 +284,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
         self.forward = forward or call_model
         self.safe_step = _custom_optimizer(optimizer) if safe_step is None else bool(safe_step)
         self._safe_step_auto = safe_step is None  # also snapshot while the optimizer has step hooks
+        self._step_hook_dicts = _step_hook_dicts(optimizer)
         self._needs_closure = needs_closure(optimizer)
         self.freeze_bn_stats = freeze_bn_stats
         self._init_session(
@@ -557,7 +558,7 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
                     result = RunResult(
                         done, epochs_done, "non-finite-grad", self._latest_error_finding(), rec
                     )
-                elif rec.stage is Stage.STEP and rec.data.get("scheduler_error"):
+                elif rec.stage is Stage.STEP and rec.data.scheduler_error:  # (StepFacts: an attribute)
                     # Stop at every failing scheduler step, not only at the first report: training on
                     # with an LR that no longer follows the schedule would fail silently.
                     result = RunResult(done, epochs_done, "finding", self._stored(rec.findings), rec)
@@ -867,7 +868,8 @@ class Runner(FindingsMixin, ControlsMixin, LeanStepMixin):
     def _snapshot_step(self) -> bool:
         """Snapshot the weights and the optimizer around ``optimizer.step()`` even when unmeasured? For a
         custom optimizer (``safe_step``), and while user code runs inside the step (step hooks)."""
-        return self.safe_step or (self._safe_step_auto and _has_step_hooks(self.optimizer))
+        # (any() over the hook dicts themselves: asked before every step, and a call per dict adds up.)
+        return self.safe_step or (self._safe_step_auto and any(self._step_hook_dicts))
 
     def _optimizer_step(self) -> None:
         if self._needs_closure:
@@ -1526,12 +1528,23 @@ def _custom_optimizer(optimizer: torch.optim.Optimizer) -> bool:
 
 def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
     """True when user code runs inside ``optimizer.step()``: step pre/post hooks (own or global)."""
-    return bool(
-        getattr(optimizer, "_optimizer_step_pre_hooks", None)
-        or getattr(optimizer, "_optimizer_step_post_hooks", None)
-        or getattr(optim_module, "_global_optimizer_pre_hooks", None)
-        or getattr(optim_module, "_global_optimizer_post_hooks", None)
+    return any(_step_hook_dicts(optimizer))
+
+
+def _step_hook_dicts(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    """The dicts that hold the step pre/post hooks (the optimizer's own and torch's global ones).
+
+    torch registers a hook by adding it to one of these dicts, and never replaces them (only
+    unpickling an optimizer makes its own anew): kept once, they say at any time whether user code
+    runs inside ``optimizer.step()``.
+    """
+    found = (
+        getattr(optimizer, "_optimizer_step_pre_hooks", None),
+        getattr(optimizer, "_optimizer_step_post_hooks", None),
+        getattr(optim_module, "_global_optimizer_pre_hooks", None),
+        getattr(optim_module, "_global_optimizer_post_hooks", None),
     )
+    return tuple(d for d in found if d is not None)
 
 
 class _SchedulerState:

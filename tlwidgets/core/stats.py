@@ -50,7 +50,7 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
     else:  # the float64 conversion on the host: one torch op less
         if stacked.dtype is torch.bfloat16:  # (numpy has no bfloat16)
             stacked = stacked.float()
-        return stacked.cpu().numpy().astype(np.float64)
+        return _numpy(stacked).astype(np.float64)
     devices = {v.device for v in values}
     # A model split over devices: one transfer per device, then reassemble.
     out = np.empty(len(values), dtype=np.float64)
@@ -58,6 +58,14 @@ def to_host(values: Sequence[torch.Tensor]) -> np.ndarray:
         idx = [i for i, v in enumerate(values) if v.device == dev]
         out[idx] = torch.stack([values[i].float() for i in idx]).cpu().double().numpy()
     return out
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """``t.cpu().numpy()``, without the ``cpu()`` call for a tensor on the CPU already."""
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError):  # on a device (or anything else numpy() refuses: as before)
+        return t.cpu().numpy()
 
 
 def total_norm(norms: np.ndarray) -> float:
@@ -122,8 +130,6 @@ class ParamSampler:
         numels = np.array([max(1, p.numel()) for p in self.params], dtype=np.float64)
         #: sqrt(numel / count): turns a subset norm into a whole-tensor estimate.
         self.scale = np.sqrt(numels / np.array(counts, dtype=np.float64))
-        #: ``scale`` twice: for the weight and the update norms of a step, together.
-        self.scale2 = np.concatenate([self.scale, self.scale])
         self._views: list[torch.Tensor] | None = None
         self._ptrs: list[int] = []
         # One device for all parameters: every sample gets a fixed slot of one (rows, P, K)
@@ -349,9 +355,9 @@ class ParamStats:
             torch._foreach_copy_(slots[1], views)
             before, after, both = sampler.rows
             after.sub_(before)
-            vals = torch.linalg.vector_norm(both, dim=2).cpu().numpy().reshape(-1).astype(np.float64)
-            vals *= sampler.scale2  # subset norms -> whole-tensor estimates, weights and updates at once
-            return vals[:n], vals[n:], False
+            rows = _numpy(torch.linalg.vector_norm(both, dim=2)).astype(np.float64)
+            rows *= sampler.scale  # subset norms -> whole-tensor estimates (both rows at once)
+            return rows[0], rows[1], False
         else:
             with torch.no_grad():
                 current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
