@@ -95,7 +95,7 @@ for a 3-layer and a 12-layer MLP; a count that grows with the number of
 parameter tensors is a budget miss. Nothing of this runs without CUDA (CI
 has none; ``tests/test_bench_tracking.py`` runs its GPU test only on a GPU).
 
-Run: ``python benchmarks/bench_tracking.py`` (about 15 minutes on 2 shared
+Run: ``python benchmarks/bench_tracking.py`` (about 7 minutes on 2 shared
 cores; ``--quick``: under a minute; ``--rounds N`` fewer rounds per model).
 """
 
