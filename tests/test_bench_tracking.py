@@ -1,4 +1,5 @@
-"""The pure helpers of benchmarks/bench_tracking.py: schedule period, chunk sizing, amortized ratio, budgets."""
+"""benchmarks/bench_tracking.py: its pure helpers (schedule period, chunk sizing, amortized ratio, budgets) and
+the turns a Runner variant is advanced in (one run() call, taken a few steps at a time)."""
 
 from __future__ import annotations
 
