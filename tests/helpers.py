@@ -133,6 +133,20 @@ def make_runner(
     return tlw.Runner(model, loss_fn, optimizer, train_data, **kwargs)
 
 
+def count_trend_runs(runner: Any) -> list[int]:
+    """The steps after which ``runner`` runs its trend rules (``on_step``), appended as they happen."""
+    calls: list[int] = []
+    diagnose = runner._diagnose
+
+    def counted(hook: str, *args: Any) -> Any:
+        if hook == "on_step":
+            calls.append(runner.global_step)
+        return diagnose(hook, *args)
+
+    runner._diagnose = counted
+    return calls
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies (never aliases) of every parameter and buffer."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

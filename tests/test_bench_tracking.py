@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import count_trend_runs
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tracking.py"
 
@@ -138,21 +139,9 @@ def test_turns_split_a_chunk_and_refuse_a_turn_that_does_not_divide_it() -> None
 
 
 def _runner(steps_of_data: int) -> tuple[object, list[int]]:
-    torch = bench.torch
-    model, opt, loss_fn = bench.make(16, 2)
-    data = bench.batches(steps_of_data)
-    runner = bench.tlw.Runner(model, loss_fn, opt, data, measure_every=1)
-    diagnosed: list[int] = []
-    diagnose = runner._diagnose
-
-    def counted(hook, *args):
-        if hook == "on_step":
-            diagnosed.append(runner.global_step)
-        return diagnose(hook, *args)
-
-    runner._diagnose = counted
-    torch.manual_seed(0)
-    return runner, diagnosed
+    model, opt, loss_fn = bench.make(16, 2)  # (seeded)
+    runner = bench.tlw.Runner(model, loss_fn, opt, bench.batches(steps_of_data), measure_every=1)
+    return runner, count_trend_runs(runner)
 
 
 def test_a_run_taken_in_turns_is_one_run_call() -> None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import count_trend_runs
 from torch import nn
 
 import tlwidgets as tlw
@@ -208,16 +209,7 @@ def test_measure_every_below_diagnose_every_diagnoses_every_diagnose_every_steps
 def _counting_runner(n, **kw):
     model, opt, data = _setup(n=n)
     r = tlw.Runner(model, nn.CrossEntropyLoss(), opt, data, **kw)
-    calls: list[int] = []
-    diagnose = r._diagnose
-
-    def counted(hook, *args):
-        if hook == "on_step":
-            calls.append(r.global_step)
-        return diagnose(hook, *args)
-
-    r._diagnose = counted
-    return r, calls
+    return r, count_trend_runs(r)
 
 
 def test_every_step_measured_rules_on_the_cadence_and_on_the_last_step_of_a_run():

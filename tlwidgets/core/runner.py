@@ -1526,11 +1526,6 @@ def _custom_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     return not getattr(step, "__module__", "").startswith("torch.optim")
 
 
-def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
-    """True when user code runs inside ``optimizer.step()``: step pre/post hooks (own or global)."""
-    return any(_step_hook_dicts(optimizer))
-
-
 def _step_hook_dicts(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
     """The dicts that hold the step pre/post hooks (the optimizer's own and torch's global ones).
 

@@ -358,11 +358,10 @@ class ParamStats:
             rows = _numpy(torch.linalg.vector_norm(both, dim=2)).astype(np.float64)
             rows *= sampler.scale  # subset norms -> whole-tensor estimates (both rows at once)
             return rows[0], rows[1], False
-        else:
-            with torch.no_grad():
-                current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
-                diff = torch._foreach_sub(current, self._snap)
-                vals = to_host(_foreach_norm([*self._snap, *diff]))
+        with torch.no_grad():
+            current = [p.detach() for p in self.params] if self._exact else self.sampler.weight_views()
+            diff = torch._foreach_sub(current, self._snap)
+            vals = to_host(_foreach_norm([*self._snap, *diff]))
         weight, update = vals[:n], vals[n:]
         if not self._exact:
             weight = weight * self.sampler.scale
